@@ -1,0 +1,140 @@
+"""A real S3 HTTP server for tests and benchmarks: moto in server mode on 127.0.0.1.
+
+Run it as a process (``python -m cistern.testing.s3server --port 0``) or use
+``MotoServer`` which starts that process on a free port and waits for it.
+
+moto 5.2 computes an object's ETag lazily by reading a buffer shared with concurrent
+requests, without a lock; a LIST racing a PUT's own response can cache a wrong MD5.
+The server entry point puts a lock around the ETag getter before serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+__all__ = ["MotoServer", "free_port", "s3_client", "wait_for_port"]
+
+TEST_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
+            time.sleep(0.05)
+
+
+def s3_client(endpoint_url: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        region_name=TEST_CREDENTIALS["AWS_DEFAULT_REGION"],
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
+    )
+
+
+class MotoServer:
+    """A moto S3 server in a child process on 127.0.0.1."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> MotoServer:
+        env = dict(os.environ, **TEST_CREDENTIALS)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "cistern.testing.s3server", "--port", str(self.port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_port(self.port)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
+
+    def client(self) -> Any:
+        return s3_client(self.endpoint)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    def __enter__(self) -> MotoServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _lock_etag_getter() -> None:
+    from moto.s3 import models
+
+    original = models.FakeKey.etag
+    lock = threading.Lock()
+
+    def etag(self: Any) -> str:
+        with lock:
+            return original.fget(self)  # type: ignore[no-any-return,misc]
+
+    models.FakeKey.etag = property(etag)  # type: ignore[assignment,method-assign]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="moto S3 server on 127.0.0.1 for tests")
+    parser.add_argument("--port", type=int, default=0, help="port (0: pick a free one)")
+    args = parser.parse_args(argv)
+    os.environ.update({k: os.environ.get(k, v) for k, v in TEST_CREDENTIALS.items()})
+    _lock_etag_getter()
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=args.port or free_port(),
+                                verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    print(f"moto S3 server on http://{host}:{port}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
