@@ -1,0 +1,621 @@
+"""The kernel FUSE passthrough front end: /dev/fuse spoken directly, reads and writes by the kernel.
+
+With FUSE passthrough (Linux 6.9+) the kernel sends reads, writes, splice and mmap of an open
+file straight to a *backing file* that the daemon registered (``FUSE_DEV_IOC_BACKING_OPEN``)
+and named in its OPEN/CREATE reply. The daemon only handles metadata, so writes run at local
+disk speed. This module translates kernel requests into ``CacheCore`` calls and exceptions
+into errno, exactly like the pyfuse3 front end, and keeps the backing ids:
+
+* one backing id per inode at a time, registered on the first open that has a local data
+  file, shared by every open of that inode, closed when the last of them is released;
+* files the core cannot serve from a local data file yet (``Handle.fd is None``) are opened
+  with ``FOPEN_DIRECT_IO`` and served through ``CacheCore.read``/``write``; direct-I/O files
+  do not put the inode in the kernel's cached-I/O mode, so they can coexist with passthrough
+  opens of the same inode;
+* every request is answered exactly once (EIO as a last resort), except FORGET,
+  BATCH_FORGET and INTERRUPT, which take no answer. A reply the kernel refuses with ENOENT
+  (the caller was interrupted) is rolled back: the lookup is forgotten, the handle released.
+
+The per-request path is kept lean: precompiled structs, one preallocated read buffer per
+worker thread, a dispatch table indexed by opcode, no logging unless something fails.
+See docs/dev/passthrough.md for the protocol facts and invariants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cistern.cachenode import kernel_fuse as kf
+
+__all__ = ["PassthroughFrontend", "PassthroughUnavailable", "probe_passthrough"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[int, int, int, int, memoryview], Any]
+
+_EMPTY = b""
+
+
+class PassthroughUnavailable(OSError):
+    """The kernel or the process cannot do FUSE passthrough; the message says why."""
+
+
+def _split_timeout(seconds: float) -> tuple[int, int]:
+    whole = int(seconds)
+    return whole, int((seconds - whole) * 1e9)
+
+
+def _names(body: memoryview, start: int, count: int) -> list[str]:
+    raw = bytes(body[start:]).split(b"\0", count)
+    if len(raw) <= count:
+        raise OSError(errno.EINVAL, "malformed name in FUSE request")
+    return [os.fsdecode(name) for name in raw[:count]]
+
+
+def _name(body: memoryview, start: int = 0) -> str:
+    raw = bytes(body[start:])
+    end = raw.find(b"\0")
+    if end < 0:
+        raise OSError(errno.EINVAL, "malformed name in FUSE request")
+    return os.fsdecode(raw[:end])
+
+
+class _Backing:
+    """A registered backing file shared by the open passthrough files of one inode."""
+
+    __slots__ = ("backing_id", "fd", "opens")
+
+    def __init__(self, backing_id: int, fd: int) -> None:
+        self.backing_id = backing_id
+        self.fd = fd
+        self.opens = 0
+
+
+class _DirHandle:
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: list[tuple[bytes, int, int]]) -> None:
+        self.entries = entries
+
+
+class PassthroughFrontend:
+    """FUSE front end on /dev/fuse with kernel passthrough for file data.
+
+    ``mount`` mounts and negotiates INIT (raising ``PassthroughUnavailable`` when the kernel
+    does not offer passthrough or backing registration fails), ``serve`` answers requests on
+    a pool of threads until ``request_stop`` or an external unmount, ``close`` unmounts.
+    """
+
+    name = "passthrough"
+
+    def __init__(self, *, threads: int = 4, attr_timeout: float = 1.0,
+                 entry_timeout: float = 1.0, negative_timeout: float = 1.0,
+                 stop_grace: float = 2.0) -> None:
+        self.threads = max(1, threads)
+        self.stop_grace = stop_grace
+        self._attr_valid = _split_timeout(attr_timeout)
+        self._entry_valid = _split_timeout(entry_timeout)
+        self._negative_valid = _split_timeout(negative_timeout)
+        self._core: Any = None
+        self._mountpoint = ""
+        self._devfd = -1
+        self.init: kf.InitResult | None = None
+        self._mounted = False
+        self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
+        self._handles: dict[int, Any] = {}
+        self._dirs: dict[int, _DirHandle] = {}
+        self._dir_fh = itertools.count(1)
+        self._backings: dict[int, _Backing] = {}
+        self._backing_lock = threading.Lock()
+        self._fatal: BaseException | None = None
+        # counters (read by status / metrics; plain ints, updated under the GIL)
+        self.requests = 0
+        self.errors = 0
+        self.passthrough_opens = 0
+        self.direct_io_opens = 0
+        self._handlers: list[Handler | None] = [None] * 64
+        for opcode, handler in {
+            kf.LOOKUP: self._lookup, kf.GETATTR: self._getattr, kf.SETATTR: self._setattr,
+            kf.MKNOD: self._mknod, kf.MKDIR: self._mkdir, kf.UNLINK: self._unlink,
+            kf.RMDIR: self._rmdir, kf.RENAME: self._rename, kf.RENAME2: self._rename2,
+            kf.OPEN: self._open, kf.READ: self._read, kf.WRITE: self._write,
+            kf.STATFS: self._statfs, kf.RELEASE: self._release, kf.FSYNC: self._fsync,
+            kf.FLUSH: self._flush, kf.OPENDIR: self._opendir, kf.READDIR: self._readdir,
+            kf.RELEASEDIR: self._releasedir, kf.FSYNCDIR: self._fsyncdir,
+            kf.CREATE: self._create, kf.FALLOCATE: self._fallocate,
+            kf.DESTROY: self._destroy,
+        }.items():
+            self._handlers[opcode] = handler
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def mount(self, core: Any, mountpoint: str, *, allow_other: bool, fsname: str) -> None:
+        if not kf.has_cap_sys_admin():
+            raise PassthroughUnavailable(
+                errno.EPERM, "FUSE passthrough needs CAP_SYS_ADMIN to register backing files")
+        self._core = core
+        self._mountpoint = os.path.abspath(mountpoint)
+        self._devfd = kf.open_fuse_device()
+        try:
+            kf.mount_fuse(self._devfd, self._mountpoint, fsname=fsname, allow_other=allow_other)
+            self._mounted = True
+            self.init = kf.negotiate_init(self._devfd, want_passthrough=True)
+            if not self.init.passthrough:
+                raise PassthroughUnavailable(errno.EOPNOTSUPP, self.init.reason)
+        except BaseException:
+            self._teardown()
+            raise
+        log.info("mounted %s on %s with kernel FUSE passthrough (kernel protocol 7.%d)",
+                 fsname, self._mountpoint, self.init.kernel_minor)
+
+    def serve(self) -> None:
+        """Answer kernel requests until ``request_stop`` or an external unmount."""
+        if self._devfd < 0:
+            raise RuntimeError("serve() before mount()")
+        for index in range(self.threads):
+            worker = threading.Thread(target=self._worker, name=f"fuse-passthrough-{index}",
+                                      daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        while not self._stop.is_set() and any(w.is_alive() for w in self._workers):
+            self._stop.wait(0.5)
+        deadline = time.monotonic() + self.stop_grace
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        if self._fatal is not None:
+            raise RuntimeError("FUSE passthrough worker failed") from self._fatal
+
+    def request_stop(self) -> None:
+        """Ask ``serve`` to return: the mount is detached, the kernel then ends the session.
+
+        Safe from signal handlers and other threads.
+        """
+        self._stop.set()
+        if self._mounted:
+            self._mounted = False
+            try:
+                kf.unmount(self._mountpoint)
+            except OSError as exc:
+                log.warning("unmounting %s failed: %s", self._mountpoint, exc)
+
+    def close(self) -> None:
+        """Unmount (if still mounted) and release every backing id and handle we hold."""
+        self._stop.set()
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self._mounted:
+            self._mounted = False
+            with contextlib.suppress(OSError):
+                kf.unmount(self._mountpoint)
+        with self._backing_lock:
+            backings = list(self._backings.values())
+            self._backings.clear()
+        for backing in backings:
+            with contextlib.suppress(OSError):
+                kf.backing_close(self._devfd, backing.backing_id)
+        if self._devfd >= 0 and not any(w.is_alive() for w in self._workers):
+            os.close(self._devfd)
+            self._devfd = -1
+
+    def status(self) -> dict[str, Any]:
+        """What /status and /metrics report about this front end."""
+        return {
+            "frontend": self.name,
+            "kernelProtocol": f"7.{self.init.kernel_minor}" if self.init else None,
+            "passthrough": bool(self.init and self.init.passthrough),
+            "requests": self.requests,
+            "errors": self.errors,
+            "passthroughOpens": self.passthrough_opens,
+            "directIoOpens": self.direct_io_opens,
+            "openBackingFiles": len(self._backings),
+        }
+
+    # --- the request loop ---------------------------------------------------------------------
+    def _worker(self) -> None:
+        devfd = self._devfd
+        buf = bytearray(kf.read_buffer_size())
+        view = memoryview(buf)
+        handlers = self._handlers
+        unpack_header = kf.IN_HEADER.unpack_from
+        pack_out = kf.OUT_HEADER.pack
+        writev = os.writev
+        readv = os.readv
+        no_reply = kf.NO_REPLY_OPCODES
+        # Runs until the kernel ends the session (ENODEV): after request_stop the mount is
+        # detached, but open files on it are still served until they are closed.
+        while True:
+            try:
+                readv(devfd, [buf])
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    continue  # interrupted before we read it
+                if exc.errno != errno.ENODEV:  # ENODEV: unmounted, the session is over
+                    log.error("reading /dev/fuse for %s failed: %s", self._mountpoint, exc)
+                self._stop.set()
+                return
+            length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = unpack_header(buf, 0)
+            self.requests += 1
+            body = view[kf.IN_HEADER.size:length - extlen * 8]
+            handler = handlers[opcode] if opcode < 64 else None
+            if handler is None:
+                if opcode == kf.FORGET:
+                    self._forget(nodeid, body)
+                elif opcode == kf.BATCH_FORGET:
+                    self._batch_forget(body)
+                elif opcode not in no_reply:
+                    self._reply_error(unique, errno.ENOSYS)
+                continue
+            try:
+                payload = handler(nodeid, uid, gid, pid, body)
+            except OSError as exc:
+                err = exc.errno or errno.EIO
+                if err not in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY):
+                    self.errors += 1
+                self._reply_error(unique, err)
+                continue
+            except Exception:
+                self.errors += 1
+                log.exception("FUSE %s on %s (node %d) failed; answering EIO",
+                              kf.OPCODE_NAMES.get(opcode, opcode), self._mountpoint, nodeid)
+                self._reply_error(unique, errno.EIO)
+                continue
+            if type(payload) is tuple:  # (payload, rollback): undo when the kernel refuses it
+                payload, rollback = payload
+            else:
+                rollback = None
+            try:
+                writev(devfd, [pack_out(16 + len(payload), 0, unique), payload])
+            except OSError as exc:
+                if rollback is not None:
+                    rollback()
+                if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                    log.error("replying to FUSE %s on %s failed: %s",
+                              kf.OPCODE_NAMES.get(opcode, opcode), self._mountpoint, exc)
+
+    def _reply_error(self, unique: int, err: int) -> None:
+        try:
+            os.write(self._devfd, kf.OUT_HEADER.pack(16, -err, unique))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                log.error("replying to FUSE request on %s failed: %s", self._mountpoint, exc)
+
+    # --- packing ------------------------------------------------------------------------------
+    def _attr_fields(self, a: Any) -> tuple[int, ...]:
+        atime, atime_ns = divmod(a.atime_ns, 1_000_000_000)
+        mtime, mtime_ns = divmod(a.mtime_ns, 1_000_000_000)
+        ctime, ctime_ns = divmod(a.ctime_ns, 1_000_000_000)
+        return (a.ino, a.size, a.blocks, atime, mtime, ctime, atime_ns, mtime_ns, ctime_ns,
+                a.mode, a.nlink, a.uid, a.gid, 0, a.blksize, 0)
+
+    def _entry(self, a: Any) -> bytes:
+        entry_s, entry_ns = self._entry_valid
+        attr_s, attr_ns = self._attr_valid
+        return kf.ENTRY_OUT.pack(a.ino, 0, entry_s, attr_s, entry_ns, attr_ns,
+                                 *self._attr_fields(a))
+
+    def _attr_out(self, a: Any) -> bytes:
+        attr_s, attr_ns = self._attr_valid
+        return kf.ATTR_OUT.pack(attr_s, attr_ns, 0, *self._attr_fields(a))
+
+    def _entry_reply(self, a: Any) -> tuple[bytes, Callable[[], None]]:
+        core = self._core
+        ino = a.ino
+        return self._entry(a), lambda: core.forget(ino, 1)
+
+    # --- metadata -----------------------------------------------------------------------------
+    def _lookup(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        try:
+            attr = self._core.lookup(nodeid, _name(body))
+        except FileNotFoundError:
+            # A negative entry (nodeid 0) the kernel may cache for negative_timeout.
+            entry_s, entry_ns = self._negative_valid
+            return kf.ENTRY_OUT.pack(0, 0, entry_s, 0, entry_ns, 0, *([0] * 16))
+        return self._entry_reply(attr)
+
+    def _forget(self, nodeid: int, body: memoryview) -> None:
+        (nlookup,) = kf.FORGET_IN.unpack_from(body, 0)
+        try:
+            self._core.forget(nodeid, nlookup)
+        except Exception:
+            log.exception("forget of node %d on %s failed", nodeid, self._mountpoint)
+
+    def _batch_forget(self, body: memoryview) -> None:
+        (count, _) = kf.BATCH_FORGET_IN.unpack_from(body, 0)
+        offset = kf.BATCH_FORGET_IN.size
+        for _ in range(count):
+            nodeid, nlookup = kf.FORGET_ONE.unpack_from(body, offset)
+            offset += kf.FORGET_ONE.size
+            self._forget_one(nodeid, nlookup)
+
+    def _forget_one(self, nodeid: int, nlookup: int) -> None:
+        try:
+            self._core.forget(nodeid, nlookup)
+        except Exception:
+            log.exception("forget of node %d on %s failed", nodeid, self._mountpoint)
+
+    def _getattr(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        return self._attr_out(self._core.getattr(nodeid))
+
+    def _setattr(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        (valid, _, fh, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, new_uid,
+         new_gid, _) = kf.SETATTR_IN.unpack_from(body, 0)
+        kwargs: dict[str, Any] = {}
+        if valid & kf.FATTR_MODE:
+            kwargs["mode"] = stat.S_IMODE(mode)
+        if valid & kf.FATTR_UID:
+            kwargs["uid"] = new_uid
+        if valid & kf.FATTR_GID:
+            kwargs["gid"] = new_gid
+        if valid & kf.FATTR_SIZE:
+            kwargs["size"] = size
+        if valid & kf.FATTR_ATIME_NOW:
+            kwargs["atime_ns"] = time.time_ns()
+        elif valid & kf.FATTR_ATIME:
+            kwargs["atime_ns"] = atime * 1_000_000_000 + atimensec
+        if valid & kf.FATTR_MTIME_NOW:
+            kwargs["mtime_ns"] = time.time_ns()
+        elif valid & kf.FATTR_MTIME:
+            kwargs["mtime_ns"] = mtime * 1_000_000_000 + mtimensec
+        if valid & kf.FATTR_FH:
+            handle = self._handles.get(fh)
+            if handle is not None:
+                kwargs["handle"] = handle
+        return self._attr_out(self._core.setattr(nodeid, **kwargs))
+
+    def _mkdir(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        mode, _umask = kf.MKDIR_IN.unpack_from(body, 0)
+        attr = self._core.mkdir(nodeid, _name(body, kf.MKDIR_IN.size),
+                                stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)
+        return self._entry_reply(attr)
+
+    def _mknod(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        mode, _rdev, _umask, _ = kf.MKNOD_IN.unpack_from(body, 0)
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EPERM, "only regular files can be created here")
+        handle, attr = self._core.create(nodeid, _name(body, kf.MKNOD_IN.size), mode,
+                                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, uid, gid)
+        self._core.release(handle)
+        return self._entry_reply(attr)
+
+    def _unlink(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        self._core.unlink(nodeid, _name(body))
+        return _EMPTY
+
+    def _rmdir(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        self._core.rmdir(nodeid, _name(body))
+        return _EMPTY
+
+    def _rename(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        (newdir,) = kf.RENAME_IN.unpack_from(body, 0)
+        old, new = _names(body, kf.RENAME_IN.size, 2)
+        self._core.rename(nodeid, old, newdir, new, 0)
+        return _EMPTY
+
+    def _rename2(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        newdir, flags, _ = kf.RENAME2_IN.unpack_from(body, 0)
+        old, new = _names(body, kf.RENAME2_IN.size, 2)
+        if flags & ~(kf.RENAME_NOREPLACE | kf.RENAME_EXCHANGE):
+            raise OSError(errno.EINVAL, "unsupported rename flags")
+        self._core.rename(nodeid, old, newdir, new, flags)
+        return _EMPTY
+
+    def _statfs(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        st = self._core.statfs()
+        return kf.STATFS_OUT.pack(st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree,
+                                  st.f_bsize, st.f_namemax, st.f_frsize, 0)
+
+    # --- directories --------------------------------------------------------------------------
+    def _opendir(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        listing = self._core.readdir(nodeid)
+        entries: list[tuple[bytes, int, int]] = [(b".", nodeid, stat.S_IFDIR >> 12),
+                                                 (b"..", nodeid, stat.S_IFDIR >> 12)]
+        for name, attr in listing:
+            entries.append((os.fsencode(name), attr.ino, stat.S_IFMT(attr.mode) >> 12))
+        fh = next(self._dir_fh)
+        self._dirs[fh] = _DirHandle(entries)
+        return kf.OPEN_OUT.pack(fh, 0, 0)
+
+    def _readdir(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        fh, offset, size, *_ = kf.READ_IN.unpack_from(body, 0)
+        directory = self._dirs.get(fh)
+        if directory is None:
+            raise OSError(errno.EBADF, "unknown directory handle")
+        out = bytearray()
+        pack = kf.DIRENT.pack
+        entries = directory.entries
+        for index in range(offset, len(entries)):
+            name, ino, kind = entries[index]
+            record = pack(ino, index + 1, len(name), kind) + name
+            record += b"\0" * (-len(record) % 8)
+            if len(out) + len(record) > size:
+                break
+            out += record
+        return bytes(out)
+
+    def _releasedir(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        (fh,) = kf.FORGET_IN.unpack_from(body, 0)  # fuse_release_in starts with fh
+        self._dirs.pop(fh, None)
+        return _EMPTY
+
+    def _fsyncdir(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        sync = getattr(self._core, "fsyncdir", None)
+        if sync is not None:
+            sync(nodeid)
+        return _EMPTY
+
+    # --- files --------------------------------------------------------------------------------
+    def _open_reply(self, handle: Any) -> tuple[int, int]:
+        """Open flags and backing id for a new handle; registers the backing file if needed."""
+        if handle.fd is None:
+            self.direct_io_opens += 1
+            return kf.FOPEN_DIRECT_IO, 0
+        ino = handle.ino
+        with self._backing_lock:
+            backing = self._backings.get(ino)
+            if backing is None:
+                backing = _Backing(kf.backing_open(self._devfd, handle.fd), handle.fd)
+                self._backings[ino] = backing
+            elif backing.fd != handle.fd:
+                log.error("node %d on %s: data file changed while open (fd %d -> %d)",
+                          ino, self._mountpoint, backing.fd, handle.fd)
+                raise OSError(errno.EIO, "data file changed while open")
+            backing.opens += 1
+        self.passthrough_opens += 1
+        return kf.FOPEN_PASSTHROUGH, backing.backing_id
+
+    def _drop_backing(self, handle: Any) -> None:
+        if handle.fd is None:
+            return
+        with self._backing_lock:
+            backing = self._backings.get(handle.ino)
+            if backing is None:
+                return
+            backing.opens -= 1
+            if backing.opens > 0:
+                return
+            del self._backings[handle.ino]
+            try:
+                kf.backing_close(self._devfd, backing.backing_id)
+            except OSError as exc:
+                log.warning("closing backing id %d of node %d on %s failed: %s",
+                            backing.backing_id, handle.ino, self._mountpoint, exc)
+
+    def _forget_handle(self, handle: Any) -> None:
+        self._handles.pop(handle.fh, None)
+        self._drop_backing(handle)
+        self._core.release(handle)
+
+    def _open(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        flags, _ = kf.OPEN_IN.unpack_from(body, 0)
+        handle = self._core.open(nodeid, flags)
+        try:
+            open_flags, backing_id = self._open_reply(handle)
+        except BaseException:
+            self._core.release(handle)
+            raise
+        self._handles[handle.fh] = handle
+        return (kf.OPEN_OUT.pack(handle.fh, open_flags, backing_id),
+                lambda: self._forget_handle(handle))
+
+    def _create(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        flags, mode, _umask, _ = kf.CREATE_IN.unpack_from(body, 0)
+        handle, attr = self._core.create(nodeid, _name(body, kf.CREATE_IN.size), mode, flags,
+                                         uid, gid)
+        try:
+            open_flags, backing_id = self._open_reply(handle)
+        except BaseException:
+            self._core.release(handle)
+            self._core.forget(attr.ino, 1)
+            raise
+        self._handles[handle.fh] = handle
+        core = self._core
+
+        def rollback() -> None:
+            self._forget_handle(handle)
+            core.forget(attr.ino, 1)
+
+        return self._entry(attr) + kf.OPEN_OUT.pack(handle.fh, open_flags, backing_id), rollback
+
+    def _handle(self, fh: int) -> Any:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise OSError(errno.EBADF, "unknown file handle")
+        return handle
+
+    def _read(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        fh, offset, size, *_ = kf.READ_IN.unpack_from(body, 0)
+        return bytes(self._core.read(self._handle(fh), offset, size))
+
+    def _write(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        fh, offset, size, *_ = kf.WRITE_IN.unpack_from(body, 0)
+        start = kf.WRITE_IN.size
+        data = bytes(body[start:start + size])
+        written = self._core.write(self._handle(fh), offset, data)
+        return kf.WRITE_OUT.pack(written, 0)
+
+    def _flush(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        (fh, *_) = kf.FLUSH_IN.unpack_from(body, 0)
+        self._core.flush(self._handle(fh))
+        return _EMPTY
+
+    def _release(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        (fh, *_) = kf.RELEASE_IN.unpack_from(body, 0)
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            raise OSError(errno.EBADF, "unknown file handle")
+        try:
+            self._drop_backing(handle)
+        finally:
+            self._core.release(handle)
+        return _EMPTY
+
+    def _fsync(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        fh, fsync_flags, _ = kf.FSYNC_IN.unpack_from(body, 0)
+        self._core.fsync(self._handle(fh), bool(fsync_flags & kf.FUSE_FSYNC_FDATASYNC))
+        return _EMPTY
+
+    def _fallocate(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        fh, offset, length, mode, _ = kf.FALLOCATE_IN.unpack_from(body, 0)
+        self._core.fallocate(self._handle(fh), mode, offset, length)
+        return _EMPTY
+
+    def _destroy(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+        self._stop.set()
+        return _EMPTY
+
+
+def probe_passthrough() -> tuple[bool, str]:
+    """Whether FUSE passthrough works here: mounts a throwaway file system to find out.
+
+    Returns ``(True, "")`` or ``(False, reason)``. Checks CAP_SYS_ADMIN and /dev/fuse, that
+    INIT offers FUSE_PASSTHROUGH, and that registering a backing file succeeds.
+    """
+    if not os.path.exists("/dev/fuse"):
+        return False, "/dev/fuse does not exist"
+    if not kf.has_cap_sys_admin():
+        return False, "the daemon lacks CAP_SYS_ADMIN (needed to register backing files)"
+    workdir = tempfile.mkdtemp(prefix="cistern-probe-")
+    mountpoint = os.path.join(workdir, "mnt")
+    os.mkdir(mountpoint)
+    devfd = -1
+    mounted = False
+    try:
+        devfd = kf.open_fuse_device()
+        kf.mount_fuse(devfd, mountpoint, fsname="cistern-probe", allow_other=False)
+        mounted = True
+        result = kf.negotiate_init(devfd, want_passthrough=True)
+        if not result.passthrough:
+            return False, result.reason
+        backing_path = os.path.join(workdir, "backing")
+        fd = os.open(backing_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            backing_id = kf.backing_open(devfd, fd)
+            kf.backing_close(devfd, backing_id)
+        except OSError as exc:
+            return False, f"registering a backing file failed: {exc.strerror}"
+        finally:
+            os.close(fd)
+        return True, ""
+    except OSError as exc:
+        return False, f"mounting a FUSE probe file system failed: {exc}"
+    finally:
+        if mounted:
+            with contextlib.suppress(OSError):
+                kf.unmount(mountpoint)
+        if devfd >= 0:
+            os.close(devfd)
+        shutil.rmtree(workdir, ignore_errors=True)
