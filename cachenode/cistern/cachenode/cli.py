@@ -1,0 +1,266 @@
+"""``cistern-node``: run a cache node, or ask a running one for status, flush or drain."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from cistern.config import DEFAULT_CONTROL, ConfigError, NodeConfig, load_node_config
+
+__all__ = ["main"]
+
+_EPILOG = """examples:
+  cistern-node run                                  # ./mnt over a local object store in ./.cistern
+  cistern-node run --mount /mnt/ckpt --cache-dir /nvme/cistern \\
+      --store s3://my-bucket/checkpoints --region us-east-1
+  cistern-node status
+  cistern-node flush --timeout 600
+  cistern-node drain --wait 3600
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cistern-node",
+        description="Cistern cache node: a write-back FUSE cache on local disk over S3.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="mount the cache and serve it (foreground)",
+                         description="Mount the write-back cache and serve it in the "
+                         "foreground. Logs go to stderr. SIGINT unmounts at once (dirty data "
+                         "stays journaled and uploads on the next start); SIGTERM drains "
+                         "first.")
+    run.add_argument("--mount", help="mount point (default ./mnt, created if missing "
+                     "when it is the default)")
+    run.add_argument("--cache-dir", help="local cache directory on fast disk "
+                     "(default ./.cistern/cache)")
+    run.add_argument("--store", help="s3://bucket[/prefix] or file:///path "
+                     "(default file://$PWD/.cistern/objects)")
+    run.add_argument("--endpoint-url", help="S3 endpoint URL (MinIO, a proxy, ...)")
+    run.add_argument("--region", help="S3 region")
+    run.add_argument("--path-style", action="store_true", default=None,
+                     help="use path-style S3 addressing")
+    run.add_argument("--upload-delay", type=float, metavar="SECONDS",
+                     help="seconds a closed file waits before upload (default 1)")
+    run.add_argument("--control", metavar="HOST:PORT",
+                     help=f"control API address (default {DEFAULT_CONTROL})")
+    run.add_argument("--fuse-frontend", choices=("auto", "passthrough", "pyfuse3"),
+                     help="FUSE implementation (default auto: kernel passthrough when "
+                     "available)")
+    run.add_argument("--config", metavar="FILE", help="YAML node config (flags override it); "
+                     "see docs/configuration.md")
+    run.add_argument("--log-level", default="info",
+                     choices=("debug", "info", "warning", "error"))
+    run.add_argument("--log-format", default="text", choices=("text", "json"))
+
+    for name, text in (("status", "show the state of a running node"),
+                       ("flush", "upload everything dirty now and wait"),
+                       ("drain", "evacuate all dirty data, then report drained"),
+                       ("resume", "cancel a drain and accept writes again")):
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("--control", default=DEFAULT_CONTROL, metavar="HOST:PORT",
+                         help=f"control API address (default {DEFAULT_CONTROL})")
+        cmd.add_argument("--token-file", help="bearer token for a protected control API")
+        cmd.add_argument("--json", action="store_true", help="print raw JSON")
+        if name in ("flush", "drain"):
+            cmd.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                             help="give up waiting after this long (default 3600)")
+        if name == "drain":
+            cmd.add_argument("--no-wait", action="store_true",
+                             help="start the drain and return at once")
+    return parser
+
+
+def _build_config(args: argparse.Namespace) -> NodeConfig:
+    data: dict[str, Any] = load_node_config(args.config) if args.config else {}
+    data.setdefault("store", {})
+    data.setdefault("cache", {})
+    data.setdefault("flush", {})
+    cwd = Path.cwd()
+    if args.store:
+        data["store"] = {k: v for k, v in data["store"].items()
+                         if k not in ("url",)} | {"url": args.store}
+    if "url" not in data["store"]:
+        data["store"]["url"] = f"file://{cwd / '.cistern' / 'objects'}"
+    for flag, key in ((args.endpoint_url, "endpointUrl"), (args.region, "region"),
+                      (args.path_style, "pathStyle")):
+        if flag is not None:
+            data["store"][key] = flag
+    if args.endpoint_url and "pathStyle" not in data["store"]:
+        data["store"]["pathStyle"] = True
+    if args.mount:
+        data["mount"] = args.mount
+    elif "mount" not in data:
+        data["mount"] = str(cwd / "mnt")
+        os.makedirs(data["mount"], exist_ok=True)
+    if args.cache_dir:
+        data["cache"]["dir"] = args.cache_dir
+    elif "dir" not in data["cache"]:
+        data["cache"]["dir"] = str(cwd / ".cistern" / "cache")
+    if args.upload_delay is not None:
+        data["flush"]["uploadDelay"] = args.upload_delay
+    if args.control:
+        data["control"] = args.control
+    if args.fuse_frontend:
+        data["fuseFrontend"] = args.fuse_frontend
+    config = NodeConfig.from_dict(data)
+    if config.store.scheme == "file":
+        os.makedirs(config.store.local_path, exist_ok=True) if not args.store else None
+    return config
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cistern.cachenode.daemon import NodeDaemon, StartupError
+    from cistern.logs import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
+    try:
+        config = _build_config(args)
+    except (ConfigError, OSError) as exc:
+        print(f"cistern-node: error: {exc}", file=sys.stderr)
+        return 2
+    daemon = NodeDaemon(config)
+    try:
+        daemon.prepare()
+    except StartupError as exc:
+        print(f"cistern-node: error: {exc}", file=sys.stderr)
+        return 1
+    return daemon.run()
+
+
+def _call(args: argparse.Namespace, method: str, path: str, timeout: float) -> dict[str, Any]:
+    url = f"http://{args.control}{path}"
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if getattr(args, "token_file", None):
+        token = Path(args.token_file).read_text().strip()
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return dict(json.load(response))
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            return dict(json.loads(body)) | {"http_status": exc.code}
+        except ValueError:
+            raise SystemExit(f"cistern-node: error: {url}: HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SystemExit(f"cistern-node: error: no cache node answers at {args.control} "
+                         f"({reason})") from None
+
+
+def _size(n: float | int | None) -> str:
+    value = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def _summary(status: dict[str, Any]) -> str:
+    lines = [
+        f"state:          {status.get('state')}",
+        f"front end:      {status.get('frontend')}",
+        f"mount:          {status.get('mount')} -> {status.get('store')}",
+        f"dirty:          {_size(status.get('dirty_bytes'))} in "
+        f"{status.get('dirty_files', 0)} files ({status.get('uploading_files', 0)} uploading)",
+        f"clean (cached): {_size(status.get('clean_bytes'))}",
+        f"uploaded:       {_size(status.get('uploaded_bytes_total'))} in "
+        f"{status.get('uploaded_objects_total', 0)} objects",
+        f"pending:        {status.get('pending_moves', 0)} renames, "
+        f"{status.get('pending_deletes', 0)} deletes",
+        f"errors:         {status.get('errors', 0)}",
+    ]
+    drain = status.get("drain")
+    if drain:
+        eta = drain.get("eta_seconds")
+        lines.append(f"drain:          {_size(drain.get('bytes_left'))} left, ETA "
+                     f"{'-' if eta is None else f'{eta:.0f}s'}")
+    for error in status.get("recent_errors", [])[-3:]:
+        lines.append(f"  last error: {error.get('op')}: {error.get('error')}")
+    return "\n".join(lines)
+
+
+def _progress(args: argparse.Namespace, until_done: Any, deadline: float) -> dict[str, Any]:
+    """Poll /status and print a progress line until ``until_done(status)`` or the deadline."""
+    tty = sys.stderr.isatty()
+    start_bytes: float | None = None
+    status = _call(args, "GET", "/status", 10)
+    while not until_done(status) and time.monotonic() < deadline:
+        left = float(status.get("dirty_bytes") or 0)
+        start_bytes = left if start_bytes is None else max(start_bytes, left)
+        done = start_bytes - left
+        pct = 100.0 * done / start_bytes if start_bytes else 100.0
+        line = (f"{status.get('state')}: {_size(left)} left in {status.get('dirty_files', 0)} "
+                f"files, {pct:5.1f}% done")
+        if tty:
+            print(f"\r{line}\033[K", end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+        time.sleep(0.5 if tty else 5.0)
+        status = _call(args, "GET", "/status", 10)
+    if tty:
+        print("", file=sys.stderr)
+    return status
+
+
+def _client(args: argparse.Namespace) -> int:
+    if args.command == "status":
+        status = _call(args, "GET", "/status", 10)
+    elif args.command == "resume":
+        status = _call(args, "POST", "/resume", 10)
+    elif args.command == "flush":
+        import threading
+
+        result: dict[str, Any] = {}
+
+        def flush() -> None:
+            result.update(_call(args, "POST", f"/flush?timeout={args.timeout}",
+                                args.timeout + 30))
+
+        worker = threading.Thread(target=flush, daemon=True)
+        worker.start()
+        deadline = time.monotonic() + args.timeout + 30
+        if not args.json:
+            _progress(args, lambda s: not worker.is_alive(), deadline)
+        worker.join(max(0.0, deadline - time.monotonic()))
+        status = result
+        if not status.get("flushed"):
+            print(_summary(status) if not args.json else json.dumps(status, indent=1))
+            print("cistern-node: flush did not finish in time", file=sys.stderr)
+            return 1
+    else:
+        status = _call(args, "POST", "/drain", 30)
+        if not args.no_wait:
+            deadline = time.monotonic() + args.timeout
+            status = _progress(args, lambda s: s.get("state") == "drained", deadline) \
+                if not args.json else status
+            while status.get("state") != "drained" and time.monotonic() < deadline:
+                time.sleep(0.5)
+                status = _call(args, "GET", "/status", 10)
+            if status.get("state") != "drained":
+                print(_summary(status) if not args.json else json.dumps(status, indent=1))
+                print("cistern-node: drain did not finish in time", file=sys.stderr)
+                return 1
+    print(json.dumps(status, indent=1) if args.json else _summary(status))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    return _client(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

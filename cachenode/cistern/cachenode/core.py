@@ -1,0 +1,1086 @@
+"""The cache core: namespace, file state machine and local data, with no FUSE and no network.
+
+Front ends (pyfuse3, kernel passthrough) translate kernel requests into calls on ``CacheCore``;
+the flusher asks it for work (``collect_work``) and reports results (``finish_*``); the object
+store is only touched through the ``ObjectStore`` passed in, for listing and fetching.
+
+State of a file (journaled): DIRTY (local newer than the store), CLEAN (the store has it, a
+local copy is cached), REMOTE (only in the store). "Uploading" is DIRTY plus ``in_flight``.
+
+Key ownership (the invariant that makes renames and deletes safe, see docs/dev/cachenode.md):
+every object key under the prefix that the cache knows of is owned by exactly one of
+  - a live entry whose ``remote_key`` is that key (it will overwrite, move or delete it),
+  - a tombstone (the flusher will delete it),
+  - an in-flight upload that reserved it.
+A file is written to its desired key only when it owns the key or nobody does.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cistern.cachenode.journal import CLEAN, DIR, DIRTY, REMOTE, Entry, Journal
+from cistern.cachenode.store import ObjectInfo, ObjectStore, StoreError
+from cistern.config import CacheConfig, DrainPolicy, FlushPolicy
+
+__all__ = [
+    "ROOT_INO",
+    "Attr",
+    "CacheCore",
+    "DeleteWork",
+    "Handle",
+    "MoveWork",
+    "UploadWork",
+    "Work",
+]
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+NAME_MAX = 255
+
+
+def _err(code: int, detail: str = "") -> OSError:
+    return OSError(code, os.strerror(code) + (f": {detail}" if detail else ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    blksize: int = 4096
+
+    @property
+    def blocks(self) -> int:
+        return (self.size + 511) // 512
+
+
+@dataclass(slots=True)
+class Handle:
+    fh: int
+    ino: int
+    flags: int
+    writable: bool
+    fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class UploadWork:
+    ino: int
+    key: str
+    gen: int
+    fd: int
+    size: int
+    metadata: dict[str, str]
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class MoveWork:
+    ino: int
+    src: str
+    dst: str
+    metadata: dict[str, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteWork:
+    key: str
+
+
+Work = UploadWork | MoveWork | DeleteWork
+
+
+def _check_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise _err(errno.EINVAL, repr(name))
+    if len(name.encode()) > NAME_MAX:
+        raise _err(errno.ENAMETOOLONG, name[:40])
+
+
+class CacheCore:
+    """Thread-safe cache state. Every public method may raise ``OSError`` with an errno."""
+
+    def __init__(self, cache_dir: Path, store: ObjectStore, *,
+                 flush: FlushPolicy | None = None, cache: CacheConfig | None = None,
+                 drain: DrainPolicy | None = None,
+                 on_event: Callable[[str, int], None] | None = None) -> None:
+        self.cache_dir = cache_dir
+        self.data_dir = cache_dir / "data"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (cache_dir / "tmp").mkdir(exist_ok=True)
+        self.store = store
+        self.flush_policy = flush or FlushPolicy()
+        self.cache_config = cache or CacheConfig()
+        self.drain_policy = drain or DrainPolicy()
+        self._on_event = on_event or (lambda name, value: None)
+        self.journal = Journal(cache_dir / "journal.sqlite")
+        self._lock = threading.RLock()
+        self.changed = threading.Condition(self._lock)
+        self._entries: dict[int, Entry] = {}
+        self._children: dict[int, dict[str, int]] = {}
+        self._owners: dict[str, int] = {}
+        self._tombstones: set[str] = set()
+        self._pending: set[int] = set()
+        self._handles: dict[int, Handle] = {}
+        self._fh = itertools.count(1)
+        self._seq = itertools.count(1)
+        self._force_until_seq = 0
+        self._draining = False
+        self.stale_uploads: list[tuple[str, str | None]] = []
+        self.dirty_bytes = 0
+        self.clean_bytes = 0
+        self._recover()
+
+    # ------------------------------------------------------------------ recovery
+
+    def _data_path(self, ino: int) -> Path:
+        return self.data_dir / f"{ino % 256:02x}" / str(ino)
+
+    def _recover(self) -> None:
+        """Rebuild the in-memory state from the journal and the data files (see dev note)."""
+        now_ns = time.time_ns()
+        entries = self.journal.load()
+        if not any(e.ino == ROOT_INO for e in entries):
+            root = Entry(ino=ROOT_INO, parent=ROOT_INO, name="", is_dir=True,
+                         mode=stat.S_IFDIR | 0o755, uid=os.getuid(), gid=os.getgid(), size=0,
+                         mtime_ns=now_ns, ctime_ns=now_ns, state=DIR, local=True, listed=False)
+            self.journal.insert(root)
+            entries.append(root)
+        for entry in entries:
+            self._entries[entry.ino] = entry
+            self._children.setdefault(entry.ino, {}) if entry.is_dir else None
+        for entry in entries:
+            if entry.ino != ROOT_INO:
+                self._children.setdefault(entry.parent, {})[entry.name] = entry.ino
+            if entry.remote_key:
+                self._owners[entry.remote_key] = entry.ino
+        self._tombstones = self.journal.tombstones()
+        known_data: set[str] = set()
+        for entry in entries:
+            if entry.is_dir or not entry.local:
+                continue
+            path = self._data_path(entry.ino)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                st = None
+            if entry.state == DIRTY:
+                if st is None:
+                    self._lose_local(entry, "dirty data file is missing")
+                    continue
+                entry.size, entry.mtime_ns = st.st_size, st.st_mtime_ns
+            elif entry.state == CLEAN and (st is None or st.st_size != entry.remote_size):
+                log.warning("cached copy of %s is missing or truncated; will fetch again",
+                            self.path_of(entry))
+                entry.state, entry.local = REMOTE, False
+                self.journal.update(entry)
+                continue
+            known_data.add(str(path))
+        for sub in self.data_dir.iterdir():
+            for path in sub.iterdir() if sub.is_dir() else ():
+                if str(path) not in known_data:
+                    path.unlink(missing_ok=True)
+        for item in (self.cache_dir / "tmp").iterdir():
+            item.unlink(missing_ok=True)
+        for intent in self.journal.uploads():
+            self._recover_upload(intent.ino, intent.key, intent.upload_id)
+        for entry in sorted(entries, key=lambda e: e.ino):
+            if not entry.is_dir:
+                entry.seq = entry.dirty_seq = next(self._seq)
+                if self._needs_work(entry):
+                    self._pending.add(entry.ino)
+                if entry.state == DIRTY:
+                    self.dirty_bytes += entry.size
+                elif entry.state == CLEAN:
+                    self.clean_bytes += entry.size
+        if self._pending or self._tombstones or self.stale_uploads:
+            log.info("recovered %d entries: %d need upload or move, %d deletes pending, "
+                     "%d interrupted uploads to clean up", len(entries), len(self._pending),
+                     len(self._tombstones), len(self.stale_uploads))
+
+    def _recover_upload(self, ino: int, key: str, upload_id: str | None) -> None:
+        """An upload was in flight when the daemon stopped: the object may or may not exist."""
+        self.stale_uploads.append((key, upload_id))
+        entry = self._entries.get(ino)
+        owner = self._owners.get(key)
+        if owner is not None and owner != ino:
+            log.error("journal inconsistency: %s owned by %d and uploaded by %d", key, owner, ino)
+        elif entry is not None and entry.remote_key is None and not entry.is_dir:
+            entry.remote_key = key
+            self._owners[key] = ino
+            self.journal.update(entry)
+        elif entry is None or entry.remote_key != key:
+            self._add_tombstone(key)
+        self.journal.remove_upload(ino, key)
+
+    def _lose_local(self, entry: Entry, why: str) -> None:
+        log.error("DATA LOSS: %s: %s", self.path_of(entry), why)
+        self._on_event("data_loss", 1)
+        if entry.remote_key:
+            entry.state, entry.local = REMOTE, False
+            self.journal.update(entry)
+        else:
+            self._children.get(entry.parent, {}).pop(entry.name, None)
+            del self._entries[entry.ino]
+            self.journal.delete(entry.ino)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _get(self, ino: int) -> Entry:
+        entry = self._entries.get(ino)
+        if entry is None:
+            raise _err(errno.ENOENT, f"inode {ino}")
+        return entry
+
+    def _dir(self, ino: int) -> Entry:
+        entry = self._get(ino)
+        if not entry.is_dir:
+            raise _err(errno.ENOTDIR)
+        return entry
+
+    def path_of(self, entry: Entry) -> str:
+        parts: list[str] = []
+        while entry.ino != ROOT_INO:
+            parts.append(entry.name)
+            parent = self._entries.get(entry.parent)
+            if parent is None:
+                break
+            entry = parent
+        return "/".join(reversed(parts))
+
+    def key_of(self, entry: Entry) -> str:
+        return self.path_of(entry)
+
+    def _resolve(self, key: str) -> Entry | None:
+        ino = ROOT_INO
+        for part in key.split("/"):
+            child = self._children.get(ino, {}).get(part)
+            if child is None:
+                return None
+            ino = child
+        return self._entries.get(ino)
+
+    def _attr(self, entry: Entry) -> Attr:
+        size, mtime = entry.size, entry.mtime_ns
+        if entry.writers and entry.fd >= 0:
+            st = os.fstat(entry.fd)
+            size, mtime = st.st_size, st.st_mtime_ns
+        nlink = 2 + sum(1 for c in self._children.get(entry.ino, {}).values()
+                        if self._entries[c].is_dir) if entry.is_dir else 1
+        return Attr(ino=entry.ino, mode=entry.mode, nlink=nlink, uid=entry.uid, gid=entry.gid,
+                    size=size, atime_ns=mtime, mtime_ns=mtime, ctime_ns=entry.ctime_ns)
+
+    def _needs_work(self, entry: Entry) -> bool:
+        if entry.is_dir or entry.unlinked:
+            return False
+        if entry.state == DIRTY or entry.meta_dirty:
+            return True
+        return entry.remote_key is not None and entry.remote_key != self.key_of(entry)
+
+    def _schedule(self, entry: Entry, delay: float | None = None, bump: bool = True) -> None:
+        if self._needs_work(entry):
+            entry.due = time.monotonic() + (self.flush_policy.upload_delay
+                                            if delay is None else delay)
+            if bump:
+                entry.seq = next(self._seq)
+            self._pending.add(entry.ino)
+            self.changed.notify_all()
+
+    def _add_tombstone(self, key: str) -> None:
+        self._tombstones.add(key)
+        self.journal.add_tombstone(key)
+        self.changed.notify_all()
+
+    def _release_key(self, key: str) -> None:
+        """``key`` lost its owner: hand it to the entry that now wants it, or delete it."""
+        self._owners.pop(key, None)
+        wanting = self._resolve(key)
+        if wanting is not None and not wanting.is_dir and wanting.remote_key is None:
+            wanting.remote_key = key
+            self._owners[key] = wanting.ino
+            self.journal.update(wanting)
+        else:
+            self._add_tombstone(key)
+
+    def _claim_tombstone(self, entry: Entry) -> None:
+        """A new or renamed file landed on a key scheduled for deletion: overwrite it instead."""
+        key = self.key_of(entry)
+        if entry.remote_key is None and key in self._tombstones:
+            self._tombstones.discard(key)
+            self.journal.remove_tombstone(key)
+            entry.remote_key = key
+            self._owners[key] = entry.ino
+
+    def _now_ns(self) -> int:
+        return time.time_ns()
+
+    # ------------------------------------------------------------------ listing (read-through)
+
+    def _ensure_listed(self, entry: Entry) -> None:
+        """Import the store's view of a directory the first time it is looked at."""
+        if entry.listed:
+            return
+        prefix = self.key_of(entry)
+        prefix = f"{prefix}/" if prefix else ""
+        files, dirs = self.store.list_dir(prefix)
+        with self._lock, self.journal.transaction():
+            if entry.listed:
+                return
+            children = self._children.setdefault(entry.ino, {})
+            for sub in dirs:
+                name = sub[len(prefix):].rstrip("/")
+                if name and "/" not in name and name not in children:
+                    self._import(entry, name, None)
+            for info in files:
+                name = info.key[len(prefix):]
+                if name and "/" not in name and name not in children \
+                        and info.key not in self._tombstones and info.key not in self._owners:
+                    self._import(entry, name, info)
+            entry.listed = True
+            self.journal.update(entry)
+
+    def _import(self, parent: Entry, name: str, info: ObjectInfo | None) -> Entry:
+        if info is None:
+            mtime = parent.mtime_ns
+            new = Entry(ino=0, parent=parent.ino, name=name, is_dir=True,
+                        mode=stat.S_IFDIR | 0o755, uid=parent.uid, gid=parent.gid, size=0,
+                        mtime_ns=mtime, ctime_ns=mtime, state=DIR, local=False, listed=False)
+        else:
+            mtime = int(info.mtime * 1e9)
+            new = Entry(ino=0, parent=parent.ino, name=name, is_dir=False,
+                        mode=stat.S_IFREG | 0o644, uid=parent.uid, gid=parent.gid,
+                        size=info.size, mtime_ns=mtime, ctime_ns=mtime, state=REMOTE,
+                        local=False, remote_key=info.key, remote_size=info.size)
+        new.ino = self.journal.insert(new)
+        self._entries[new.ino] = new
+        self._children[parent.ino][name] = new.ino
+        if new.is_dir:
+            self._children[new.ino] = {}
+        if new.remote_key:
+            self._owners[new.remote_key] = new.ino
+        return new
+
+    def _ensure_subtree_listed(self, entry: Entry) -> None:
+        """Before a directory rename or removal: know every object below it."""
+        if not entry.is_dir:
+            return
+        self._ensure_listed(entry)
+        with self._lock:
+            subdirs = [self._entries[c] for c in self._children.get(entry.ino, {}).values()
+                       if self._entries[c].is_dir]
+        for sub in subdirs:
+            self._ensure_subtree_listed(sub)
+
+    # ------------------------------------------------------------------ namespace
+
+    def lookup(self, parent: int, name: str) -> Attr:
+        with self._lock:
+            directory = self._dir(parent)
+        self._ensure_listed(directory)
+        with self._lock:
+            if name == ".":
+                return self._attr(directory)
+            if name == "..":
+                return self._attr(self._get(directory.parent))
+            ino = self._children.get(parent, {}).get(name)
+            if ino is None:
+                raise _err(errno.ENOENT)
+            return self._attr(self._entries[ino])
+
+    def getattr(self, ino: int) -> Attr:
+        with self._lock:
+            return self._attr(self._get(ino))
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        """Entries live in the journal, not in kernel lookup counts: nothing to drop."""
+
+    def readdir(self, ino: int) -> list[tuple[str, Attr]]:
+        with self._lock:
+            directory = self._dir(ino)
+        self._ensure_listed(directory)
+        with self._lock:
+            children = self._children.get(ino, {})
+            return [(name, self._attr(self._entries[c])) for name, c in sorted(children.items())]
+
+    def _new_entry(self, parent: Entry, name: str, *, is_dir: bool, mode: int, uid: int,
+                   gid: int) -> Entry:
+        _check_name(name)
+        if self._draining and self.drain_policy.new_writes == "reject":
+            raise _err(errno.EROFS, "the cache is draining")
+        if name in self._children.get(parent.ino, {}):
+            raise _err(errno.EEXIST)
+        now = self._now_ns()
+        kind = stat.S_IFDIR if is_dir else stat.S_IFREG
+        entry = Entry(ino=0, parent=parent.ino, name=name, is_dir=is_dir,
+                      mode=kind | (mode & 0o7777), uid=uid, gid=gid, size=0, mtime_ns=now,
+                      ctime_ns=now, state=DIR if is_dir else DIRTY, local=True, listed=True)
+        return entry
+
+    def mkdir(self, parent: int, name: str, mode: int, uid: int, gid: int) -> Attr:
+        with self._lock:
+            directory = self._dir(parent)
+        self._ensure_listed(directory)
+        with self._lock, self.journal.transaction():
+            entry = self._new_entry(directory, name, is_dir=True, mode=mode, uid=uid, gid=gid)
+            entry.ino = self.journal.insert(entry)
+            self._entries[entry.ino] = entry
+            self._children[entry.ino] = {}
+            self._children[parent][name] = entry.ino
+            self._touch_dir(directory)
+            return self._attr(entry)
+
+    def _touch_dir(self, directory: Entry) -> None:
+        directory.mtime_ns = directory.ctime_ns = self._now_ns()
+
+    def create(self, parent: int, name: str, mode: int, flags: int, uid: int,
+               gid: int) -> tuple[Handle, Attr]:
+        with self._lock:
+            directory = self._dir(parent)
+        self._ensure_listed(directory)
+        self._admit_new_file()
+        with self._lock:
+            entry = self._new_entry(directory, name, is_dir=False, mode=mode, uid=uid, gid=gid)
+            entry.ino = self.journal.insert(entry)
+            path = self._data_path(entry.ino)
+            path.parent.mkdir(exist_ok=True)
+            try:
+                entry.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            except OSError:
+                self.journal.delete(entry.ino)
+                raise
+            self._entries[entry.ino] = entry
+            self._children[parent][name] = entry.ino
+            self._claim_tombstone(entry)
+            if entry.remote_key:
+                self.journal.update(entry)
+            self._touch_dir(directory)
+            handle = self._open_handle(entry, flags | os.O_RDWR, writable=True)
+            return handle, self._attr(entry)
+
+    def _admit_new_file(self) -> None:
+        """Backpressure hook for new files (see capacity): wait for space or refuse early."""
+        waiter = getattr(self, "admission", None)
+        if waiter is not None:
+            waiter.admit_new_file()
+
+    def _open_handle(self, entry: Entry, flags: int, writable: bool) -> Handle:
+        if writable:
+            if entry.writers == 0 or entry.state != DIRTY:
+                self._mark_dirty(entry)
+            entry.writers += 1
+            entry.gen += 1
+        entry.opens += 1
+        entry.last_access = time.monotonic()
+        handle = Handle(fh=next(self._fh), ino=entry.ino, flags=flags, writable=writable,
+                        fd=entry.fd)
+        self._handles[handle.fh] = handle
+        return handle
+
+    def _mark_dirty(self, entry: Entry) -> None:
+        """Journal DIRTY before the first byte changes, so a crash can never hide a write."""
+        if entry.state != DIRTY:
+            if entry.state == CLEAN:
+                self.clean_bytes -= entry.size
+            entry.state = DIRTY
+            entry.dirty_seq = next(self._seq)
+            self.dirty_bytes += entry.size
+            self.journal.update(entry)
+        self._pending.add(entry.ino)
+        entry.due = float("inf")
+
+    def open(self, ino: int, flags: int) -> Handle:
+        writable = bool(flags & _WRITE_FLAGS)
+        truncate = bool(flags & os.O_TRUNC) and writable
+        with self._lock:
+            entry = self._get(ino)
+            if entry.is_dir:
+                raise _err(errno.EISDIR)
+            if writable and self._draining and self.drain_policy.new_writes == "reject":
+                raise _err(errno.EROFS, "the cache is draining")
+            needs_fetch = not entry.local and not truncate
+        if needs_fetch:
+            self._fetch(entry)
+        with self._lock:
+            if entry.fd < 0:
+                path = self._data_path(ino)
+                path.parent.mkdir(exist_ok=True)
+                entry.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                if not entry.local:
+                    entry.local = True
+            handle = self._open_handle(entry, flags, writable)
+            if truncate:
+                self._truncate(entry, 0)
+            return handle
+
+    def _fetch(self, entry: Entry) -> None:
+        """Read-through: copy a REMOTE file into the cache (serialised per file)."""
+        with self._lock:
+            while entry.in_flight and not entry.local:
+                self.changed.wait(1.0)
+            if entry.local:
+                return
+            key = entry.remote_key
+            if key is None:
+                raise _err(errno.EIO, f"{self.path_of(entry)} has neither data nor object")
+            entry.in_flight = True
+        tmp = self.cache_dir / "tmp" / f"fetch-{entry.ino}-{threading.get_ident()}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            try:
+                info = self._fetch_retrying(key, fd)
+            except FileNotFoundError as exc:
+                raise _err(errno.ENOENT, f"{key} vanished from the object store") from exc
+            except StoreError as exc:
+                log.error("fetch %s failed: %s", key, exc)
+                raise _err(errno.EIO, str(exc)) from exc
+            os.fsync(fd)
+            with self._lock:
+                path = self._data_path(entry.ino)
+                path.parent.mkdir(exist_ok=True)
+                os.replace(tmp, path)
+                entry.local = True
+                entry.state = CLEAN
+                entry.size = entry.remote_size = info.size
+                self._apply_metadata(entry, info.metadata)
+                self.clean_bytes += info.size
+                self.journal.update(entry)
+                self._on_event("fetched_bytes", info.size)
+        finally:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            with self._lock:
+                entry.in_flight = False
+                self.changed.notify_all()
+
+    def _fetch_retrying(self, key: str, fd: int) -> ObjectInfo:
+        from cistern.cachenode.retry import RetryPolicy
+
+        return RetryPolicy(deadline=60.0).call(f"fetch {key}", lambda: self.store.download(key, fd))
+
+    @staticmethod
+    def _apply_metadata(entry: Entry, metadata: dict[str, str]) -> None:
+        try:
+            if "mode" in metadata:
+                entry.mode = stat.S_IFREG | (int(metadata["mode"], 8) & 0o7777)
+            if "uid" in metadata:
+                entry.uid = int(metadata["uid"])
+            if "gid" in metadata:
+                entry.gid = int(metadata["gid"])
+            if "mtime-ns" in metadata:
+                entry.mtime_ns = int(metadata["mtime-ns"])
+        except ValueError:
+            log.warning("ignoring malformed object metadata %r", metadata)
+
+    def read(self, handle: Handle, offset: int, size: int) -> bytes:
+        return os.pread(handle.fd, size, offset)
+
+    def write(self, handle: Handle, offset: int, data: bytes) -> int:
+        if not handle.writable:
+            raise _err(errno.EBADF)
+        if handle.flags & os.O_APPEND:
+            offset = os.fstat(handle.fd).st_size
+        return os.pwrite(handle.fd, data, offset)
+
+    def flush(self, handle: Handle) -> None:
+        """close(2) on one descriptor: nothing to wait for in write-back mode."""
+
+    def fsync(self, handle: Handle, datasync: bool = False) -> None:
+        if datasync:
+            os.fdatasync(handle.fd)
+        else:
+            os.fsync(handle.fd)
+        with self._lock:
+            entry = self._entries.get(handle.ino)
+            if entry is not None and not entry.unlinked:
+                self._sync_size(entry)
+                self.journal.update(entry)
+        self._sync_dir(self._data_path(handle.ino).parent)
+        self.journal.sync()
+
+    @staticmethod
+    def _sync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _sync_size(self, entry: Entry) -> None:
+        if entry.fd >= 0 and entry.state == DIRTY:
+            st = os.fstat(entry.fd)
+            self.dirty_bytes += st.st_size - entry.size
+            entry.size, entry.mtime_ns = st.st_size, st.st_mtime_ns
+
+    def release(self, handle: Handle) -> None:
+        with self._lock:
+            self._handles.pop(handle.fh, None)
+            entry = self._entries.get(handle.ino)
+            if entry is None:
+                return
+            entry.opens -= 1
+            if handle.writable:
+                entry.writers -= 1
+                entry.gen += 1
+                if not entry.unlinked:
+                    self._sync_size(entry)
+                    self.journal.update(entry)
+                    if entry.writers == 0:
+                        self._schedule(entry)
+            if entry.opens == 0 and entry.fd >= 0:
+                os.close(entry.fd)
+                entry.fd = -1
+                if entry.unlinked:
+                    self._entries.pop(entry.ino, None)
+
+    def fallocate(self, handle: Handle, mode: int, offset: int, length: int) -> None:
+        if mode != 0:
+            raise _err(errno.EOPNOTSUPP)
+        os.posix_fallocate(handle.fd, offset, length)
+
+    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None, handle: Handle | None = None) -> Attr:
+        with self._lock:
+            entry = self._get(ino)
+            needs_fetch = size is not None and size > 0 and not entry.local
+        if needs_fetch:
+            self._fetch(entry)
+        with self._lock, self.journal.transaction():
+            meta_changed = False
+            if mode is not None:
+                entry.mode = (entry.mode & ~0o7777) | (mode & 0o7777)
+                meta_changed = True
+            if uid is not None and uid != -1 and uid != 0xFFFFFFFF:
+                entry.uid = uid
+                meta_changed = True
+            if gid is not None and gid != -1 and gid != 0xFFFFFFFF:
+                entry.gid = gid
+                meta_changed = True
+            if size is not None:
+                if entry.is_dir:
+                    raise _err(errno.EISDIR)
+                self._truncate(entry, size)
+            if mtime_ns is not None:
+                entry.mtime_ns = mtime_ns
+                if entry.fd >= 0:
+                    os.utime(entry.fd, ns=(atime_ns or mtime_ns, mtime_ns))
+                meta_changed = True
+            entry.ctime_ns = self._now_ns()
+            if meta_changed and not entry.is_dir and entry.state != DIRTY:
+                entry.meta_dirty = True
+                self._schedule(entry)
+            elif meta_changed and entry.state == DIRTY and entry.writers == 0:
+                entry.gen += 1
+                self._schedule(entry)
+            self.journal.update(entry)
+            return self._attr(entry)
+
+    def _truncate(self, entry: Entry, size: int) -> None:
+        self._mark_dirty(entry)
+        entry.gen += 1
+        if entry.fd >= 0:
+            os.ftruncate(entry.fd, size)
+        else:
+            path = self._data_path(entry.ino)
+            path.parent.mkdir(exist_ok=True)
+            with open(path, "ab") as f:
+                f.truncate(size)
+            entry.local = True
+        self.dirty_bytes += size - entry.size
+        entry.size = size
+        entry.mtime_ns = self._now_ns()
+        if entry.writers == 0:
+            self._schedule(entry)
+
+    def unlink(self, parent: int, name: str) -> None:
+        with self._lock:
+            directory = self._dir(parent)
+        self._ensure_listed(directory)
+        with self._lock, self.journal.transaction():
+            ino = self._children.get(parent, {}).get(name)
+            if ino is None:
+                raise _err(errno.ENOENT)
+            entry = self._entries[ino]
+            if entry.is_dir:
+                raise _err(errno.EISDIR)
+            self._remove(entry)
+            self._touch_dir(directory)
+
+    def _remove(self, entry: Entry) -> None:
+        del self._children[entry.parent][entry.name]
+        self._pending.discard(entry.ino)
+        if entry.state == DIRTY:
+            self.dirty_bytes -= entry.size
+        elif entry.state == CLEAN:
+            self.clean_bytes -= entry.size
+        if entry.remote_key is not None and not entry.in_flight:
+            self._release_key(entry.remote_key)
+        entry.unlinked = True
+        self.journal.delete(entry.ino)
+        if entry.local:
+            self._data_path(entry.ino).unlink(missing_ok=True)
+        if entry.opens == 0 and not entry.in_flight:
+            self._entries.pop(entry.ino, None)
+        self.changed.notify_all()
+
+    def rmdir(self, parent: int, name: str) -> None:
+        with self._lock:
+            directory = self._dir(parent)
+            ino = self._children.get(parent, {}).get(name)
+            if ino is None:
+                raise _err(errno.ENOENT)
+            target = self._entries[ino]
+            if not target.is_dir:
+                raise _err(errno.ENOTDIR)
+        self._ensure_listed(target)
+        with self._lock, self.journal.transaction():
+            if self._children.get(ino):
+                raise _err(errno.ENOTEMPTY)
+            del self._children[parent][name]
+            del self._children[ino]
+            del self._entries[ino]
+            self.journal.delete(ino)
+            self._touch_dir(directory)
+
+    def rename(self, parent_old: int, old: str, parent_new: int, new: str,
+               flags: int = 0) -> None:
+        if flags & RENAME_EXCHANGE or flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise _err(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        _check_name(new)
+        with self._lock:
+            src_dir, dst_dir = self._dir(parent_old), self._dir(parent_new)
+        self._ensure_listed(src_dir)
+        self._ensure_listed(dst_dir)
+        with self._lock:
+            ino = self._children.get(parent_old, {}).get(old)
+            if ino is None:
+                raise _err(errno.ENOENT)
+            moving = self._entries[ino]
+        if moving.is_dir:
+            self._ensure_subtree_listed(moving)
+        with self._lock, self.journal.transaction():
+            ino = self._children.get(parent_old, {}).get(old)
+            if ino is None or ino != moving.ino:
+                raise _err(errno.ENOENT)
+            if parent_old == parent_new and old == new:
+                return
+            if moving.is_dir:
+                ancestor = dst_dir
+                while True:
+                    if ancestor.ino == moving.ino:
+                        raise _err(errno.EINVAL, "cannot move a directory into itself")
+                    if ancestor.ino == ROOT_INO:
+                        break
+                    ancestor = self._entries[ancestor.parent]
+            existing_ino = self._children.get(parent_new, {}).get(new)
+            if existing_ino is not None:
+                if flags & RENAME_NOREPLACE:
+                    raise _err(errno.EEXIST)
+                existing = self._entries[existing_ino]
+                if existing.is_dir and not moving.is_dir:
+                    raise _err(errno.EISDIR)
+                if not existing.is_dir and moving.is_dir:
+                    raise _err(errno.ENOTDIR)
+                if existing.is_dir:
+                    self._ensure_listed(existing)
+                    if self._children.get(existing_ino):
+                        raise _err(errno.ENOTEMPTY)
+                    del self._children[parent_new][new]
+                    del self._children[existing_ino]
+                    del self._entries[existing_ino]
+                    self.journal.delete(existing_ino)
+                else:
+                    self._remove(existing)
+            del self._children[parent_old][old]
+            moving.parent, moving.name = parent_new, new
+            self._children[parent_new][new] = moving.ino
+            moving.ctime_ns = self._now_ns()
+            self.journal.update(moving)
+            self._touch_dir(src_dir)
+            self._touch_dir(dst_dir)
+            for entry in self._walk(moving):
+                self._claim_tombstone(entry)
+                if self._needs_work(entry):
+                    if entry.state != DIRTY or entry.writers == 0:
+                        self._schedule(entry, bump=False)
+                    self.journal.update(entry)
+
+    def _walk(self, entry: Entry) -> Iterator[Entry]:
+        if not entry.is_dir:
+            yield entry
+            return
+        stack = [entry.ino]
+        while stack:
+            for child in self._children.get(stack.pop(), {}).values():
+                sub = self._entries[child]
+                if sub.is_dir:
+                    stack.append(child)
+                else:
+                    yield sub
+
+    def symlink(self, parent: int, name: str, target: str, uid: int, gid: int) -> Attr:
+        raise _err(errno.EPERM, "symbolic links cannot be stored in the object store")
+
+    def link(self, ino: int, parent: int, name: str) -> Attr:
+        raise _err(errno.EPERM, "hard links cannot be stored in the object store")
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self.cache_dir)
+
+    # ------------------------------------------------------------------ flusher interface
+
+    def request_flush(self) -> int:
+        """Make everything dirty now due immediately; return the sequence to wait for."""
+        with self._lock:
+            self._force_until_seq = next(self._seq)
+            self.changed.notify_all()
+            return self._force_until_seq
+
+    def pending_summary(self) -> dict[str, int]:
+        with self._lock:
+            dirty = [self._entries[i] for i in self._pending if i in self._entries]
+            return {
+                "dirty_files": sum(1 for e in dirty if e.state == DIRTY),
+                "uploading_files": sum(1 for e in dirty if e.in_flight),
+                "pending_moves": sum(1 for e in dirty if e.state != DIRTY),
+                "pending_deletes": len(self._tombstones),
+                "open_writers": sum(1 for e in dirty if e.writers),
+            }
+
+    def idle(self, upto_seq: int | None = None) -> bool:
+        """True when nothing (or nothing changed before ``upto_seq``) waits for the store."""
+        with self._lock:
+            if self._tombstones or self.stale_uploads:
+                return False
+            for ino in self._pending:
+                entry = self._entries.get(ino)
+                if entry is not None and (upto_seq is None or entry.seq <= upto_seq):
+                    return False
+            return True
+
+    def _marker_blocked(self, entry: Entry) -> bool:
+        """A commit marker waits for every file written before it below its directory."""
+        if not self.flush_policy.is_commit_marker(entry.name):
+            return False
+        directory = self._entries.get(entry.parent)
+        if directory is None:
+            return False
+        for ino in self._pending:
+            other = self._entries.get(ino)
+            if other is None or other is entry or other.dirty_seq > entry.seq:
+                continue
+            if self.flush_policy.is_commit_marker(other.name) and other.parent == entry.parent:
+                continue
+            ancestor = other
+            while ancestor.ino != ROOT_INO:
+                ancestor = self._entries.get(ancestor.parent) or self._entries[ROOT_INO]
+                if ancestor.ino == directory.ino:
+                    return True
+        return False
+
+    def collect_work(self, limit: int, force: bool = False) -> list[Work]:
+        """Hand the flusher up to ``limit`` operations that are due and safe to run now."""
+        now = time.monotonic()
+        out: list[Work] = []
+        with self._lock:
+            for key in sorted(self._tombstones):
+                if len(out) >= limit:
+                    return out
+                if key not in self._owners:
+                    self._owners[key] = -1  # reserved by the delete
+                    out.append(DeleteWork(key))
+            force = force or self._draining
+            candidates = sorted((self._entries[i] for i in self._pending if i in self._entries),
+                                key=lambda e: e.seq)
+            for entry in candidates:
+                if len(out) >= limit:
+                    break
+                if entry.in_flight or entry.writers or entry.unlinked:
+                    continue
+                if not (force or entry.seq <= self._force_until_seq) and entry.due > now:
+                    continue
+                work = self._start(entry)
+                if work is not None:
+                    out.append(work)
+        return out
+
+    def _start(self, entry: Entry) -> Work | None:
+        key = self.key_of(entry)
+        owner = self._owners.get(key)
+        if owner is not None and owner != entry.ino:
+            return None
+        if key in self._tombstones:
+            return None
+        if self._marker_blocked(entry):
+            return None
+        metadata = {"mode": oct(entry.mode & 0o7777), "uid": str(entry.uid),
+                    "gid": str(entry.gid), "mtime-ns": str(entry.mtime_ns)}
+        if entry.state == DIRTY:
+            try:
+                fd = os.open(self._data_path(entry.ino), os.O_RDONLY)
+            except FileNotFoundError:
+                self._lose_local(entry, "data file vanished before upload")
+                return None
+            size = os.fstat(fd).st_size
+            self.journal.add_upload(entry.ino, key)
+            entry.in_flight = True
+            self._owners[key] = entry.ino
+            return UploadWork(ino=entry.ino, key=key, gen=entry.gen, fd=fd, size=size,
+                              metadata=metadata, path=self.path_of(entry))
+        if entry.remote_key is None:
+            self._pending.discard(entry.ino)
+            return None
+        entry.in_flight = True
+        self._owners[key] = entry.ino
+        return MoveWork(ino=entry.ino, src=entry.remote_key, dst=key,
+                        metadata=metadata if entry.meta_dirty else None)
+
+    def set_upload_id(self, work: UploadWork, upload_id: str) -> None:
+        self.journal.set_upload_id(work.ino, work.key, upload_id)
+
+    def finish_upload(self, work: UploadWork, etag: str | None, error: Exception | None) -> None:
+        with self._lock, self.journal.transaction():
+            entry = self._entries.get(work.ino)
+            self.journal.remove_upload(work.ino, work.key)
+            if entry is None:
+                self._release_key(work.key)
+                self.changed.notify_all()
+                return
+            entry.in_flight = False
+            if error is not None:
+                if entry.unlinked:
+                    self._forget_unlinked(entry, work.key)
+                elif entry.remote_key != work.key:
+                    # A failed PUT never lands and a failed multipart upload was aborted:
+                    # nothing of ours is at the key, so give up the reservation.
+                    self._owners.pop(work.key, None)
+                entry.due = time.monotonic() + 1.0
+                self.changed.notify_all()
+                return
+            old = entry.remote_key
+            entry.remote_key = work.key
+            self._owners[work.key] = entry.ino
+            if old is not None and old != work.key:
+                self._release_key(old)
+            if entry.unlinked:
+                self._forget_unlinked(entry, None)
+            elif entry.gen == work.gen and entry.writers == 0 and entry.state == DIRTY:
+                entry.state = CLEAN
+                entry.remote_size = work.size
+                entry.meta_dirty = False
+                self.dirty_bytes -= entry.size
+                self.clean_bytes += entry.size
+                if not self._needs_work(entry):
+                    self._pending.discard(entry.ino)
+                self.journal.update(entry)
+            else:
+                self.journal.update(entry)
+            self.changed.notify_all()
+
+    def finish_move(self, work: MoveWork, error: Exception | None) -> None:
+        with self._lock, self.journal.transaction():
+            entry = self._entries.get(work.ino)
+            if entry is not None:
+                entry.in_flight = False
+            if entry is None:
+                self._release_key(work.dst)
+            elif entry.unlinked:
+                self._forget_unlinked(entry, work.dst)
+            elif error is not None:
+                if isinstance(error, FileNotFoundError):
+                    log.error("object %s vanished from the store before it could be moved "
+                              "to %s", work.src, work.dst)
+                    self._lose_local(entry, "source object is gone")
+                if work.dst != work.src and self._owners.get(work.dst) == entry.ino:
+                    del self._owners[work.dst]
+                entry.due = time.monotonic() + 1.0
+            else:
+                old = entry.remote_key
+                entry.remote_key = work.dst
+                self._owners[work.dst] = entry.ino
+                if work.metadata is not None:
+                    entry.meta_dirty = False
+                if old is not None and old != work.dst:
+                    self._release_key(old)
+                if not self._needs_work(entry):
+                    self._pending.discard(entry.ino)
+                self.journal.update(entry)
+            self.changed.notify_all()
+
+    def _forget_unlinked(self, entry: Entry, reserved: str | None) -> None:
+        """An entry removed while its upload or move ran: give up every key it holds."""
+        for key in {entry.remote_key, reserved} - {None}:
+            if key is not None and self._owners.get(key) == entry.ino:
+                self._release_key(key)
+        entry.remote_key = None
+        if entry.opens == 0:
+            self._entries.pop(entry.ino, None)
+
+    def finish_delete(self, work: DeleteWork, error: Exception | None) -> None:
+        with self._lock, self.journal.transaction():
+            if self._owners.get(work.key) == -1:
+                del self._owners[work.key]
+            if error is None:
+                self._tombstones.discard(work.key)
+                self.journal.remove_tombstone(work.key)
+                wanting = self._resolve(work.key)
+                if wanting is not None and not wanting.is_dir and wanting.remote_key is None:
+                    self._schedule(wanting, delay=0.0)
+            self.changed.notify_all()
+
+    def finish_stale_uploads(self) -> list[tuple[str, str | None]]:
+        with self._lock:
+            stale, self.stale_uploads = self.stale_uploads, []
+            return stale
+
+    # ------------------------------------------------------------------ drain
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def set_draining(self, on: bool) -> None:
+        with self._lock:
+            self._draining = on
+            self.changed.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            for entry in self._entries.values():
+                if entry.fd >= 0:
+                    os.close(entry.fd)
+                    entry.fd = -1
+            self.journal.close()
+
+    def entry_count(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def debug_entry(self, path: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._resolve(path)
+            if entry is None:
+                return None
+            return {"ino": entry.ino, "state": entry.state, "remote_key": entry.remote_key,
+                    "local": entry.local, "size": entry.size, "in_flight": entry.in_flight}

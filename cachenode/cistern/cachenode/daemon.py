@@ -1,0 +1,255 @@
+"""The node daemon: wires store, core, flusher, control API and a FUSE front end together."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cistern.cachenode.control import ControlServer
+from cistern.cachenode.core import CacheCore
+from cistern.cachenode.flusher import Flusher
+from cistern.cachenode.frontend import (
+    FrontendUnavailable,
+    FuseFrontend,
+    is_mountpoint,
+    select_frontend,
+)
+from cistern.cachenode.metrics import Metrics
+from cistern.cachenode.store import StoreError, open_store
+from cistern.config import NodeConfig, parse_hostport
+
+__all__ = ["NodeDaemon", "StartupError"]
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why in one line."""
+
+
+def _check_mountpoint(path: str) -> None:
+    if not os.path.exists(path):
+        raise StartupError(f"mount point {path} does not exist (create it first)")
+    if not os.path.isdir(path):
+        raise StartupError(f"mount point {path} is not a directory")
+    if is_mountpoint(path):
+        raise StartupError(f"mount point {path} is already a mount point (is another "
+                           "cistern-node running? unmount it with: fusermount3 -u PATH)")
+    if os.listdir(path):
+        raise StartupError(f"mount point {path} is not empty")
+
+
+def _check_cache_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"cache dir {path} is not writable: "
+                           f"{exc.strerror or exc}") from exc
+
+
+class NodeDaemon:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.state = "starting"
+        self.prom = Metrics()
+        self.frontend: FuseFrontend | None = None
+        self.core: CacheCore | None = None
+        self.flusher: Flusher | None = None
+        self.control: ControlServer | None = None
+        self._lock_fd = -1
+        self._drain_started: float | None = None
+        self._drain_bytes_at_start = 0
+        self._stopping = threading.Event()
+        self._started = time.time()
+
+    # ---------------------------------------------------------------- start-up
+
+    def prepare(self) -> None:
+        """Validate everything that can be validated before mounting; raise StartupError."""
+        cfg = self.config
+        mount = os.path.abspath(cfg.mount)
+        _check_mountpoint(mount)
+        cache_dir = Path(cfg.cache.dir).absolute()
+        _check_cache_dir(cache_dir)
+        self._lock_fd = os.open(cache_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartupError(f"cache dir {cache_dir} is in use by another cistern-node") \
+                from None
+        store = open_store(cfg.store, max_pool=cfg.flush.max_concurrent_uploads * 2 + 4)
+        try:
+            store.check()
+        except StoreError as exc:
+            raise StartupError(f"object store {store.description}: {exc}") from exc
+        token = None
+        if cfg.control_token_file:
+            try:
+                token = Path(cfg.control_token_file).read_text().strip()
+            except OSError as exc:
+                raise StartupError(f"control token file {cfg.control_token_file}: "
+                                   f"{exc.strerror}") from exc
+        host, port = parse_hostport(cfg.control, "control")
+        try:
+            self.control = ControlServer(self, host, port, token)
+        except OSError as exc:
+            raise StartupError(f"control address {cfg.control}: {exc.strerror}") from exc
+        try:
+            self.frontend = select_frontend(cfg.fuse_frontend)
+        except FrontendUnavailable as exc:
+            raise StartupError(str(exc)) from exc
+        self.prom.set_frontend(self.frontend.name)
+        self.core = CacheCore(cache_dir, store, flush=cfg.flush, cache=cfg.cache, drain=cfg.drain,
+                              on_event=self.prom.event)
+        self.flusher = Flusher(self.core, store, cfg.flush, self.prom)
+        self.prom.watch_state(self.status)
+        try:
+            self.frontend.mount(self.core, mount, allow_other=cfg.allow_other,
+                                fsname=f"cistern:{cfg.store.url}")
+        except Exception as exc:
+            self.core.close()
+            raise StartupError(f"cannot mount FUSE at {mount}: {exc}") from exc
+
+    def run(self) -> int:
+        """Serve until stopped; return the process exit code."""
+        assert self.frontend and self.core and self.flusher and self.control
+        self.flusher.start()
+        self.control.start()
+        self.state = "running"
+        signal.signal(signal.SIGINT, self._on_sigint)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        log.info("serving %s at %s (front end %s, cache %s); status: %s/status",
+                 self.config.store.url, os.path.abspath(self.config.mount), self.frontend.name,
+                 self.config.cache.dir, self.control.url)
+        print(f"cistern-node: mounted {self.config.store.url} at "
+              f"{os.path.abspath(self.config.mount)}; status: {self.control.url}/status",
+              flush=True)
+        try:
+            self.frontend.serve()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _shutdown(self) -> None:
+        self.state = "stopping"
+        assert self.frontend and self.core and self.flusher and self.control
+        self.frontend.close()
+        self.flusher.stop()
+        self.control.stop()
+        self.core.close()
+        left = self.core.dirty_bytes
+        if left:
+            log.info("stopped with %d dirty bytes journaled; they upload on the next start",
+                     left)
+        log.info("unmounted %s", os.path.abspath(self.config.mount))
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        log.info("interrupted: unmounting (dirty data stays journaled)")
+        self._stop_now()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self._drain_started is not None or self._stopping.is_set():
+            log.info("second SIGTERM: stopping now")
+            self._stop_now()
+            return
+        log.info("SIGTERM: draining before exit (timeout %.0fs)", self.config.drain.timeout)
+        threading.Thread(target=self._drain_then_stop, name="sigterm-drain", daemon=True).start()
+
+    def _drain_then_stop(self) -> None:
+        self.drain(0.0)
+        assert self.flusher
+        if self.flusher.wait_idle(self.config.drain.timeout):
+            log.info("drained: exiting")
+            self._stop_now()
+        else:
+            log.error("drain timed out with %d dirty bytes left; staying up so nothing is "
+                      "lost (send SIGINT to stop anyway)", self.core.dirty_bytes if self.core
+                      else -1)
+
+    def _stop_now(self) -> None:
+        self._stopping.set()
+        if self.frontend is not None:
+            threading.Thread(target=self.frontend.request_stop, daemon=True).start()
+
+    # ---------------------------------------------------------------- control API
+
+    def status(self) -> dict[str, Any]:
+        core, flusher = self.core, self.flusher
+        if core is None or flusher is None:
+            return {"state": self.state}
+        summary = core.pending_summary()
+        state = self.state
+        if core.draining and state == "running":
+            state = "drained" if core.idle() else "draining"
+        out: dict[str, Any] = {
+            "state": state,
+            "frontend": self.frontend.name if self.frontend else None,
+            "mount": os.path.abspath(self.config.mount),
+            "store": self.config.store.url,
+            "dirty_bytes": core.dirty_bytes,
+            "dirty_files": summary["dirty_files"],
+            "uploading_files": summary["uploading_files"],
+            "open_writers": summary["open_writers"],
+            "pending_moves": summary["pending_moves"],
+            "pending_deletes": summary["pending_deletes"],
+            "clean_bytes": core.clean_bytes,
+            "uploaded_bytes_total": flusher.uploaded_bytes_total,
+            "uploaded_objects_total": flusher.uploaded_objects_total,
+            "last_flush_time": flusher.last_flush_time,
+            "errors": flusher.errors.total,
+            "recent_errors": list(flusher.errors.recent),
+            "throttled": flusher.adaptive.throttled_now,
+            "upload_rate_limit_requests": flusher.request_bucket.rate or 0,
+            "uptime_seconds": round(time.time() - self._started, 1),
+        }
+        if self._drain_started is not None:
+            elapsed = time.monotonic() - self._drain_started
+            done = max(0, self._drain_bytes_at_start - core.dirty_bytes)
+            rate = done / elapsed if elapsed > 0 else 0.0
+            out["drain"] = {
+                "started_seconds_ago": round(elapsed, 1),
+                "bytes_left": core.dirty_bytes,
+                "files_left": summary["dirty_files"],
+                "eta_seconds": round(core.dirty_bytes / rate, 1) if rate > 0 else None,
+                "timeout_seconds": self.config.drain.timeout,
+                "timed_out": elapsed > self.config.drain.timeout and not core.idle(),
+                "new_writes": self.config.drain.new_writes,
+            }
+        return out
+
+    def flush(self, timeout: float) -> bool:
+        assert self.core and self.flusher
+        seq = self.core.request_flush()
+        return self.flusher.wait_idle(timeout, upto_seq=seq)
+
+    def drain(self, wait: float) -> dict[str, Any]:
+        assert self.core and self.flusher
+        if self._drain_started is None:
+            self._drain_started = time.monotonic()
+            self._drain_bytes_at_start = self.core.dirty_bytes
+            log.info("drain started: %d dirty bytes to evacuate", self.core.dirty_bytes)
+        self.flusher.set_evacuation(True)
+        self.core.set_draining(True)
+        if wait > 0:
+            self.flusher.wait_idle(wait)
+        return self.status()
+
+    def resume(self) -> dict[str, Any]:
+        assert self.core and self.flusher
+        self._drain_started = None
+        self.core.set_draining(False)
+        self.flusher.set_evacuation(False)
+        log.info("drain cancelled: accepting writes again")
+        return self.status()
+
+    def metrics(self) -> bytes:
+        return self.prom.render()

@@ -1,0 +1,206 @@
+"""The metadata journal: SQLite in WAL mode, the source of truth for the cache state.
+
+Every state change that matters is written here before it is acted on (see
+docs/dev/cachenode.md for the invariants and the crash-recovery table). Commits use
+``synchronous=NORMAL``: they survive a crash of the daemon; ``sync()`` additionally fsyncs the
+WAL so they survive a power loss, which ``fsync`` on a file in the mount asks for.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Entry", "Journal", "UploadIntent"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    ino INTEGER PRIMARY KEY AUTOINCREMENT,
+    parent INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    is_dir INTEGER NOT NULL,
+    mode INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    local INTEGER NOT NULL,
+    remote_key TEXT,
+    remote_size INTEGER,
+    listed INTEGER NOT NULL,
+    meta_dirty INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (parent, name)
+);
+CREATE TABLE IF NOT EXISTS tombstones (key TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS uploads (
+    ino INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    upload_id TEXT,
+    PRIMARY KEY (ino, key)
+);
+"""
+
+_COLUMNS = ("ino", "parent", "name", "is_dir", "mode", "uid", "gid", "size", "mtime_ns",
+            "ctime_ns", "state", "local", "remote_key", "remote_size", "listed", "meta_dirty")
+
+DIRTY, CLEAN, REMOTE, DIR = "dirty", "clean", "remote", "dir"
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """One file or directory. Persistent fields mirror a journal row; the rest is runtime."""
+
+    ino: int
+    parent: int
+    name: str
+    is_dir: bool
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    state: str
+    local: bool
+    remote_key: str | None = None
+    remote_size: int | None = None
+    listed: bool = True
+    meta_dirty: bool = False
+    # runtime only
+    gen: int = 0
+    writers: int = 0
+    opens: int = 0
+    fd: int = -1
+    in_flight: bool = False
+    due: float = 0.0
+    seq: int = 0
+    dirty_seq: int = 0
+    last_access: float = 0.0
+    unlinked: bool = False
+    waiters: list[object] = field(default_factory=list)
+
+    def row(self) -> tuple[object, ...]:
+        return (self.ino, self.parent, self.name, int(self.is_dir), self.mode, self.uid,
+                self.gid, self.size, self.mtime_ns, self.ctime_ns, self.state, int(self.local),
+                self.remote_key, self.remote_size, int(self.listed), int(self.meta_dirty))
+
+
+@dataclass(frozen=True)
+class UploadIntent:
+    ino: int
+    key: str
+    upload_id: str | None
+
+
+class Journal:
+    """A thin, thread-safe wrapper over one SQLite connection."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._depth = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group several changes into one commit (nested uses join the outer one)."""
+        with self._lock:
+            if self._depth == 0:
+                self._db.execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            if self._depth == 0:
+                self._db.execute("COMMIT")
+
+    def sync(self) -> None:
+        """Make every committed change durable against power loss (fsync the WAL)."""
+        wal = f"{self.path}-wal"
+        try:
+            fd = os.open(wal, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def load(self) -> list[Entry]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM entries").fetchall()
+        return [Entry(ino=r[0], parent=r[1], name=r[2], is_dir=bool(r[3]), mode=r[4], uid=r[5],
+                      gid=r[6], size=r[7], mtime_ns=r[8], ctime_ns=r[9], state=r[10],
+                      local=bool(r[11]), remote_key=r[12], remote_size=r[13],
+                      listed=bool(r[14]), meta_dirty=bool(r[15])) for r in rows]
+
+    def insert(self, entry: Entry) -> int:
+        """Insert a new entry (``entry.ino`` 0 lets the journal pick one); return its ino."""
+        cols = _COLUMNS[1:] if entry.ino == 0 else _COLUMNS
+        values = entry.row()[1:] if entry.ino == 0 else entry.row()
+        with self.transaction():
+            cursor = self._db.execute(
+                f"INSERT INTO entries ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                values)
+        return int(cursor.lastrowid or entry.ino)
+
+    def update(self, entry: Entry) -> None:
+        with self.transaction():
+            self._db.execute(
+                f"UPDATE entries SET {', '.join(f'{c}=?' for c in _COLUMNS[1:])} WHERE ino=?",
+                (*entry.row()[1:], entry.ino))
+
+    def delete(self, ino: int) -> None:
+        with self.transaction():
+            self._db.execute("DELETE FROM entries WHERE ino=?", (ino,))
+
+    def tombstones(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT key FROM tombstones")}
+
+    def add_tombstone(self, key: str) -> None:
+        with self.transaction():
+            self._db.execute("INSERT OR IGNORE INTO tombstones (key) VALUES (?)", (key,))
+
+    def remove_tombstone(self, key: str) -> None:
+        with self.transaction():
+            self._db.execute("DELETE FROM tombstones WHERE key=?", (key,))
+
+    def add_upload(self, ino: int, key: str) -> None:
+        with self.transaction():
+            self._db.execute("INSERT OR REPLACE INTO uploads (ino, key, upload_id) "
+                             "VALUES (?, ?, NULL)", (ino, key))
+
+    def set_upload_id(self, ino: int, key: str, upload_id: str) -> None:
+        with self.transaction():
+            self._db.execute("UPDATE uploads SET upload_id=? WHERE ino=? AND key=?",
+                             (upload_id, ino, key))
+
+    def remove_upload(self, ino: int, key: str) -> None:
+        with self.transaction():
+            self._db.execute("DELETE FROM uploads WHERE ino=? AND key=?", (ino, key))
+
+    def uploads(self) -> list[UploadIntent]:
+        with self._lock:
+            return [UploadIntent(*r) for r in
+                    self._db.execute("SELECT ino, key, upload_id FROM uploads")]

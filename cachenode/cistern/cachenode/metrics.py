@@ -1,0 +1,102 @@
+"""Prometheus metrics of one cache node (one registry per daemon, no globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics"]
+
+
+class _StateCollector(Collector):
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = self._read()
+        for name, doc in (("dirty_bytes", "Bytes written locally and not yet in the store"),
+                          ("dirty_files", "Files written locally and not yet in the store"),
+                          ("uploading_files", "Files being uploaded now"),
+                          ("clean_bytes", "Bytes cached locally that the store also has"),
+                          ("pending_deletes", "Object deletions waiting for the flusher"),
+                          ("pending_moves", "Object renames waiting for the flusher"),
+                          ("capacity_bytes", "Bytes the cache may use"),
+                          ("upload_rate_limit_requests", "Current adaptive request-rate limit "
+                           "(0: unlimited)")):
+            if name in state:
+                yield GaugeMetricFamily(f"cistern_{name}", doc, value=float(state[name] or 0))
+        yield GaugeMetricFamily("cistern_draining", "1 while the node drains",
+                                value=1.0 if state.get("state") in ("draining", "drained")
+                                else 0.0)
+
+
+class Metrics:
+    def __init__(self, frontend: str = "unknown") -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.uploaded_bytes = Counter("cistern_uploaded_bytes", "Bytes uploaded to the store",
+                                      registry=r)
+        self.uploaded_objects = Counter("cistern_uploaded_objects",
+                                        "Objects uploaded to the store", registry=r)
+        self.upload_seconds = Histogram(
+            "cistern_upload_seconds", "Time to upload one file (all retries included)",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
+        self.requests = Counter("cistern_s3_requests", "Object-store requests by operation",
+                                ["op"], registry=r)
+        self.errors = Counter("cistern_s3_errors", "Object-store errors by code", ["code"],
+                              registry=r)
+        self.throttles = Counter("cistern_s3_throttles",
+                                 "Requests the store throttled (503 SlowDown and alike)",
+                                 registry=r)
+        self.copies = Counter("cistern_renamed_objects",
+                              "Server-side copies done for renames of uploaded files", registry=r)
+        self.deletes = Counter("cistern_deleted_objects", "Objects deleted from the store",
+                               registry=r)
+        self.backpressure_seconds = Counter("cistern_backpressure_seconds",
+                                            "Time writers were held waiting for space",
+                                            registry=r)
+        self.admission_refusals = Counter("cistern_admission_refusals",
+                                          "Creates or writes refused for lack of space",
+                                          registry=r)
+        self.evictions = Counter("cistern_evictions", "Clean files dropped from the local cache",
+                                 ["reason"], registry=r)
+        self.evicted_bytes = Counter("cistern_evicted_bytes",
+                                     "Clean bytes dropped from the local cache", registry=r)
+        self.hit_bytes = Counter("cistern_cache_hit_bytes",
+                                 "Bytes of files opened that were already local", registry=r)
+        self.miss_bytes = Counter("cistern_cache_miss_bytes",
+                                  "Bytes fetched from the store on open", registry=r)
+        self.retention_deletions = Counter("cistern_retention_deletions",
+                                           "Checkpoints removed by retention", ["where"],
+                                           registry=r)
+        self.data_loss = Counter("cistern_data_loss",
+                                 "Files whose local data could not be recovered", registry=r)
+        self.rate_limited_seconds = Counter("cistern_rate_limited_seconds",
+                                            "Time uploads waited for the rate limiter",
+                                            registry=r)
+        self.frontend = Gauge("cistern_fuse_frontend", "FUSE front end in use", ["frontend"],
+                              registry=r)
+        self.frontend.labels(frontend).set(1)
+
+    def set_frontend(self, name: str) -> None:
+        self.frontend.clear()
+        self.frontend.labels(name).set(1)
+
+    def watch_state(self, read: Callable[[], dict[str, Any]]) -> None:
+        self.registry.register(_StateCollector(read))
+
+    def event(self, name: str, value: int) -> None:
+        """Counters fed by the core, which knows nothing of Prometheus."""
+        if name == "data_loss":
+            self.data_loss.inc(value)
+        elif name == "fetched_bytes":
+            self.miss_bytes.inc(value)
+        elif name == "hit_bytes":
+            self.hit_bytes.inc(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

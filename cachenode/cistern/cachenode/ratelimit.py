@@ -1,0 +1,128 @@
+"""Token buckets shared by all uploads of a node, and an adaptive request rate for throttling.
+
+S3 answers bursts with 503 SlowDown. ``AdaptiveRate`` lowers the request rate multiplicatively
+when the store throttles and raises it slowly while requests succeed (AIMD), never above the
+configured ``maxRequestsPerSecond``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+__all__ = ["AdaptiveRate", "TokenBucket"]
+
+
+class TokenBucket:
+    """Blocking token bucket; ``rate`` None means unlimited. Thread-safe."""
+
+    def __init__(self, rate: float | None, burst: float | None = None) -> None:
+        self._lock = threading.Lock()
+        self._rate = rate
+        self._burst = burst
+        self._tokens = self.capacity
+        self._stamp = time.monotonic()
+
+    @property
+    def rate(self) -> float | None:
+        return self._rate
+
+    @property
+    def capacity(self) -> float:
+        if self._rate is None:
+            return float("inf")
+        return self._burst if self._burst is not None else max(self._rate, 1.0)
+
+    def set_rate(self, rate: float | None) -> None:
+        with self._lock:
+            self._refill()
+            self._rate = rate
+            self._tokens = min(self._tokens, self.capacity) if rate is not None else float("inf")
+            if rate is not None and self._tokens == float("inf"):
+                self._tokens = self.capacity
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        if self._rate is not None:
+            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+
+    def acquire(self, amount: float, stop: threading.Event | None = None) -> float:
+        """Take ``amount`` tokens, sleeping as needed; return the seconds waited.
+
+        Amounts larger than the bucket are allowed: the bucket goes into debt, which keeps
+        the long-run rate exact for big parts.
+        """
+        waited = 0.0
+        with self._lock:
+            self._refill()
+            if self._rate is None:
+                return 0.0
+            self._tokens -= amount
+            deficit = -self._tokens
+            rate = self._rate
+        if deficit > 0:
+            waited = deficit / rate
+            if stop is not None:
+                stop.wait(waited)
+            else:
+                time.sleep(waited)
+        return waited
+
+
+class AdaptiveRate:
+    """Requests-per-second limit that backs off on throttling and recovers on success."""
+
+    def __init__(self, bucket: TokenBucket, ceiling: float | None,
+                 decrease: float = 0.7, recovery_per_second: float = 0.1) -> None:
+        self.bucket = bucket
+        self.ceiling = ceiling
+        self._decrease = decrease
+        self._recovery = recovery_per_second
+        self._lock = threading.Lock()
+        self._recent: deque[float] = deque(maxlen=512)
+        self._last_cut = 0.0
+        self._last_raise = time.monotonic()
+        self.throttled_now = False
+
+    def observed_rate(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and now - self._recent[0] > 2.0:
+                self._recent.popleft()
+            return len(self._recent) / 2.0
+
+    def on_success(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._recent.append(now)
+            rate = self.bucket.rate
+            if rate is None or now - self._last_raise < 0.5:
+                return
+            self._last_raise = now
+            new = rate * (1 + self._recovery * 0.5)
+            if self.ceiling is not None and new >= self.ceiling:
+                new = self.ceiling
+            elif self.ceiling is None and new > 4 * max(self._observed_unlocked(now), 1.0):
+                self.bucket.set_rate(None)
+                self.throttled_now = False
+                return
+            self.bucket.set_rate(new)
+            self.throttled_now = self.ceiling is None or new < self.ceiling
+
+    def _observed_unlocked(self, now: float) -> float:
+        return sum(1 for t in self._recent if now - t <= 2.0) / 2.0
+
+    def on_throttle(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last_cut < 0.25:
+                return
+            self._last_cut = now
+            self._last_raise = now
+            current = self.bucket.rate
+            if current is None:
+                current = max(self._observed_unlocked(now), 2.0)
+            self.bucket.set_rate(max(0.5, current * self._decrease))
+            self.throttled_now = True
