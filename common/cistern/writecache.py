@@ -1,0 +1,292 @@
+"""The WriteCache custom resource spec and its rendering into a node configuration.
+
+This is the one place that knows both shapes: the operator parses a WriteCache's ``spec`` with
+``WriteCacheSpec.from_dict`` and renders each node daemon's configuration with
+``render_node_config``; the daemon reads the result with ``NodeConfig.from_dict``. The CRD's
+OpenAPI schema (crds/writecaches.cistern.dev.yaml) rejects most nonsense at admission; this
+module re-checks everything the schema cannot express (cross-field rules, bucket names) and
+raises ``ConfigError`` with the field path, so the operator can report it in a condition.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cistern.config import (
+    CacheConfig,
+    ConfigError,
+    DrainPolicy,
+    FlushPolicy,
+    NodeConfig,
+    StoreConfig,
+    parse_duration,
+)
+
+__all__ = [
+    "CSI_DRIVER_NAME",
+    "DEFAULT_CACHE_HOST_PATH",
+    "DEFAULT_MOUNT_ROOT",
+    "CSISpec",
+    "CacheSpec",
+    "ObjectStoreSpec",
+    "RetentionSpec",
+    "WriteCacheSpec",
+    "render_node_config",
+    "storage_class_name",
+]
+
+CSI_DRIVER_NAME = "csi.cistern.dev"
+DEFAULT_MOUNT_ROOT = "/var/lib/cistern/mounts"
+DEFAULT_CACHE_HOST_PATH = "/var/lib/cistern/cache"
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+
+
+def _mapping(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}.{key}: expected a mapping, got {value!r}")
+    return value
+
+
+def _known(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(allowed))}")
+
+
+@dataclass(frozen=True)
+class ObjectStoreSpec:
+    """``spec.objectStore``: the S3 bucket that is the system of record."""
+
+    bucket: str
+    """Bucket name (S3 naming rules)."""
+    prefix: str = ""
+    """Key prefix inside the bucket, without leading or trailing slashes."""
+    endpoint: str | None = None
+    """S3 endpoint URL for S3-compatible stores (MinIO, Ceph RGW); None for AWS."""
+    region: str | None = None
+    """Region; None lets the SDK decide."""
+    path_style: bool = False
+    """Path-style addressing, needed by most S3-compatible servers."""
+    credentials_secret: str | None = None
+    """Name of a Secret in the WriteCache's namespace with AWS_ACCESS_KEY_ID and
+    AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN); None: the node's own identity."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ObjectStoreSpec:
+        where = "spec.objectStore"
+        _known(data, {"bucket", "prefix", "endpoint", "region", "pathStyle",
+                      "credentialsSecretRef"}, where)
+        bucket = data.get("bucket")
+        if not isinstance(bucket, str) or not _BUCKET.fullmatch(bucket):
+            raise ConfigError(f"{where}.bucket: {bucket!r} is not a valid S3 bucket name")
+        prefix = str(data.get("prefix") or "").strip("/")
+        if ".." in prefix.split("/"):
+            raise ConfigError(f"{where}.prefix: must not contain '..'")
+        endpoint = data.get("endpoint") or None
+        if endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", str(endpoint)):
+            raise ConfigError(f"{where}.endpoint: expected an http(s) URL, got {endpoint!r}")
+        ref = _mapping(data, "credentialsSecretRef", where)
+        secret = ref.get("name") if ref else None
+        if ref and (not isinstance(secret, str) or not _DNS_SUBDOMAIN.fullmatch(secret)):
+            raise ConfigError(f"{where}.credentialsSecretRef.name: expected a Secret name, "
+                              f"got {secret!r}")
+        return cls(bucket=bucket, prefix=prefix, endpoint=endpoint,
+                   region=data.get("region") or None,
+                   path_style=bool(data.get("pathStyle", False)),
+                   credentials_secret=secret)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """``spec.cache``: the node-local cache directory and its size."""
+
+    host_path: str = DEFAULT_CACHE_HOST_PATH
+    """Host directory (on NVMe); each WriteCache uses ``<hostPath>/<namespace>/<name>``."""
+    config: CacheConfig = field(default_factory=CacheConfig)
+    """Capacity, watermarks and admission timeout, as the daemon reads them."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CacheSpec:
+        where = "spec.cache"
+        _known(data, {"hostPath", "capacityBytes", "capacityPercent", "highWatermark",
+                      "lowWatermark", "admissionTimeout"}, where)
+        host_path = str(data.get("hostPath") or DEFAULT_CACHE_HOST_PATH)
+        if not host_path.startswith("/") or ".." in host_path.split("/"):
+            raise ConfigError(f"{where}.hostPath: expected an absolute path without '..', "
+                              f"got {host_path!r}")
+        settings = {key: data[key] for key in ("capacityBytes", "capacityPercent",
+                                               "highWatermark", "lowWatermark",
+                                               "admissionTimeout") if key in data}
+        try:
+            config = CacheConfig.from_dict(settings)
+        except ConfigError as exc:
+            raise ConfigError(f"spec.{exc}") from exc
+        return cls(host_path=host_path.rstrip("/") or "/", config=config)
+
+
+@dataclass(frozen=True)
+class RetentionSpec:
+    """``spec.retention``: what stays in the local cache and in the bucket."""
+
+    keep_last_checkpoints: int | None = None
+    """Keep the newest N checkpoint directories cached locally."""
+    keep_last_checkpoints_in_store: int | None = None
+    """Opt-in: delete older checkpoints from the bucket, keeping the newest N."""
+    checkpoint_pattern: str = "step-*"
+    """Glob on directory names that identifies checkpoint directories."""
+    cache_ttl: float | None = None
+    """Clean data not read for this long is dropped from the local cache."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RetentionSpec:
+        where = "spec.retention"
+        _known(data, {"keepLastCheckpoints", "keepLastCheckpointsInStore", "checkpointPattern",
+                      "cacheTTL"}, where)
+        for key in ("keepLastCheckpoints", "keepLastCheckpointsInStore"):
+            value = data.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ConfigError(f"{where}.{key}: expected a positive integer, got {value!r}")
+        pattern = data.get("checkpointPattern", "step-*")
+        if not isinstance(pattern, str) or not pattern or "/" in pattern:
+            raise ConfigError(f"{where}.checkpointPattern: expected a directory-name glob, "
+                              f"got {pattern!r}")
+        ttl = data.get("cacheTTL")
+        return cls(keep_last_checkpoints=data.get("keepLastCheckpoints"),
+                   keep_last_checkpoints_in_store=data.get("keepLastCheckpointsInStore"),
+                   checkpoint_pattern=pattern,
+                   cache_ttl=None if ttl is None else parse_duration(ttl, f"{where}.cacheTTL"))
+
+
+@dataclass(frozen=True)
+class CSISpec:
+    """``spec.csi``: the StorageClass PVCs use to get a volume in this cache."""
+
+    storage_class_name: str | None = None
+    """StorageClass name; None: ``cistern-<WriteCache name>``."""
+    reclaim_policy: str = "Delete"
+    """``Delete`` removes a released volume's directory (and its objects); ``Retain`` keeps it."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CSISpec:
+        where = "spec.csi"
+        _known(data, {"storageClassName", "reclaimPolicy"}, where)
+        name = data.get("storageClassName") or None
+        if name is not None and (not isinstance(name, str) or len(name) > 253
+                                 or not _DNS_SUBDOMAIN.fullmatch(name)):
+            raise ConfigError(f"{where}.storageClassName: {name!r} is not a valid object name")
+        policy = data.get("reclaimPolicy", "Delete")
+        if policy not in ("Delete", "Retain"):
+            raise ConfigError(f"{where}.reclaimPolicy: expected Delete or Retain, got {policy!r}")
+        return cls(storage_class_name=name, reclaim_policy=policy)
+
+
+@dataclass(frozen=True)
+class WriteCacheSpec:
+    """A parsed, validated WriteCache ``spec``."""
+
+    object_store: ObjectStoreSpec
+    node_selector: dict[str, str] = field(default_factory=dict)
+    """Labels a node needs to run this cache's daemon (and so to host its volumes)."""
+    tolerations: tuple[dict[str, Any], ...] = ()
+    """Pod tolerations for the daemon, e.g. for dedicated GPU nodes."""
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    flush: FlushPolicy = field(default_factory=FlushPolicy)
+    retention: RetentionSpec = field(default_factory=RetentionSpec)
+    drain: DrainPolicy = field(default_factory=DrainPolicy)
+    csi: CSISpec = field(default_factory=CSISpec)
+    resources: dict[str, Any] = field(default_factory=dict)
+    """Daemon container resources (requests/limits); empty: the operator's defaults."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WriteCacheSpec:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"spec: expected a mapping, got {type(data).__name__}")
+        _known(data, {"objectStore", "nodeSelector", "tolerations", "cache", "flush",
+                      "retention", "drain", "csi", "resources"}, "spec")
+        if not data.get("objectStore"):
+            raise ConfigError("spec.objectStore: required (at least objectStore.bucket)")
+        selector = _mapping(data, "nodeSelector", "spec")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in selector.items()):
+            raise ConfigError("spec.nodeSelector: keys and values must be strings")
+        tolerations = data.get("tolerations") or []
+        if not isinstance(tolerations, list) or not all(isinstance(t, Mapping)
+                                                         for t in tolerations):
+            raise ConfigError("spec.tolerations: expected a list of toleration objects")
+        try:
+            flush = FlushPolicy.from_dict(_mapping(data, "flush", "spec"))
+            drain = DrainPolicy.from_dict(_mapping(data, "drain", "spec"))
+        except ConfigError as exc:
+            raise ConfigError(f"spec.{exc}") from exc
+        return cls(
+            object_store=ObjectStoreSpec.from_dict(_mapping(data, "objectStore", "spec")),
+            node_selector=dict(selector),
+            tolerations=tuple(dict(t) for t in tolerations),
+            cache=CacheSpec.from_dict(_mapping(data, "cache", "spec")),
+            flush=flush,
+            retention=RetentionSpec.from_dict(_mapping(data, "retention", "spec")),
+            drain=drain,
+            csi=CSISpec.from_dict(_mapping(data, "csi", "spec")),
+            resources=dict(_mapping(data, "resources", "spec")),
+        )
+
+
+def storage_class_name(name: str, spec: WriteCacheSpec) -> str:
+    """The StorageClass a WriteCache owns: ``spec.csi.storageClassName`` or ``cistern-<name>``."""
+    return spec.csi.storage_class_name or f"cistern-{name}"
+
+
+def render_node_config(
+    name: str,
+    spec: WriteCacheSpec,
+    *,
+    mount_root: str = DEFAULT_MOUNT_ROOT,
+    cache_dir: str | None = None,
+    control: str = "0.0.0.0:9464",
+    control_token_file: str | None = None,
+) -> NodeConfig:
+    """The configuration the daemon of WriteCache ``name`` runs with on every selected node.
+
+    ``cache_dir`` is where the daemon sees its cache directory (inside its container);
+    by default ``spec.cache.hostPath`` itself. The FUSE mount is ``<mount_root>/<name>``,
+    where the CSI driver looks for it.
+    """
+    if not _DNS_LABEL.fullmatch(name) or len(name) > 63:
+        raise ConfigError(f"metadata.name: {name!r} must be a DNS label (a-z, 0-9, '-')")
+    store = spec.object_store
+    retention = spec.retention
+    cache = spec.cache.config
+    return NodeConfig(
+        store=StoreConfig(url=store.url, endpoint_url=store.endpoint, region=store.region,
+                          path_style=store.path_style,
+                          keep_last_checkpoints=retention.keep_last_checkpoints_in_store),
+        mount=f"{mount_root.rstrip('/')}/{name}",
+        cache=CacheConfig(
+            dir=cache_dir or spec.cache.host_path,
+            capacity_bytes=cache.capacity_bytes,
+            capacity_percent=cache.capacity_percent,
+            high_watermark=cache.high_watermark,
+            low_watermark=cache.low_watermark,
+            admission_timeout=cache.admission_timeout,
+            keep_last_checkpoints=retention.keep_last_checkpoints,
+            checkpoint_pattern=retention.checkpoint_pattern,
+            cache_ttl=retention.cache_ttl,
+        ),
+        flush=spec.flush,
+        drain=spec.drain,
+        control=control,
+        control_token_file=control_token_file,
+    )
+

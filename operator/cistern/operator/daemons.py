@@ -1,0 +1,80 @@
+"""Calls to the node daemons' control API (``GET /status``, ``POST /drain``) on the pod network."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+__all__ = ["DaemonClient", "DaemonEndpoint", "DaemonError"]
+
+logger = logging.getLogger(__name__)
+
+
+class DaemonError(Exception):
+    """The daemon could not be reached or refused the call."""
+
+
+@dataclass(frozen=True)
+class DaemonEndpoint:
+    """One running daemon: the node it serves and where its control API listens."""
+
+    node: str
+    pod: str
+    host: str
+    port: int
+    ready: bool = True
+    namespace: str = ""
+    """Namespace of the WriteCache (and of the pod)."""
+    writecache: str = ""
+    """Name of the WriteCache the daemon serves."""
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+class DaemonClient:
+    """One aiohttp session for all daemons; every call has a timeout."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def _call(self, method: str, endpoint: DaemonEndpoint, path: str,
+                    token: str | None = None) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        url = endpoint.base_url + path
+        try:
+            async with self._get_session().request(method, url, headers=headers) as response:
+                if response.status >= 400:
+                    text = (await response.text())[:200]
+                    raise DaemonError(f"{method} {path} on node {endpoint.node}: "
+                                      f"HTTP {response.status} {text}")
+                result = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise DaemonError(f"{method} {path} on node {endpoint.node}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(result, dict):
+            raise DaemonError(f"{method} {path} on node {endpoint.node}: not a JSON object")
+        return result
+
+    async def status(self, endpoint: DaemonEndpoint) -> dict[str, Any]:
+        return await self._call("GET", endpoint, "/status")
+
+    async def drain(self, endpoint: DaemonEndpoint, token: str | None) -> dict[str, Any]:
+        logger.info("Asking the daemon on node %s (pod %s) to drain", endpoint.node, endpoint.pod)
+        return await self._call("POST", endpoint, "/drain", token)

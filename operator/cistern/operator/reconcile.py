@@ -1,0 +1,483 @@
+"""The reconciler: WriteCache -> owned objects, status from the daemons, drain guards, cleanup.
+
+Handlers (``handlers.py``) are thin: they call these methods and translate ``Problem`` into
+``kopf.TemporaryError`` / ``kopf.PermanentError``. Everything here decides "already done" by
+reading the cluster, so any step may be repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cistern.config import ConfigError, DrainPolicy
+from cistern.operator import manifests
+from cistern.operator.bucketprobe import BucketProblem, probe_bucket
+from cistern.operator.daemons import DaemonClient, DaemonEndpoint, DaemonError
+from cistern.operator.disruption import disruption_reason
+from cistern.operator.kubeapi import (
+    CONFIGMAPS,
+    DAEMONSETS,
+    NODES,
+    PDBS,
+    PODS,
+    SECRETS,
+    STORAGECLASSES,
+    WRITECACHES,
+    KubeApi,
+)
+from cistern.operator.settings import OperatorSettings
+from cistern.operator.status import (
+    ClusterView,
+    SpecProblem,
+    build_conditions,
+    human_bytes,
+    node_summary,
+    totals,
+)
+from cistern.writecache import WriteCacheSpec, storage_class_name
+
+__all__ = ["ABANDON_ANNOTATION", "EventSink", "Problem", "Reconciler"]
+
+logger = logging.getLogger(__name__)
+
+ABANDON_ANNOTATION = "cistern.dev/abandon-dirty-data"
+#: Daemon states in which a drain is already under way.
+DRAINING_STATES = ("draining", "drained")
+
+#: ``(body, type, reason, message)`` -> posts a Kubernetes Event about ``body``.
+EventSink = Callable[[Mapping[str, Any], str, str, str], None]
+
+
+class Problem(Exception):
+    """A reason the latest spec cannot be rolled out now; ``temporary`` if retrying can help."""
+
+    def __init__(self, reason: str, message: str, temporary: bool, delay: float = 30.0) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.temporary = temporary
+        self.delay = delay
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The daemons of one WriteCache and what they said."""
+
+    endpoints: list[DaemonEndpoint]
+    statuses: dict[str, dict[str, Any] | None]
+    errors: dict[str, str]
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(value: str) -> datetime.datetime:
+    return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+
+
+def _decode_secret(secret: Mapping[str, Any]) -> dict[str, str]:
+    data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+    return data
+
+
+class Reconciler:
+    def __init__(self, api: KubeApi, daemons: DaemonClient, settings: OperatorSettings,
+                 post_event: EventSink) -> None:
+        self.api = api
+        self.daemons = daemons
+        self.settings = settings
+        self.post_event = post_event
+
+    # ---------------------------------------------------------------- spec -> objects
+
+    async def validate(self, body: Mapping[str, Any]) -> WriteCacheSpec:
+        """Parse the spec and check what it refers to; raise ``Problem`` with a reason."""
+        meta = body["metadata"]
+        try:
+            spec = WriteCacheSpec.from_dict(body.get("spec") or {})
+            manifests.node_config(meta["name"], spec, self.settings)
+        except ConfigError as exc:
+            raise Problem("InvalidSpec", str(exc), temporary=False) from None
+        secret_name = spec.object_store.credentials_secret
+        if secret_name:
+            secret = await self.api.get(SECRETS, secret_name, meta["namespace"])
+            if secret is None:
+                raise Problem("SecretNotFound", f"Secret {meta['namespace']}/{secret_name} "
+                              "(spec.objectStore.credentialsSecretRef) does not exist",
+                              temporary=True)
+            values = _decode_secret(secret)
+            missing = [k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+                       if not values.get(k)]
+            if missing:
+                raise Problem("SecretInvalid", f"Secret {meta['namespace']}/{secret_name} "
+                              f"lacks {', '.join(missing)}", temporary=True)
+            if self.settings.check_object_store:
+                try:
+                    await probe_bucket(spec.object_store, values, self.settings.http_timeout)
+                except BucketProblem as exc:
+                    raise Problem(exc.reason, exc.message, temporary=True, delay=60.0) from None
+        return spec
+
+    async def apply(self, body: Mapping[str, Any], spec: WriteCacheSpec) -> dict[str, str]:
+        """Create or update every owned object; returns ``{kind: created|patched|unchanged}``."""
+        meta = body["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        config = manifests.node_config(name, spec, self.settings)
+        names = manifests.names(name)
+        results: dict[str, str] = {}
+        if await self.api.get(SECRETS, names.secret, namespace) is None:
+            await self.api.create(SECRETS, manifests.control_secret(
+                body, secrets.token_urlsafe(32)), namespace)
+            results["Secret"] = "created"
+        results["ConfigMap"] = await self.api.apply(CONFIGMAPS, manifests.configmap(body, config))
+        results["DaemonSet"] = await self.api.apply(
+            DAEMONSETS, manifests.daemonset(body, spec, config, self.settings))
+        results["StorageClass"] = await self._apply_storage_class(body, spec)
+        changed = {k: v for k, v in results.items() if v != "unchanged"}
+        if changed:
+            logger.info("WriteCache %s/%s: %s", namespace, name,
+                        ", ".join(f"{k} {v}" for k, v in changed.items()))
+        return results
+
+    async def _apply_storage_class(self, body: Mapping[str, Any], spec: WriteCacheSpec) -> str:
+        """StorageClass parameters and reclaim policy are immutable: replace it if they change."""
+        desired = manifests.storage_class(body, spec)
+        await self._delete_storage_classes(body, keep=desired["metadata"]["name"])
+        current = await self.api.get(STORAGECLASSES, desired["metadata"]["name"])
+        if current is not None:
+            owner = current.get("metadata", {}).get("labels", {})
+            if owner.get(manifests.LABEL_WRITECACHE) != body["metadata"]["name"] or owner.get(
+                    "cistern.dev/writecache-namespace") != body["metadata"]["namespace"]:
+                raise Problem("StorageClassConflict", f"StorageClass "
+                              f"{desired['metadata']['name']} exists and belongs to someone "
+                              "else; set spec.csi.storageClassName", temporary=True, delay=60.0)
+            immutable = ("provisioner", "parameters", "reclaimPolicy", "volumeBindingMode")
+            if any(current.get(k) != desired.get(k) for k in immutable):
+                await self.api.delete(STORAGECLASSES, desired["metadata"]["name"])
+                await self.api.create(STORAGECLASSES, desired)
+                return "replaced"
+        return await self.api.apply(STORAGECLASSES, desired)
+
+    async def _delete_storage_classes(self, body: Mapping[str, Any], keep: str | None) -> None:
+        meta = body["metadata"]
+        for sc in await self.api.list(STORAGECLASSES, label_selector={
+                manifests.LABEL_WRITECACHE: meta["name"],
+                "cistern.dev/writecache-namespace": meta["namespace"]}):
+            if sc["metadata"]["name"] != keep:
+                await self.api.delete(STORAGECLASSES, sc["metadata"]["name"])
+
+    async def patch_status(self, body: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        await self.api.patch(WRITECACHES, meta["name"], {"status": dict(fields)},
+                             meta["namespace"], subresource="status")
+
+    async def report_applied(self, body: Mapping[str, Any], spec: WriteCacheSpec) -> None:
+        meta = body["metadata"]
+        ds = await self.api.get(DAEMONSETS, manifests.names(meta["name"]).daemonset,
+                                meta["namespace"])
+        status = body.get("status") or {}
+        view = ClusterView(generation=int(meta.get("generation") or 0), daemonset=ds,
+                           nodes=status.get("nodes") or [])
+        fields = {
+            "observedGeneration": int(meta.get("generation") or 0),
+            "specProblem": None,
+            "storageClassName": storage_class_name(meta["name"], spec),
+            "conditions": build_conditions(view, status.get("conditions") or [], now_iso()),
+        }
+        await self.patch_status(body, fields)
+
+    async def report_problem(self, body: Mapping[str, Any], problem: Problem) -> None:
+        """Degraded with the reason; nothing owned is touched, so a working cache keeps working."""
+        meta = body["metadata"]
+        status = body.get("status") or {}
+        old = status.get("specProblem") or {}
+        ds = await self.api.get(DAEMONSETS, manifests.names(meta["name"]).daemonset,
+                                meta["namespace"])
+        view = ClusterView(generation=int(meta.get("generation") or 0),
+                           spec_problem=SpecProblem(problem.reason, problem.message),
+                           daemonset=ds, nodes=status.get("nodes") or [])
+        await self.patch_status(body, {
+            "specProblem": {"reason": problem.reason, "message": problem.message},
+            "conditions": build_conditions(view, status.get("conditions") or [], now_iso()),
+        })
+        if old.get("reason") != problem.reason or old.get("message") != problem.message:
+            self.post_event(body, "Warning", problem.reason, problem.message)
+
+    # ---------------------------------------------------------------- daemons
+
+    async def endpoints(self, namespace: str, name: str | None = None) -> list[DaemonEndpoint]:
+        selector = {manifests.LABEL_ROLE: "cache-node"}
+        if name:
+            selector[manifests.LABEL_WRITECACHE] = name
+        result = []
+        for pod in await self.api.list(PODS, namespace or None, label_selector=selector):
+            node = (pod.get("spec") or {}).get("nodeName")
+            ip = (pod.get("status") or {}).get("podIP")
+            if node and ip and not pod["metadata"].get("deletionTimestamp"):
+                conditions = (pod.get("status") or {}).get("conditions") or []
+                ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                            for c in conditions)
+                result.append(DaemonEndpoint(
+                    node=node, pod=pod["metadata"]["name"], host=ip,
+                    port=self.settings.control_port, ready=ready,
+                    namespace=pod["metadata"].get("namespace") or namespace,
+                    writecache=pod["metadata"].get("labels", {}).get(
+                        manifests.LABEL_WRITECACHE, "")))
+        return sorted(result, key=lambda e: e.node)
+
+    async def control_token(self, namespace: str, name: str) -> str | None:
+        secret = await self.api.get(SECRETS, manifests.names(name).secret, namespace)
+        return None if secret is None else _decode_secret(secret).get("token")
+
+    async def observe(self, namespace: str, name: str) -> Observed:
+        endpoints = await self.endpoints(namespace, name)
+        answers = await asyncio.gather(*(self.daemons.status(e) for e in endpoints),
+                                       return_exceptions=True)
+        statuses: dict[str, dict[str, Any] | None] = {}
+        errors: dict[str, str] = {}
+        for endpoint, answer in zip(endpoints, answers, strict=True):
+            if isinstance(answer, DaemonError):
+                statuses[endpoint.node] = None
+                errors[endpoint.node] = str(answer)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                statuses[endpoint.node] = answer
+        return Observed(endpoints, statuses, errors)
+
+    async def drain_daemon(self, endpoint: DaemonEndpoint, namespace: str, name: str) -> None:
+        token = await self.control_token(namespace, name)
+        await self.daemons.drain(endpoint, token)
+
+    # ---------------------------------------------------------------- timer: status + drains
+
+    async def refresh(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Poll the daemons, advance node drains, keep guards, and update the status.
+
+        Returns the status fields written (an empty dict when nothing changed).
+        """
+        meta = body["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        status = body.get("status") or {}
+        previous_nodes = {n.get("node"): n for n in status.get("nodes") or []}
+        observed = await self.observe(namespace, name)
+        drain_timeout = _drain_timeout(body)
+        node_objects = {n["metadata"]["name"]: n for n in await self.api.list(NODES)}
+        summaries = []
+        running_nodes = set()
+        for endpoint in observed.endpoints:
+            running_nodes.add(endpoint.node)
+            daemon_status = observed.statuses.get(endpoint.node)
+            drain = await self._advance_drain(
+                body, endpoint, node_objects.get(endpoint.node), daemon_status,
+                previous_nodes.get(endpoint.node) or {}, drain_timeout)
+            summaries.append(node_summary(endpoint.node, endpoint.pod, daemon_status,
+                                          observed.errors.get(endpoint.node), drain))
+        await self._remove_stale_guards(body, running_nodes)
+
+        ds = await self.api.get(DAEMONSETS, manifests.names(name).daemonset, namespace)
+        problem = status.get("specProblem")
+        view = ClusterView(
+            generation=int(meta.get("generation") or 0),
+            spec_problem=SpecProblem(problem["reason"], problem["message"]) if problem else None,
+            daemonset=ds, nodes=summaries)
+        desired = int(((ds or {}).get("status") or {}).get("desiredNumberScheduled") or 0)
+        ready = sum(1 for s in summaries if s["phase"] not in ("Unreachable",))
+        total = totals(summaries)
+        fields: dict[str, Any] = {
+            "nodes": summaries,
+            "totals": total,
+            "readyNodes": f"{ready}/{max(desired, len(summaries))}",
+            "dirty": human_bytes(total["dirtyBytes"]),
+        }
+        old_conditions = status.get("conditions") or []
+        conditions = build_conditions(view, old_conditions, now_iso())
+        if any(key not in status or status[key] != value for key, value in fields.items()) \
+                or _strip_times(conditions) != _strip_times(old_conditions):
+            fields["conditions"] = conditions
+            await self.patch_status(body, fields)
+            return fields
+        return {}
+
+    async def _advance_drain(self, body: Mapping[str, Any], endpoint: DaemonEndpoint,
+                             node: Mapping[str, Any] | None,
+                             daemon_status: Mapping[str, Any] | None,
+                             previous: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+        """One step of a node's drain; returns the drain fields of its status entry."""
+        meta = body["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        reason = disruption_reason(node) if node is not None else "the node object is gone"
+        if reason is None:
+            if not meta.get("deletionTimestamp"):
+                await self._ensure_guard(body, endpoint.node)
+            return {}
+        started = previous.get("drainStartedAt")
+        outcome = previous.get("drainOutcome")
+        fields: dict[str, Any] = {"drainReason": reason, "drainStartedAt": started or now_iso(),
+                                  "drainOutcome": outcome}
+        if outcome:
+            return fields
+        state = str((daemon_status or {}).get("state") or "")
+        if daemon_status is not None and state not in DRAINING_STATES:
+            try:
+                await self.drain_daemon(endpoint, namespace, name)
+            except DaemonError as exc:
+                logger.warning("WriteCache %s/%s: drain call failed on node %s: %s",
+                               namespace, name, endpoint.node, exc)
+        if not started:
+            self.post_event(body, "Normal", "DrainStarted",
+                            f"node {endpoint.node}: {reason}; flushing "
+                            f"{human_bytes(int((daemon_status or {}).get('dirty_bytes') or 0))} "
+                            "before releasing the node")
+        dirty = None if daemon_status is None else int(daemon_status.get("dirty_bytes") or 0)
+        uploading = 0 if daemon_status is None else int(
+            daemon_status.get("uploading_files") or 0)
+        elapsed = (datetime.datetime.now(datetime.UTC)
+                   - _parse_time(fields["drainStartedAt"])).total_seconds()
+        if dirty == 0 and uploading == 0:
+            await self._release_guard(body, endpoint.node)
+            fields["drainOutcome"] = "Drained"
+            fields["drainFinishedAt"] = now_iso()
+            self.post_event(body, "Normal", "DrainCompleted",
+                            f"node {endpoint.node}: all data is in the object store; "
+                            f"released the node after {elapsed:.0f}s")
+        elif elapsed >= timeout:
+            await self._release_guard(body, endpoint.node)
+            fields["drainOutcome"] = "TimedOut"
+            fields["drainFinishedAt"] = now_iso()
+            left = "unknown (daemon unreachable)" if dirty is None else human_bytes(dirty)
+            self.post_event(body, "Warning", "DrainTimedOut",
+                            f"node {endpoint.node}: drain timeout {timeout:.0f}s reached with "
+                            f"{left} not yet in the object store; released the node")
+        return fields
+
+    async def _ensure_guard(self, body: Mapping[str, Any], node: str) -> None:
+        await self.api.apply(PDBS, manifests.guard_pdb(body, node))
+        await self.api.apply(PODS, manifests.guard_pod(body, node, self.settings))
+
+    async def _release_guard(self, body: Mapping[str, Any], node: str) -> None:
+        """Delete the PDB first: from then on the guard pod may be evicted with the node."""
+        namespace = body["metadata"]["namespace"]
+        guard = manifests.guard_name(body["metadata"]["name"], node)
+        await self.api.delete(PDBS, guard, namespace)
+        await self.api.delete(PODS, guard, namespace)
+        logger.info("WriteCache %s/%s: released the drain guard of node %s",
+                    namespace, body["metadata"]["name"], node)
+
+    async def _remove_stale_guards(self, body: Mapping[str, Any], running: set[str]) -> None:
+        meta = body["metadata"]
+        selector = {manifests.LABEL_WRITECACHE: meta["name"],
+                    manifests.LABEL_ROLE: "drain-guard"}
+        for pod in await self.api.list(PODS, meta["namespace"], label_selector=selector):
+            node = pod["metadata"].get("annotations", {}).get("cistern.dev/node-name")
+            if node not in running:
+                await self._release_guard(body, node or pod["spec"].get("nodeName", ""))
+
+    # ---------------------------------------------------------------- node events
+
+    async def drain_node(self, node: Mapping[str, Any], namespaces: list[str] | None) -> int:
+        """Ask every cache daemon on a disrupted node to drain now (the timer tracks it)."""
+        if disruption_reason(node) is None:
+            return 0
+        node_name = node["metadata"]["name"]
+        calls = 0
+        for namespace in namespaces or [""]:
+            for endpoint in await self.endpoints(namespace):
+                if endpoint.node != node_name:
+                    continue
+                try:
+                    status = await self.daemons.status(endpoint)
+                    if str(status.get("state")) not in DRAINING_STATES:
+                        await self.drain_daemon(endpoint, endpoint.namespace, endpoint.writecache)
+                        calls += 1
+                except DaemonError as exc:
+                    logger.warning("Node %s: could not start the drain of %s/%s: %s", node_name,
+                                   endpoint.namespace, endpoint.writecache, exc)
+        return calls
+
+    # ---------------------------------------------------------------- deletion
+
+    async def finalize(self, body: Mapping[str, Any], waited: float) -> str | None:
+        """Drain every node, then remove the daemons and the StorageClass.
+
+        Returns None when done, else a message saying what is still being waited for.
+        """
+        meta = body["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        abandon = str((meta.get("annotations") or {}).get(ABANDON_ANNOTATION, "")).lower() \
+            in ("true", "yes", "1")
+        if abandon:
+            dirty = int(((body.get("status") or {}).get("totals") or {}).get("dirtyBytes") or 0)
+            self.post_event(body, "Warning", "DirtyDataAbandoned",
+                            f"{ABANDON_ANNOTATION} is set: removing the cache without flushing "
+                            f"(last reported dirty: {human_bytes(dirty)})")
+        else:
+            observed = await self.observe(namespace, name)
+            token = await self.control_token(namespace, name)
+            waiting = []
+            for endpoint in observed.endpoints:
+                daemon_status = observed.statuses.get(endpoint.node)
+                if daemon_status is None:
+                    waiting.append(f"{endpoint.node}: unreachable "
+                                   f"({observed.errors.get(endpoint.node)})")
+                    continue
+                if str(daemon_status.get("state")) not in DRAINING_STATES:
+                    try:
+                        await self.daemons.drain(endpoint, token)
+                    except DaemonError as exc:
+                        waiting.append(f"{endpoint.node}: {exc}")
+                        continue
+                dirty = int(daemon_status.get("dirty_bytes") or 0)
+                uploading = int(daemon_status.get("uploading_files") or 0)
+                if dirty or uploading:
+                    waiting.append(f"{endpoint.node}: {human_bytes(dirty)} dirty")
+            if waiting:
+                message = ("waiting for the nodes to flush before deletion: "
+                           + "; ".join(waiting))
+                timeout = _drain_timeout(body)
+                if waited >= timeout:
+                    message += (f" (past the drain timeout of {timeout:.0f}s; annotate "
+                                f"{ABANDON_ANNOTATION}=true to delete without flushing)")
+                return message
+            if observed.endpoints:
+                self.post_event(body, "Normal", "Drained",
+                                f"all {len(observed.endpoints)} node(s) flushed; removing the "
+                                "cache daemons")
+        await self.cleanup(body)
+        return None
+
+    async def cleanup(self, body: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        n = manifests.names(name)
+        await self.api.delete(DAEMONSETS, n.daemonset, namespace)
+        for role in ("drain-guard",):
+            for obj in await self.api.list(PDBS, namespace, label_selector={
+                    manifests.LABEL_WRITECACHE: name, manifests.LABEL_ROLE: role}):
+                await self.api.delete(PDBS, obj["metadata"]["name"], namespace)
+            for obj in await self.api.list(PODS, namespace, label_selector={
+                    manifests.LABEL_WRITECACHE: name, manifests.LABEL_ROLE: role}):
+                await self.api.delete(PODS, obj["metadata"]["name"], namespace)
+        await self.api.delete(CONFIGMAPS, n.configmap, namespace)
+        await self.api.delete(SECRETS, n.secret, namespace)
+        await self._delete_storage_classes(body, keep=None)
+        logger.info("WriteCache %s/%s: removed its daemons and StorageClass", namespace, name)
+
+
+def _drain_timeout(body: Mapping[str, Any]) -> float:
+    try:
+        return WriteCacheSpec.from_dict(body.get("spec") or {}).drain.timeout
+    except ConfigError:
+        return DrainPolicy().timeout
+
+
+def _strip_times(conditions: Any) -> list[dict[str, Any]]:
+    return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conditions or []]

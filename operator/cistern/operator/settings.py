@@ -1,0 +1,45 @@
+"""The operator's settings: one typed object, built in ``main()`` and passed to everything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cistern.writecache import DEFAULT_MOUNT_ROOT
+
+__all__ = ["OperatorSettings"]
+
+DEFAULT_DAEMON_RESOURCES: dict[str, Any] = {
+    "requests": {"cpu": "500m", "memory": "1Gi"},
+    "limits": {"memory": "8Gi"},
+}
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """What the operator needs to know that is not in a WriteCache."""
+
+    daemon_image: str = "ghcr.io/cistern-dev/cistern:0.1.0"
+    """Image of the node daemon (the one Cistern image; entry point ``cistern-node``)."""
+    daemon_image_pull_policy: str = "IfNotPresent"
+    """Pull policy of the daemon image."""
+    guard_image: str = "registry.k8s.io/pause:3.10"
+    """Image of the drain-guard pods (they only sleep; the eviction API does the holding)."""
+    mount_root: str = DEFAULT_MOUNT_ROOT
+    """Host directory under which each WriteCache's FUSE mount lives (shared with the CSI node
+    plugin, which looks for ``<mount_root>/<name>``)."""
+    control_port: int = 9464
+    """Port of the daemons' control API on the pod network."""
+    status_interval: float = 15.0
+    """Seconds between status polls of the daemons (and drain progress checks)."""
+    http_timeout: float = 5.0
+    """Seconds a call to a daemon's control API may take."""
+    daemon_resources: dict[str, Any] = field(
+        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_DAEMON_RESOURCES.items()})
+    """Container resources of a daemon when the WriteCache sets none."""
+    priority_class_name: str | None = "system-node-critical"
+    """Priority class of the daemon pods (they back running training jobs); None: none."""
+    check_object_store: bool = True
+    """Probe the bucket with the WriteCache's credentials before rolling out a spec."""
+    finalizer_poll: float = 5.0
+    """Seconds between checks while a deletion waits for the nodes to drain."""
