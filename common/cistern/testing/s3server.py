@@ -20,7 +20,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-__all__ = ["MotoServer", "free_port", "s3_client", "wait_for_port"]
+__all__ = ["MotoServer", "free_port", "list_keys", "read_object", "s3_client", "wait_for_port"]
 
 TEST_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -59,6 +59,19 @@ def s3_client(endpoint_url: str) -> Any:
         region_name=TEST_CREDENTIALS["AWS_DEFAULT_REGION"],
         config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
     )
+
+
+def read_object(s3: Any, bucket: str, key: str) -> bytes:
+    return bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def list_keys(s3: Any, bucket: str, prefix: str = "") -> dict[str, int]:
+    """Every key under ``prefix`` with its size."""
+    out: dict[str, int] = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            out[item["Key"]] = item["Size"]
+    return out
 
 
 class MotoServer:
