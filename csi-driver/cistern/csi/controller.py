@@ -1,0 +1,202 @@
+"""The CSI Controller service: dynamic provisioning of directories in a WriteCache's namespace.
+
+CreateVolume is a pure function of its request: the volume id ``<writecache>/<dir>`` follows
+from the StorageClass parameter ``writeCache`` and the PVC (``<namespace>/<pvc>-<uid8>`` when
+the provisioner passes PVC metadata, else the CO's volume name), so a repeated call with the
+same name returns the same volume. The directory itself is created on first publish.
+
+DeleteVolume removes the directory (and so, through the cache, its objects) and is only ever
+called by the CO for volumes whose reclaim policy is Delete. It needs the cache mounted where
+the controller runs; elsewhere it fails with FAILED_PRECONDITION and deletes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import re
+import shutil
+
+import grpc
+from cistern.csi.caches import CacheMounts, call_with_timeout
+from cistern.csi.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    grpc_boundary,
+)
+from cistern.csi.locks import OperationLocks
+from cistern.csi.proto import csi_pb2, csi_pb2_grpc
+from cistern.csi.settings import DriverSettings, topology_key
+from cistern.csi.volumes import (
+    CONTEXT_WRITE_CACHE,
+    VolumeRef,
+    capabilities_supported,
+    check_capability,
+    parse_volume_id,
+    resolve_volume,
+    validate_dir,
+    validate_write_cache,
+)
+
+__all__ = ["PVC_NAME", "PVC_NAMESPACE", "ControllerService", "volume_for"]
+
+log = logging.getLogger(__name__)
+RPC = csi_pb2.ControllerServiceCapability.RPC
+
+PVC_NAME = "csi.storage.k8s.io/pvc/name"
+PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
+_PROVISIONER_PREFIX = "csi.storage.k8s.io/"
+_MAX_ID = 128
+_BANNED = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_PV_UID = re.compile(r"pvc-([0-9a-f]{8})")
+
+
+def volume_for(name: str, parameters: dict[str, str]) -> VolumeRef:
+    """The volume CreateVolume(name, parameters) provisions; deterministic (idempotency)."""
+    write_cache = parameters.get(CONTEXT_WRITE_CACHE, "")
+    if not write_cache:
+        raise InvalidArgument(f"parameters.{CONTEXT_WRITE_CACHE} is required: the StorageClass "
+                              f"names the WriteCache its volumes live in")
+    validate_write_cache(write_cache, f"parameters.{CONTEXT_WRITE_CACHE}")
+    unknown = sorted(k for k in parameters
+                     if k != CONTEXT_WRITE_CACHE and not k.startswith(_PROVISIONER_PREFIX))
+    if unknown:
+        raise InvalidArgument(f"unknown StorageClass parameter(s) {', '.join(unknown)}; "
+                              f"Cistern takes {CONTEXT_WRITE_CACHE}")
+    pvc, namespace = parameters.get(PVC_NAME, ""), parameters.get(PVC_NAMESPACE, "")
+    if pvc and namespace:
+        match = _PV_UID.match(name)
+        suffix = match.group(1) if match else hashlib.sha256(name.encode()).hexdigest()[:8]
+        ref = VolumeRef(write_cache, validate_dir(f"{namespace}/{pvc}-{suffix}"))
+        if len(ref.volume_id.encode()) <= _MAX_ID:
+            return ref
+    ref = VolumeRef(write_cache, validate_dir(name.replace("/", "-"), "name"))
+    if len(ref.volume_id.encode()) > _MAX_ID:
+        raise InvalidArgument(f"name: too long for a volume id ({len(ref.volume_id)} > {_MAX_ID})")
+    return ref
+
+
+class ControllerService(csi_pb2_grpc.ControllerServicer):
+    def __init__(self, settings: DriverSettings, caches: CacheMounts) -> None:
+        self.settings = settings
+        self.caches = caches
+        self.locks = OperationLocks()
+
+    @grpc_boundary
+    def ControllerGetCapabilities(self, request: csi_pb2.ControllerGetCapabilitiesRequest,
+                                  context: grpc.ServicerContext
+                                  ) -> csi_pb2.ControllerGetCapabilitiesResponse:
+        types = (RPC.CREATE_DELETE_VOLUME, RPC.SINGLE_NODE_MULTI_WRITER)
+        return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[
+            csi_pb2.ControllerServiceCapability(rpc=RPC(type=t)) for t in types])
+
+    @grpc_boundary
+    def CreateVolume(self, request: csi_pb2.CreateVolumeRequest,
+                     context: grpc.ServicerContext) -> csi_pb2.CreateVolumeResponse:
+        if not request.name:
+            raise InvalidArgument("name is required")
+        if _BANNED.search(request.name):
+            raise InvalidArgument("name contains control characters")
+        if not request.volume_capabilities:
+            raise InvalidArgument("volume_capabilities is required")
+        for i, cap in enumerate(request.volume_capabilities):
+            check_capability(cap, f"volume_capabilities[{i}]")
+        if request.HasField("volume_content_source"):
+            raise InvalidArgument("volume_content_source: Cistern cannot clone volumes or "
+                                  "restore snapshots")
+        capacity = self._capacity(request)
+        ref = volume_for(request.name, dict(request.parameters))
+        key = topology_key(ref.write_cache)
+        requirement = request.accessibility_requirements
+        offered = list(requirement.requisite) or list(requirement.preferred)
+        if offered and not any(t.segments.get(key) == "true" for t in offered):
+            raise ResourceExhausted(f"no node in the requested topology runs WriteCache "
+                                    f"{ref.write_cache!r} (topology key {key})")
+        log.info("provisioned volume %s for %s (capacity %d)", ref.volume_id, request.name,
+                 capacity)
+        return csi_pb2.CreateVolumeResponse(volume=csi_pb2.Volume(
+            volume_id=ref.volume_id,
+            capacity_bytes=capacity,
+            volume_context=ref.context(),
+            accessible_topology=[csi_pb2.Topology(segments={key: "true"})]))
+
+    @staticmethod
+    def _capacity(request: csi_pb2.CreateVolumeRequest) -> int:
+        """A volume is a directory in a cache backed by object storage: any size fits, so the
+        reported capacity is the one asked for (required, else limit, else 0 = unknown)."""
+        if not request.HasField("capacity_range"):
+            return 0
+        required = request.capacity_range.required_bytes
+        limit = request.capacity_range.limit_bytes
+        if required < 0 or limit < 0:
+            raise InvalidArgument("capacity_range: bytes must not be negative")
+        if limit and required > limit:
+            raise InvalidArgument(f"capacity_range: required_bytes {required} exceeds "
+                                  f"limit_bytes {limit}")
+        return required or limit
+
+    @grpc_boundary
+    def DeleteVolume(self, request: csi_pb2.DeleteVolumeRequest,
+                     context: grpc.ServicerContext) -> csi_pb2.DeleteVolumeResponse:
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        ref = parse_volume_id(request.volume_id)
+        if ref is None:
+            log.info("delete: %r is not a Cistern volume id; nothing to delete",
+                     request.volume_id)
+            return csi_pb2.DeleteVolumeResponse()
+        with self.locks.hold(request.volume_id):
+            try:
+                cache = self.caches.require(ref.write_cache)
+            except NotFound as exc:
+                raise FailedPrecondition(
+                    f"cannot delete volume {ref.volume_id} here: {exc.message} (the controller "
+                    f"deletes through the cache mount; run it where the cache runs)") from exc
+            path = os.path.join(cache.path, ref.dir)
+            if not os.path.lexists(path):
+                log.info("delete: volume %s is already gone", ref.volume_id)
+                return csi_pb2.DeleteVolumeResponse()
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+            except OSError as exc:
+                raise Unavailable(f"deleting volume {ref.volume_id} at {path} failed: "
+                                  f"{exc.strerror or exc}") from exc
+            # Empty parents created for this volume (<namespace>/) go too; others stay.
+            parent = os.path.dirname(path)
+            while os.path.normpath(parent) != os.path.normpath(cache.path):
+                try:
+                    call_with_timeout(functools.partial(os.rmdir, parent),
+                                      self.caches.health_timeout, parent)
+                except (OSError, TimeoutError):
+                    break
+                parent = os.path.dirname(parent)
+        log.info("deleted volume %s (%s)", ref.volume_id, path)
+        return csi_pb2.DeleteVolumeResponse()
+
+    @grpc_boundary
+    def ValidateVolumeCapabilities(self, request: csi_pb2.ValidateVolumeCapabilitiesRequest,
+                                   context: grpc.ServicerContext
+                                   ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        if not request.volume_id:
+            raise InvalidArgument("volume_id is required")
+        if not request.volume_capabilities:
+            raise InvalidArgument("volume_capabilities is required")
+        ref = resolve_volume(request.volume_id, request.volume_context)
+        if ref is None:
+            raise NotFound(f"volume {request.volume_id!r} is not a Cistern volume")
+        reason = capabilities_supported(request.volume_capabilities)
+        if reason is not None:
+            return csi_pb2.ValidateVolumeCapabilitiesResponse(message=reason)
+        confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=dict(request.volume_context),
+            volume_capabilities=list(request.volume_capabilities),
+            parameters=dict(request.parameters))
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
