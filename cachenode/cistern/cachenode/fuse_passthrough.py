@@ -57,10 +57,14 @@ def _split_timeout(seconds: float) -> tuple[int, int]:
 
 
 def _names(body: memoryview, start: int, count: int) -> list[str]:
+    """``count`` NUL-terminated UTF-8 names (object keys are UTF-8: anything else is EINVAL)."""
     raw = bytes(body[start:]).split(b"\0", count)
     if len(raw) <= count:
         raise OSError(errno.EINVAL, "malformed name in FUSE request")
-    return [os.fsdecode(name) for name in raw[:count]]
+    try:
+        return [name.decode() for name in raw[:count]]
+    except UnicodeDecodeError:
+        raise OSError(errno.EINVAL, "file names must be UTF-8") from None
 
 
 def _name(body: memoryview, start: int = 0) -> str:
@@ -68,7 +72,10 @@ def _name(body: memoryview, start: int = 0) -> str:
     end = raw.find(b"\0")
     if end < 0:
         raise OSError(errno.EINVAL, "malformed name in FUSE request")
-    return os.fsdecode(raw[:end])
+    try:
+        return raw[:end].decode()
+    except UnicodeDecodeError:
+        raise OSError(errno.EINVAL, "file names must be UTF-8") from None
 
 
 class _Backing:
@@ -99,7 +106,7 @@ class PassthroughFrontend:
 
     name = "passthrough"
 
-    def __init__(self, *, threads: int = 4, attr_timeout: float = 1.0,
+    def __init__(self, *, threads: int = 8, attr_timeout: float = 1.0,
                  entry_timeout: float = 1.0, negative_timeout: float = 1.0,
                  stop_grace: float = 2.0) -> None:
         self.threads = max(1, threads)
@@ -135,9 +142,20 @@ class PassthroughFrontend:
             kf.FLUSH: self._flush, kf.OPENDIR: self._opendir, kf.READDIR: self._readdir,
             kf.RELEASEDIR: self._releasedir, kf.FSYNCDIR: self._fsyncdir,
             kf.CREATE: self._create, kf.FALLOCATE: self._fallocate,
-            kf.DESTROY: self._destroy,
+            kf.SYMLINK: self._symlink, kf.LINK: self._link, kf.DESTROY: self._destroy,
         }.items():
             self._handlers[opcode] = handler
+        # Requests that may block (S3 listing or fetch, fsync, backpressure, an upload in
+        # write-through mode): their thread hands the reading role to an idle one first.
+        self._may_block = [True] * 64
+        for opcode in (kf.GETATTR, kf.RELEASE, kf.RELEASEDIR, kf.READDIR, kf.STATFS,
+                       kf.FORGET, kf.BATCH_FORGET, kf.INTERRUPT, kf.DESTROY, kf.FLUSH):
+            self._may_block[opcode] = False
+        for opcode in range(64):
+            if self._handlers[opcode] is None and opcode not in (kf.FORGET, kf.BATCH_FORGET):
+                self._may_block[opcode] = False  # answered ENOSYS at once
+        self._read_token = threading.Semaphore(1)
+        self._noflush = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
     def mount(self, core: Any, mountpoint: str, *, allow_other: bool, fsname: str) -> None:
@@ -146,6 +164,12 @@ class PassthroughFrontend:
                 errno.EPERM, "FUSE passthrough needs CAP_SYS_ADMIN to register backing files")
         self._core = core
         self._mountpoint = os.path.abspath(mountpoint)
+        policy = getattr(core, "flush_policy", None)
+        if getattr(policy, "mode", None) == "writeBack":
+            # close(2) has nothing to wait for: spare the kernel the FLUSH round trip.
+            self._noflush = kf.FOPEN_NOFLUSH
+        else:
+            self._may_block[kf.FLUSH] = True
         self._devfd = kf.open_fuse_device()
         try:
             kf.mount_fuse(self._devfd, self._mountpoint, fsname=fsname, allow_other=allow_other)
@@ -224,67 +248,85 @@ class PassthroughFrontend:
 
     # --- the request loop ---------------------------------------------------------------------
     def _worker(self) -> None:
+        """Leader/followers: one thread at a time reads /dev/fuse and answers what cannot block
+        inline; before a request that may block it passes the reading role on (``_read_token``),
+        so slow requests never hold up the others and fast ones cost no thread hand-off.
+        """
         devfd = self._devfd
         buf = bytearray(kf.read_buffer_size())
         view = memoryview(buf)
         handlers = self._handlers
+        may_block = self._may_block
+        token = self._read_token
         unpack_header = kf.IN_HEADER.unpack_from
         pack_out = kf.OUT_HEADER.pack
         writev = os.writev
         readv = os.readv
-        no_reply = kf.NO_REPLY_OPCODES
         # Runs until the kernel ends the session (ENODEV): after request_stop the mount is
-        # detached, but open files on it are still served until they are closed.
+        # detached, but files still open on it are served until they are closed.
         while True:
-            try:
-                readv(devfd, [buf])
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                if exc.errno == errno.ENOENT:
-                    continue  # interrupted before we read it
-                if exc.errno != errno.ENODEV:  # ENODEV: unmounted, the session is over
-                    log.error("reading /dev/fuse for %s failed: %s", self._mountpoint, exc)
-                self._stop.set()
-                return
-            length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = unpack_header(buf, 0)
-            self.requests += 1
-            body = view[kf.IN_HEADER.size:length - extlen * 8]
-            handler = handlers[opcode] if opcode < 64 else None
-            if handler is None:
-                if opcode == kf.FORGET:
-                    self._forget(nodeid, body)
-                elif opcode == kf.BATCH_FORGET:
-                    self._batch_forget(body)
-                elif opcode not in no_reply:
+            token.acquire()
+            leading = True
+            while leading:
+                try:
+                    readv(devfd, [buf])
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.ENOENT:
+                        continue  # interrupted before we read it
+                    if exc.errno != errno.ENODEV:  # ENODEV: unmounted, the session is over
+                        log.error("reading /dev/fuse for %s failed: %s", self._mountpoint, exc)
+                    self._stop.set()
+                    token.release()  # the next thread sees ENODEV too and leaves
+                    return
+                length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = unpack_header(buf, 0)
+                self.requests += 1
+                if opcode >= 64:
                     self._reply_error(unique, errno.ENOSYS)
-                continue
-            try:
-                payload = handler(nodeid, uid, gid, pid, body)
-            except OSError as exc:
-                err = exc.errno or errno.EIO
-                if err not in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY):
+                    continue
+                if may_block[opcode]:
+                    # Copy the request out of the buffer the next reader will overwrite.
+                    body = memoryview(bytes(view[kf.IN_HEADER.size:length - extlen * 8]))
+                    token.release()
+                    leading = False
+                else:
+                    body = view[kf.IN_HEADER.size:length - extlen * 8]
+                handler = handlers[opcode]
+                if handler is None:
+                    if opcode == kf.FORGET:
+                        self._forget(nodeid, body)
+                    elif opcode == kf.BATCH_FORGET:
+                        self._batch_forget(body)
+                    elif opcode not in kf.NO_REPLY_OPCODES:
+                        self._reply_error(unique, errno.ENOSYS)
+                    continue
+                try:
+                    payload = handler(nodeid, uid, gid, pid, body)
+                except OSError as exc:
+                    err = exc.errno or errno.EIO
+                    if err not in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY):
+                        self.errors += 1
+                    self._reply_error(unique, err)
+                    continue
+                except Exception:
                     self.errors += 1
-                self._reply_error(unique, err)
-                continue
-            except Exception:
-                self.errors += 1
-                log.exception("FUSE %s on %s (node %d) failed; answering EIO",
-                              kf.OPCODE_NAMES.get(opcode, opcode), self._mountpoint, nodeid)
-                self._reply_error(unique, errno.EIO)
-                continue
-            if type(payload) is tuple:  # (payload, rollback): undo when the kernel refuses it
-                payload, rollback = payload
-            else:
-                rollback = None
-            try:
-                writev(devfd, [pack_out(16 + len(payload), 0, unique), payload])
-            except OSError as exc:
-                if rollback is not None:
-                    rollback()
-                if exc.errno not in (errno.ENOENT, errno.ENODEV):
-                    log.error("replying to FUSE %s on %s failed: %s",
-                              kf.OPCODE_NAMES.get(opcode, opcode), self._mountpoint, exc)
+                    log.exception("FUSE %s on %s (node %d) failed; answering EIO",
+                                  kf.OPCODE_NAMES.get(opcode, opcode), self._mountpoint, nodeid)
+                    self._reply_error(unique, errno.EIO)
+                    continue
+                if type(payload) is tuple:  # (payload, rollback) to undo if the kernel refuses
+                    payload, rollback = payload
+                else:
+                    rollback = None
+                try:
+                    writev(devfd, [pack_out(16 + len(payload), 0, unique), payload])
+                except OSError as exc:
+                    if rollback is not None:
+                        rollback()
+                    if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                        log.error("replying to FUSE %s on %s failed: %s",
+                                  kf.OPCODE_NAMES.get(opcode, opcode), self._mountpoint, exc)
 
     def _reply_error(self, unique: int, err: int) -> None:
         try:
@@ -452,15 +494,21 @@ class PassthroughFrontend:
         return _EMPTY
 
     def _fsyncdir(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
-        sync = getattr(self._core, "fsyncdir", None)
-        if sync is not None:
-            sync(nodeid)
+        self._core.journal.sync()  # the namespace lives in the journal
         return _EMPTY
+
+    def _symlink(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        name, target = _names(body, 0, 2)
+        return self._entry_reply(self._core.symlink(nodeid, name, target, uid, gid))
+
+    def _link(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
+        (old_node,) = kf.FORGET_IN.unpack_from(body, 0)  # fuse_link_in: oldnodeid
+        return self._entry_reply(self._core.link(old_node, nodeid, _name(body, 8)))
 
     # --- files --------------------------------------------------------------------------------
     def _open_reply(self, handle: Any) -> tuple[int, int]:
         """Open flags and backing id for a new handle; registers the backing file if needed."""
-        if handle.fd is None:
+        if handle.fd is None or handle.fd < 0:
             self.direct_io_opens += 1
             return kf.FOPEN_DIRECT_IO, 0
         ino = handle.ino
@@ -475,10 +523,10 @@ class PassthroughFrontend:
                 raise OSError(errno.EIO, "data file changed while open")
             backing.opens += 1
         self.passthrough_opens += 1
-        return kf.FOPEN_PASSTHROUGH, backing.backing_id
+        return kf.FOPEN_PASSTHROUGH | self._noflush, backing.backing_id
 
     def _drop_backing(self, handle: Any) -> None:
-        if handle.fd is None:
+        if handle.fd is None or handle.fd < 0:
             return
         with self._backing_lock:
             backing = self._backings.get(handle.ino)

@@ -383,8 +383,9 @@ def negotiate_init(devfd: int, *, want_passthrough: bool,
         reason = (f"the kernel (FUSE protocol 7.{minor}) does not offer FUSE_PASSTHROUGH in "
                   "INIT (needs Linux 6.9+ built with CONFIG_FUSE_PASSTHROUGH)")
     passthrough = want_passthrough and offered
-    wanted = (FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_MAX_PAGES | FUSE_PARALLEL_DIROPS
-              | FUSE_ASYNC_DIO | FUSE_INIT_EXT)
+    # ATOMIC_O_TRUNC: O_TRUNC reaches OPEN (the core truncates there), saving a SETATTR.
+    wanted = (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES | FUSE_MAX_PAGES
+              | FUSE_PARALLEL_DIROPS | FUSE_ASYNC_DIO | FUSE_INIT_EXT)
     if passthrough:
         wanted |= FUSE_PASSTHROUGH
     reply_flags = wanted & kernel_flags
