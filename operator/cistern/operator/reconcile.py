@@ -112,18 +112,20 @@ class Reconciler:
             if secret is None:
                 raise Problem("SecretNotFound", f"Secret {meta['namespace']}/{secret_name} "
                               "(spec.objectStore.credentialsSecretRef) does not exist",
-                              temporary=True)
+                              temporary=True, delay=self.settings.retry_delay)
             values = _decode_secret(secret)
             missing = [k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
                        if not values.get(k)]
             if missing:
                 raise Problem("SecretInvalid", f"Secret {meta['namespace']}/{secret_name} "
-                              f"lacks {', '.join(missing)}", temporary=True)
+                              f"lacks {', '.join(missing)}", temporary=True,
+                              delay=self.settings.retry_delay)
             if self.settings.check_object_store:
                 try:
                     await probe_bucket(spec.object_store, values, self.settings.http_timeout)
                 except BucketProblem as exc:
-                    raise Problem(exc.reason, exc.message, temporary=True, delay=60.0) from None
+                    raise Problem(exc.reason, exc.message, temporary=True,
+                                  delay=self.settings.retry_delay) from None
         return spec
 
     async def apply(self, body: Mapping[str, Any], spec: WriteCacheSpec) -> dict[str, str]:
@@ -158,7 +160,8 @@ class Reconciler:
                     "cistern.dev/writecache-namespace") != body["metadata"]["namespace"]:
                 raise Problem("StorageClassConflict", f"StorageClass "
                               f"{desired['metadata']['name']} exists and belongs to someone "
-                              "else; set spec.csi.storageClassName", temporary=True, delay=60.0)
+                              "else; set spec.csi.storageClassName", temporary=True,
+                              delay=self.settings.retry_delay)
             immutable = ("provisioner", "parameters", "reclaimPolicy", "volumeBindingMode")
             if any(current.get(k) != desired.get(k) for k in immutable):
                 await self.api.delete(STORAGECLASSES, desired["metadata"]["name"])

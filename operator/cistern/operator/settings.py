@@ -41,5 +41,8 @@ class OperatorSettings:
     """Priority class of the daemon pods (they back running training jobs); None: none."""
     check_object_store: bool = True
     """Probe the bucket with the WriteCache's credentials before rolling out a spec."""
+    retry_delay: float = 30.0
+    """Seconds before a spec that could not be rolled out (missing Secret, unreachable bucket)
+    is tried again."""
     finalizer_poll: float = 5.0
     """Seconds between checks while a deletion waits for the nodes to drain."""

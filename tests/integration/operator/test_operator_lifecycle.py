@@ -1,0 +1,190 @@
+"""The operator end to end against KMock: create, rollout, no-op, bad specs."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import yaml
+
+from cistern.config import NodeConfig
+from cistern.operator.kubeapi import CONFIGMAPS, DAEMONSETS, SECRETS, WRITECACHES
+
+from .conftest import NAMESPACE, Cluster, operator_settings, running_operator, wait_for
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
+
+
+def writecache(name: str = "ckpt", **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "objectStore": {"bucket": "training-ckpt", "prefix": "run1",
+                        "credentialsSecretRef": {"name": "s3-creds"}},
+        "flush": {"uploadDelay": "2s"},
+        "drain": {"timeout": "10m"},
+    }
+    body.update(spec)
+    return {"apiVersion": "cistern.dev/v1alpha1", "kind": "WriteCache",
+            "metadata": {"name": name, "namespace": NAMESPACE}, "spec": body}
+
+
+async def create_credentials(cluster: Cluster) -> None:
+    await cluster.api.create(SECRETS, {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
+        "stringData": {"AWS_ACCESS_KEY_ID": "AKIATEST", "AWS_SECRET_ACCESS_KEY": "secret"}},
+        NAMESPACE)
+
+
+async def test_create_renders_daemonset_configmap_storageclass(cluster: Cluster) -> None:
+    await create_credentials(cluster)
+    async with running_operator(cluster, operator_settings(cluster)):
+        await cluster.api.create(WRITECACHES, writecache(), NAMESPACE)
+        ds = await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE),
+                            what="the DaemonSet")
+        wc = cluster.writecache("ckpt")
+        assert wc is not None
+        owner = ds["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+            "WriteCache", "ckpt", wc["metadata"]["uid"], True)
+
+        pod = ds["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        assert container["securityContext"] == {"privileged": True}
+        assert container["command"][:2] == ["cistern-node", "run"]
+        assert container["readinessProbe"]["httpGet"] == {"path": "/status", "port": "control"}
+        assert container["resources"]["requests"] == {"cpu": "500m", "memory": "1Gi"}
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["mounts"]["mountPropagation"] == "Bidirectional"
+        assert mounts["mounts"]["mountPath"] == "/var/lib/cistern/mounts"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["fuse"]["hostPath"] == {"path": "/dev/fuse", "type": "CharDevice"}
+        assert volumes["cache"]["hostPath"]["path"] == "/var/lib/cistern/cache/ml/ckpt"
+        env = {e["name"]: e for e in container["env"]}
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+            "name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}
+
+        cm = await wait_for(lambda: cluster.api.get(CONFIGMAPS, "cistern-ckpt-config",
+                                                    NAMESPACE), what="the ConfigMap")
+        config = NodeConfig.from_dict(yaml.safe_load(cm["data"]["node.yaml"]))
+        assert config.store.url == "s3://training-ckpt/run1"
+        assert config.mount == "/var/lib/cistern/mounts/ckpt"
+        assert config.flush.upload_delay == 2.0
+        assert config.control == f"0.0.0.0:{cluster.control_port}"
+        assert config.control_token_file == "/etc/cistern-control/token"
+        assert "AKIATEST" not in cm["data"]["node.yaml"]  # credentials never in a ConfigMap
+
+        sc = await wait_for(lambda: cluster.obj("storage.k8s.io/v1/storageclasses",
+                                                "cistern-ckpt", None), what="the StorageClass")
+        assert sc["provisioner"] == "csi.cistern.dev"
+        assert sc["parameters"] == {"writeCache": "ckpt"}
+        assert sc["reclaimPolicy"] == "Delete"
+
+        status = await wait_for(lambda: _status_with(cluster, "observedGeneration"),
+                                what="observedGeneration")
+        assert status["observedGeneration"] == 1
+        assert status["storageClassName"] == "cistern-ckpt"
+        assert cluster.condition("ckpt", "Degraded")["status"] == "False"
+        assert await wait_for(lambda: cluster.events("Applied"), what="an Applied event")
+
+
+async def _status_with(cluster: Cluster, key: str) -> dict[str, Any] | None:
+    wc = cluster.writecache("ckpt") or {}
+    status = wc.get("status") or {}
+    return status if key in status else None
+
+
+async def test_spec_change_rolls_out_and_unchanged_spec_writes_nothing(cluster: Cluster) -> None:
+    await create_credentials(cluster)
+    async with running_operator(cluster, operator_settings(cluster)):
+        await cluster.api.create(WRITECACHES, writecache(), NAMESPACE)
+        ds = await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE))
+        old_hash = ds["spec"]["template"]["metadata"]["annotations"]["cistern.dev/config-hash"]
+        await cluster.schedule_daemons("ckpt")
+        await wait_for(lambda: _condition_is(cluster, "Ready", "True"), what="Ready")
+
+        # Steady state: several status polls, no writes to the owned objects.
+        before = {r: len(cluster.writes(r)) for r in ("daemonsets", "configmaps",
+                                                      "storageclasses", "secrets")}
+        await asyncio.sleep(1.5)
+        after = {r: len(cluster.writes(r)) for r in before}
+        assert after == before
+
+        await cluster.api.patch(WRITECACHES, "ckpt", {"spec": {
+            "flush": {"uploadDelay": "5s", "maxBytesPerSecond": "200Mi"},
+            "resources": {"requests": {"cpu": "2", "memory": "4Gi"}}}}, NAMESPACE)
+
+        async def rolled() -> dict[str, Any] | None:
+            ds = await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE)
+            annotations = ds["spec"]["template"]["metadata"]["annotations"]
+            return ds if annotations["cistern.dev/config-hash"] != old_hash else None
+
+        ds = await wait_for(rolled, what="a new config hash in the pod template")
+        assert ds["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+            "requests": {"cpu": "2", "memory": "4Gi"}}
+        cm = await cluster.api.get(CONFIGMAPS, "cistern-ckpt-config", NAMESPACE)
+        config = NodeConfig.from_dict(yaml.safe_load(cm["data"]["node.yaml"]))
+        assert config.flush.upload_delay == 5.0
+        assert config.flush.max_bytes_per_second == 200 * 2**20
+        status = await wait_for(lambda: _observed(cluster, 2), what="observedGeneration 2")
+        assert status["observedGeneration"] == 2
+        # The DaemonSet controller has not caught up: Progressing.
+        progressing = await wait_for(lambda: _condition_is(cluster, "Progressing", "True"))
+        assert progressing["reason"] == "RollingOut"
+
+
+async def _observed(cluster: Cluster, generation: int) -> dict[str, Any] | None:
+    status = (cluster.writecache("ckpt") or {}).get("status") or {}
+    return status if status.get("observedGeneration") == generation else None
+
+
+async def _condition_is(cluster: Cluster, kind: str, value: str,
+                        name: str = "ckpt") -> dict[str, Any] | None:
+    cond = cluster.condition(name, kind)
+    return cond if cond and cond["status"] == value else None
+
+
+async def test_invalid_spec_is_degraded_and_never_tears_down(cluster: Cluster) -> None:
+    await create_credentials(cluster)
+    async with running_operator(cluster, operator_settings(cluster)):
+        # The schema would reject this at admission; KMock has none, so the handler must.
+        await cluster.api.create(WRITECACHES, writecache(
+            "broken", cache={"highWatermark": 0.5, "lowWatermark": 0.7}), NAMESPACE)
+        degraded = await wait_for(lambda: _condition_is(cluster, "Degraded", "True", "broken"))
+        assert degraded["reason"] == "InvalidSpec"
+        assert "lowWatermark" in degraded["message"]
+        assert await cluster.api.get(DAEMONSETS, "cistern-broken", NAMESPACE) is None
+        assert await wait_for(lambda: cluster.events("InvalidSpec"))
+
+        # A working cache, then a bad update: the daemons keep the old configuration.
+        await cluster.api.create(WRITECACHES, writecache(), NAMESPACE)
+        ds = await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE))
+        cm = await wait_for(lambda: cluster.api.get(CONFIGMAPS, "cistern-ckpt-config",
+                                                    NAMESPACE))
+        await cluster.api.patch(WRITECACHES, "ckpt", {"spec": {"flush": {"partSize": "1Mi"}}},
+                                NAMESPACE)
+        degraded = await wait_for(lambda: _condition_is(cluster, "Degraded", "True"))
+        assert degraded["reason"] == "InvalidSpec"
+        assert "partSize" in degraded["message"]
+        assert await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE) == ds
+        assert (await cluster.api.get(CONFIGMAPS, "cistern-ckpt-config", NAMESPACE)) == cm
+
+        # Fixing the spec clears Degraded and rolls out.
+        await cluster.api.patch(WRITECACHES, "ckpt", {"spec": {"flush": {"partSize": "32Mi"}}},
+                                NAMESPACE)
+        await wait_for(lambda: _condition_is(cluster, "Degraded", "False"))
+        cm = await cluster.api.get(CONFIGMAPS, "cistern-ckpt-config", NAMESPACE)
+        assert NodeConfig.from_dict(yaml.safe_load(cm["data"]["node.yaml"])).flush.part_size \
+            == 32 * 2**20
+
+
+async def test_missing_secret_is_degraded_until_it_appears(cluster: Cluster) -> None:
+    async with running_operator(cluster, operator_settings(cluster)):
+        await cluster.api.create(WRITECACHES, writecache(), NAMESPACE)
+        degraded = await wait_for(lambda: _condition_is(cluster, "Degraded", "True"))
+        assert degraded["reason"] == "SecretNotFound"
+        assert "ml/s3-creds" in degraded["message"]
+        assert await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE) is None
+        await create_credentials(cluster)
+        await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE),
+                       what="the DaemonSet after the Secret appeared")
+        await wait_for(lambda: _condition_is(cluster, "Degraded", "False"))
