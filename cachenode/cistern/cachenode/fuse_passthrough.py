@@ -127,7 +127,8 @@ class PassthroughFrontend:
         self._backings: dict[int, _Backing] = {}
         self._backing_lock = threading.Lock()
         self._fatal: BaseException | None = None
-        # counters (read by status / metrics; plain ints, updated under the GIL)
+        # counters for status / metrics (plain ints, updated under the GIL); ``errors`` counts
+        # requests answered EIO (lost data or a bug), not ordinary errno answers
         self.requests = 0
         self.errors = 0
         self.passthrough_opens = 0
@@ -305,7 +306,7 @@ class PassthroughFrontend:
                     payload = handler(nodeid, uid, gid, pid, body)
                 except OSError as exc:
                     err = exc.errno or errno.EIO
-                    if err not in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY):
+                    if err == errno.EIO:
                         self.errors += 1
                     self._reply_error(unique, err)
                     continue
