@@ -4,8 +4,10 @@ KMock 0.8 stores objects and serves discovery, lists and watches over real HTTP,
 no ``uid``/``resourceVersion``/``generation``, keeps ``stringData`` as sent, and runs no
 controllers, garbage collection or admission. ``ClusterEmulator`` adds the object metadata a
 real API server would (a new ``resourceVersion`` on every write, which kopf relies on to skip
-the stale echoes of its own patches; ``generation`` bumped by spec changes); the tests play the DaemonSet controller themselves (they create the
-daemon pods, pointing at ``DaemonStandIn`` control servers on 127.0.0.x).
+the stale echoes of its own patches; ``generation`` bumped by spec changes; names for
+``generateName``; 422 for a failed JSON-patch test). The tests play the DaemonSet controller
+themselves: they create the daemon pods, pointing at ``DaemonStandIn`` control servers on
+127.0.0.x.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import kopf
 import pytest
 import pytest_asyncio
 from aiohttp import web
-
 from cistern.operator.handlers import build_registry
 from cistern.operator.kubeapi import DAEMONSETS, PODS, Credentials, KubeApi
 from cistern.operator.kubeapi import NODES as NODE_RESOURCE
@@ -50,6 +51,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if request.resource is not None and isinstance(data, dict):
             if request.action == kmock.action.CREATE:
                 meta = data.setdefault("metadata", {})
+                if not meta.get("name") and meta.get("generateName"):
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:8]
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta.setdefault("creationTimestamp", datetime.datetime.now(
                     datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))

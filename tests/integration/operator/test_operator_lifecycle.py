@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from cistern.config import NodeConfig
 from cistern.operator.kubeapi import CONFIGMAPS, DAEMONSETS, SECRETS, WRITECACHES
 
