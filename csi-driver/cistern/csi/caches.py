@@ -9,11 +9,13 @@ Convention (shared with the node daemon, the operator and the chart): the daemon
   running, or has not mounted yet);
 * **foreign** when something other than a ``fuse.cistern`` file system is mounted there
   (FAILED_PRECONDITION);
-* **broken** when the ``fuse.cistern`` mount is in the mount table but does not answer ``stat``
-  within the health timeout (the daemon died: ENOTCONN, or hangs) (UNAVAILABLE);
+* **broken** when the ``fuse.cistern`` mount is in the mount table but does not answer
+  ``statfs`` within the health timeout (the daemon died: ENOTCONN, or hangs) (UNAVAILABLE);
 * **healthy** otherwise: the daemon answered through the kernel.
 
-The state is always read from ``/proc/self/mountinfo`` and one ``stat``, never remembered.
+The state is always read from ``/proc/self/mountinfo`` and one ``statfs``, never remembered.
+``statfs`` rather than ``stat``: the kernel answers ``stat`` of the mount root from its attribute
+cache for a while after the daemon died, but always asks the daemon for ``statfs``.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class CacheMounts:
             raise FailedPrecondition(f"{path} is a {entry.fstype} mount, not a Cistern cache "
                                      f"({CACHE_FSTYPE}); refusing to use it")
         try:
-            call_with_timeout(lambda: os.stat(path), self.health_timeout, f"cache mount {path}")
+            call_with_timeout(lambda: os.statvfs(path), self.health_timeout, f"cache mount {path}")
         except (OSError, TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise Unavailable(f"the cache mount {path} of WriteCache {name!r} is broken "

@@ -1,0 +1,253 @@
+"""Real parts for the CSI driver tests: the ``cistern-csi`` process on a unix socket, a gRPC
+client made from the generated bindings, and real ``cistern-node`` FUSE mounts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cistern.csi.mounts import read_mount_table, unmount
+from cistern.csi.proto import csi_pb2, csi_pb2_grpc
+from cistern.testing.s3server import free_port
+
+NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
+CACHE_NODE = shutil.which("cistern-node")
+
+
+def require_cache_node() -> None:
+    reason = None
+    if CACHE_NODE is None:
+        reason = "cistern-node is not installed yet; the FUSE end-to-end CSI tests need it"
+    elif not os.path.exists("/dev/fuse"):
+        reason = "/dev/fuse is missing; the CSI tests need a real FUSE mount"
+    elif os.geteuid() != 0:
+        reason = "FUSE and bind mounts need root"
+    if reason:
+        print(f"SKIP: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+
+
+def mount_cap(mode: int = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER,
+              fs_type: str = "", flags: tuple[str, ...] = ()) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type, mount_flags=list(flags)),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode))
+
+
+def block_cap() -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(
+            mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+
+
+def status_code(call: Any, *args: Any, **kwargs: Any) -> grpc.StatusCode:
+    """Call a stub method that must fail; return its status code."""
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    return info.value.code()
+
+
+def error_of(call: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+@dataclass
+class Driver:
+    """A running ``cistern-csi`` process and stubs for its services."""
+
+    process: subprocess.Popen[bytes]
+    socket: str
+    log_path: Path
+    mount_root: Path
+    channel: grpc.Channel
+    identity: csi_pb2_grpc.IdentityStub = field(init=False)
+    node: csi_pb2_grpc.NodeStub = field(init=False)
+    controller: csi_pb2_grpc.ControllerStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
+        self.node = csi_pb2_grpc.NodeStub(self.channel)
+        self.controller = csi_pb2_grpc.ControllerStub(self.channel)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        self.channel.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class CacheNode:
+    """A running ``cistern-node`` daemon with its FUSE mount at ``<mount-root>/<name>``."""
+
+    name: str
+    mount: Path
+    store: Path
+    control: str
+    process: subprocess.Popen[bytes]
+
+    def status(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://{self.control}/status", timeout=10) as resp:
+            return dict(json.load(resp))
+
+    def flush(self) -> dict[str, Any]:
+        request = urllib.request.Request(f"http://{self.control}/flush", method="POST", data=b"")
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return dict(json.load(resp))
+
+    def kill(self) -> None:
+        """Die like a crashed daemon: SIGKILL, the FUSE mount stays behind, dead (ENOTCONN)."""
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        # A killed daemon leaves its (dead) mount; remove only this daemon's own mount.
+        for _ in range(4):
+            if read_mount_table().at(self.mount) is None:
+                break
+            unmount(str(self.mount))
+
+
+def unmount_below(directory: Path) -> None:
+    """Remove mounts a failed test left below its own directory (deepest first)."""
+    prefix = f"{directory}/"
+    for _ in range(8):
+        leftovers = sorted((e.mount_point for e in read_mount_table().entries
+                            if e.mount_point.startswith(prefix)), key=len, reverse=True)
+        if not leftovers:
+            return
+        for point in leftovers:
+            try:
+                unmount(point)
+            except OSError as exc:
+                print(f"cannot unmount leftover {point}: {exc}", file=sys.stderr)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_mounts(tmp_path: Path) -> Iterator[None]:
+    yield
+    unmount_below(tmp_path)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory (unix socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="csi-", dir="/tmp"))
+    yield path
+    unmount_below(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def mount_root(short_tmp: Path) -> Path:
+    root = short_tmp / "mounts"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def start_driver(short_tmp: Path, mount_root: Path) -> Iterator[Any]:
+    started: list[Driver] = []
+
+    def start(mode: str = "all", node_id: str = "test-node",
+              health_timeout: float = 2.0) -> Driver:
+        socket = str(short_tmp / f"csi-{len(started)}.sock")
+        log_path = short_tmp / f"csi-{len(started)}.log"
+        log_file = open(log_path, "wb")  # noqa: SIM115 - owned by the process
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cistern.csi.cli", "--endpoint", f"unix://{socket}",
+             "--node-id", node_id, "--mode", mode, "--mount-root", str(mount_root),
+             "--health-timeout", str(health_timeout)],
+            stdout=log_file, stderr=subprocess.STDOUT)
+        log_file.close()
+        channel = grpc.insecure_channel(f"unix://{socket}")
+        try:
+            grpc.channel_ready_future(channel).result(timeout=20)
+        except grpc.FutureTimeoutError:
+            process.kill()
+            raise RuntimeError(f"cistern-csi did not listen on {socket}: "
+                               f"{log_path.read_text()}") from None
+        driver = Driver(process, socket, log_path, mount_root, channel)
+        started.append(driver)
+        return driver
+
+    yield start
+    for driver in started:
+        driver.stop()
+
+
+@pytest.fixture
+def driver(start_driver: Any) -> Driver:
+    return start_driver()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def start_cache(short_tmp: Path, mount_root: Path) -> Iterator[Any]:
+    """Start a real cistern-node for WriteCache ``name`` at ``<mount-root>/<name>``."""
+    started: list[CacheNode] = []
+
+    def start(name: str = "ckpt") -> CacheNode:
+        require_cache_node()
+        mount = mount_root / name
+        mount.mkdir(exist_ok=True)
+        cache_dir = short_tmp / f"cache-{name}"
+        store = short_tmp / f"store-{name}"
+        cache_dir.mkdir()
+        store.mkdir()
+        control = f"127.0.0.1:{free_port()}"
+        log = open(short_tmp / f"node-{name}.log", "wb")  # noqa: SIM115
+        process = subprocess.Popen(
+            [str(CACHE_NODE), "run", "--mount", str(mount), "--cache-dir", str(cache_dir),
+             "--store", f"file://{store}", "--control", control, "--upload-delay", "0"],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        node = CacheNode(name, mount, store, control, process)
+        started.append(node)
+        deadline = time.monotonic() + 30
+        while True:
+            entry = read_mount_table().at(mount)
+            if entry is not None and entry.fstype == "fuse.cistern":
+                try:
+                    node.status()
+                    return node
+                except OSError:
+                    pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"cistern-node did not mount {mount}: "
+                                   f"{(short_tmp / f'node-{name}.log').read_text()}")
+            time.sleep(0.05)
+
+    yield start
+    for node in started:
+        node.stop()

@@ -1,0 +1,196 @@
+"""NodePublishVolume / NodeUnpublishVolume / NodeGetVolumeStats against a real cistern-node.
+
+The cache is a real ``fuse.cistern`` mount of the node daemon at ``<mount-root>/<writecache>``,
+the target is a real bind mount, and the object store is the daemon's ``file://`` store, where
+flushed files appear under the same relative path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cistern.csi.mounts import read_mount_table
+from cistern.csi.proto import csi_pb2
+
+from .conftest import CacheNode, Driver, error_of, mount_cap, status_code
+
+Mode = csi_pb2.VolumeCapability.AccessMode
+
+
+def publish(driver: Driver, target: Path, volume_id: str = "ckpt/run-1",
+            **kwargs: Any) -> csi_pb2.NodePublishVolumeResponse:
+    kwargs.setdefault("volume_capability", mount_cap())
+    return driver.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+        volume_id=volume_id, target_path=str(target), **kwargs))
+
+
+def unpublish(driver: Driver, target: Path, volume_id: str = "ckpt/run-1"
+              ) -> csi_pb2.NodeUnpublishVolumeResponse:
+    return driver.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id=volume_id, target_path=str(target)))
+
+
+def mounts_at(path: Path) -> int:
+    return sum(1 for e in read_mount_table().entries if e.mount_point == str(path))
+
+
+@pytest.fixture
+def cache(start_cache: Any) -> CacheNode:
+    return start_cache("ckpt")  # type: ignore[no-any-return]
+
+
+def test_publish_writes_through_to_the_object_store(driver: Driver, cache: CacheNode,
+                                                    tmp_path: Path) -> None:
+    target = tmp_path / "pod" / "volumes" / "ckpt"
+    publish(driver, target, volume_id="ckpt/team-a/run-1")
+    entry = read_mount_table().at(target)
+    assert entry is not None and entry.fstype == "fuse.cistern"
+    assert entry.root == "/team-a/run-1"
+    # The volume directory was created on first use, in the cache namespace.
+    assert (cache.mount / "team-a" / "run-1").is_dir()
+    assert (cache.mount / "team-a" / "run-1").stat().st_mode & 0o777 == 0o777
+
+    (target / "step-100").mkdir()
+    (target / "step-100" / "shard-0.pt").write_bytes(b"weights" * 1000)
+    with open(target / "step-100" / "shard-0.pt", "rb+") as f:
+        os.fsync(f.fileno())
+    assert cache.flush()["flushed"] is True
+    stored = cache.store / "team-a" / "run-1" / "step-100" / "shard-0.pt"
+    assert stored.read_bytes() == b"weights" * 1000
+
+    assert driver.identity.Probe(csi_pb2.ProbeRequest()).ready.value is True
+    info = driver.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest())
+    assert info.accessible_topology.segments["csi.cistern.dev/ckpt"] == "true"
+
+    unpublish(driver, target, "ckpt/team-a/run-1")
+    assert read_mount_table().at(target) is None
+    assert not target.exists()
+    # Unpublishing never deletes data.
+    assert (cache.mount / "team-a" / "run-1" / "step-100" / "shard-0.pt").exists()
+    assert stored.exists()
+
+
+def test_publish_and_unpublish_are_idempotent(driver: Driver, cache: CacheNode,
+                                              tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    publish(driver, target)
+    publish(driver, target)
+    assert mounts_at(target) == 1
+    # The same target with another volume, or another access, conflicts: ALREADY_EXISTS.
+    err = error_of(publish, driver, target, volume_id="ckpt/run-2")
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert status_code(publish, driver, target, readonly=True) == grpc.StatusCode.ALREADY_EXISTS
+    assert mounts_at(target) == 1
+    unpublish(driver, target)
+    unpublish(driver, target)
+    assert mounts_at(target) == 0 and not target.exists()
+
+
+def test_read_only_publish_refuses_writes(driver: Driver, cache: CacheNode,
+                                          tmp_path: Path) -> None:
+    writer, reader, reader_mode = tmp_path / "w", tmp_path / "r", tmp_path / "rm"
+    publish(driver, writer)
+    (writer / "model.pt").write_bytes(b"abc")
+    publish(driver, reader, readonly=True)
+    publish(driver, reader_mode, volume_capability=mount_cap(mode=Mode.MULTI_NODE_READER_ONLY))
+    for target in (reader, reader_mode):
+        assert (target / "model.pt").read_bytes() == b"abc"
+        with pytest.raises(OSError) as info:
+            (target / "new.pt").write_bytes(b"x")
+        assert info.value.errno == errno.EROFS
+        entry = read_mount_table().at(target)
+        assert entry is not None and entry.read_only
+    # The writer's mount stays writable: the read-only bind did not change the cache.
+    (writer / "more.pt").write_bytes(b"y")
+    for target in (writer, reader, reader_mode):
+        unpublish(driver, target)
+
+
+def test_inline_ephemeral_volume_uses_its_context(driver: Driver, cache: CacheNode,
+                                                  tmp_path: Path) -> None:
+    target = tmp_path / "inline"
+    publish(driver, target, volume_id="csi-5f0c9a1e7d2b",
+            volume_context={"writeCache": "ckpt", "path": "jobs/llama/ckpt",
+                            "csi.storage.k8s.io/ephemeral": "true",
+                            "csi.storage.k8s.io/pod.name": "trainer-0"})
+    (target / "rank0.bin").write_bytes(b"r0")
+    assert (cache.mount / "jobs" / "llama" / "ckpt" / "rank0.bin").read_bytes() == b"r0"
+    unpublish(driver, target, "csi-5f0c9a1e7d2b")
+    unpublish(driver, target, "csi-5f0c9a1e7d2b")  # the kubelet's id: OK again, not NOT_FOUND
+    assert not target.exists()
+    assert (cache.mount / "jobs" / "llama" / "ckpt" / "rank0.bin").exists()
+
+
+def test_volume_stats_report_bytes_and_inodes(driver: Driver, cache: CacheNode,
+                                              tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    publish(driver, target)
+    (target / "blob").write_bytes(os.urandom(1 << 20))
+    stats = driver.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+        volume_id="ckpt/run-1", volume_path=str(target)))
+    usage = {u.unit: u for u in stats.usage}
+    st = os.statvfs(target)
+    by, ino = usage[csi_pb2.VolumeUsage.BYTES], usage[csi_pb2.VolumeUsage.INODES]
+    assert by.total == st.f_blocks * st.f_frsize > 0
+    assert 0 < by.used <= by.total and 0 <= by.available <= by.total
+    assert ino.total == st.f_files and 0 <= ino.used <= ino.total
+    assert not stats.volume_condition.abnormal
+    unpublish(driver, target)
+
+
+def test_a_dead_daemon_is_unavailable_and_unpublish_still_cleans_up(
+        driver: Driver, cache: CacheNode, tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    publish(driver, target)
+    (target / "before-crash").write_bytes(b"1")
+    cache.kill()  # SIGKILL: the FUSE mount stays in the mount table, dead (ENOTCONN)
+
+    assert driver.identity.Probe(csi_pb2.ProbeRequest()).ready.value is False
+    other = tmp_path / "other"
+    err = error_of(publish, driver, other, volume_id="ckpt/run-2")
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "broken" in err.details()
+    assert read_mount_table().at(other) is None and not other.exists()
+    stats = driver.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+        volume_id="ckpt/run-1", volume_path=str(target)))
+    assert stats.volume_condition.abnormal and not stats.usage
+
+    unpublish(driver, target)
+    assert read_mount_table().at(target) is None
+    assert not os.path.lexists(target)
+
+
+def test_concurrent_calls_on_one_target_are_aborted(start_driver: Any, cache: CacheNode,
+                                                    tmp_path: Path) -> None:
+    driver = start_driver(health_timeout=3.0)
+    target = tmp_path / "target"
+    cache.process.send_signal(signal.SIGSTOP)  # the daemon hangs: the health check blocks
+    try:
+        first: dict[str, Any] = {}
+
+        def slow_publish() -> None:
+            try:
+                publish(driver, target)
+            except grpc.RpcError as exc:
+                first["code"] = exc.code()
+
+        thread = threading.Thread(target=slow_publish)
+        thread.start()
+        time.sleep(0.8)
+        assert status_code(publish, driver, target) == grpc.StatusCode.ABORTED
+        assert status_code(unpublish, driver, target) == grpc.StatusCode.ABORTED
+        thread.join(timeout=30)
+        assert first["code"] == grpc.StatusCode.UNAVAILABLE  # hung daemon: not published
+        assert read_mount_table().at(target) is None
+    finally:
+        cache.process.send_signal(signal.SIGCONT)
+    publish(driver, target)  # with the daemon back, the same call succeeds
+    unpublish(driver, target)
