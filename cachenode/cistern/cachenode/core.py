@@ -142,6 +142,7 @@ class CacheCore:
         self._owners: dict[str, int] = {}
         self._tombstones: set[str] = set()
         self._pending: set[int] = set()
+        self._list_retry_at: dict[int, float] = {}
         self._handles: dict[int, Handle] = {}
         self._fh = itertools.count(1)
         self._seq = itertools.count(1)
@@ -339,11 +340,21 @@ class CacheCore:
 
     def _ensure_listed(self, entry: Entry) -> None:
         """Import the store's view of a directory the first time it is looked at."""
-        if entry.listed:
+        if entry.listed or time.monotonic() < self._list_retry_at.get(entry.ino, 0.0):
             return
         prefix = self.key_of(entry)
         prefix = f"{prefix}/" if prefix else ""
-        files, dirs = self.store.list_dir(prefix)
+        try:
+            files, dirs = self.store.list_dir(prefix)
+        except StoreError as exc:
+            # Writers must not fail because the store is down: serve what is known locally
+            # and list again later. The local entries win over the store's when it returns.
+            self._list_retry_at[entry.ino] = time.monotonic() + 5.0
+            log.warning("cannot list %s/ in the object store (%s); showing local entries "
+                        "only for now", prefix.rstrip("/") or "", exc)
+            self._on_event("list_error", 1)
+            return
+        self._list_retry_at.pop(entry.ino, None)
         with self._lock, self.journal.transaction():
             if entry.listed:
                 return

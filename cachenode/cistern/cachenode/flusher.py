@@ -111,7 +111,6 @@ class Flusher:
                                   lambda k=key, u=uid: self.store.abort_multipart(k, u))
                     log.info("aborted interrupted multipart upload of %s (%s)", key, uid)
             except StoreError as exc:
-                self.errors.add(f"abort-multipart {key}", exc)
                 log.warning("could not clean up interrupted upload of %s: %s", key, exc)
                 with self.core.changed:
                     self.core.stale_uploads.append((key, upload_id))
@@ -136,6 +135,7 @@ class Flusher:
     def _on_error(self, op: str) -> object:
         def record(exc: StoreError) -> None:
             code = exc.code
+            self.errors.add(op, exc)
             self.metrics.errors.labels(code).inc()
             if getattr(exc, "throttled", False):
                 self.metrics.throttles.inc()
@@ -171,7 +171,8 @@ class Flusher:
                     work.key, work.fd, work.size, work.metadata), nbytes=work.size)
         except (StoreError, OSError) as exc:
             error = exc
-            self.errors.add(f"upload {work.key}", exc)
+            if not isinstance(exc, StoreError):
+                self.errors.add(f"upload {work.key}", exc)
             level = logging.ERROR if isinstance(exc, PermanentStoreError) else logging.WARNING
             log.log(level, "upload of %s failed, will retry: %s", work.path, exc)
         finally:
@@ -232,7 +233,6 @@ class Flusher:
                 self.metrics.copies.inc()
         except (StoreError, FileNotFoundError) as exc:
             error = exc
-            self.errors.add(f"copy {work.src} -> {work.dst}", exc)
             log.warning("copy of %s to %s failed, will retry: %s", work.src, work.dst, exc)
         self.core.finish_move(work, error)
 
@@ -243,7 +243,6 @@ class Flusher:
             self.metrics.deletes.inc()
         except StoreError as exc:
             error = exc
-            self.errors.add(f"delete {work.key}", exc)
             log.warning("delete of %s failed, will retry: %s", work.key, exc)
         self.core.finish_delete(work, error)
 
