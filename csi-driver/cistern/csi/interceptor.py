@@ -32,12 +32,12 @@ def _redact_in_place(message: Message) -> None:
             if is_map:
                 for key in list(value):
                     value[key] = REDACTED
-            elif field.label == field.LABEL_REPEATED:
+            elif field.is_repeated:
                 value[:] = [REDACTED] * len(value)
             else:
                 setattr(message, field.name, REDACTED)
         elif field.message_type is not None and not is_map:
-            if field.label == field.LABEL_REPEATED:
+            if field.is_repeated:
                 for item in value:
                     _redact_in_place(item)
             else:

@@ -118,6 +118,24 @@ class CacheNode:
         with urllib.request.urlopen(request, timeout=60) as resp:
             return dict(json.load(resp))
 
+    def flush_until(self, relative: str, present: bool = True, timeout: float = 15.0) -> Path:
+        """Flush until ``relative`` is (or is no longer) in the object store; return its path.
+
+        The kernel sends FUSE RELEASE after close() has returned, so one flush right after a
+        close can still see the file open; flushing again until the store shows it is what a
+        user waiting for durability does too.
+        """
+        stored = self.store / relative
+        deadline = time.monotonic() + timeout
+        while True:
+            self.flush()
+            if stored.exists() == present:
+                return stored
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{stored} {'never appeared' if present else 'stayed'} "
+                                     f"after flushing for {timeout}s: {self.status()}")
+            time.sleep(0.1)
+
     def kill(self) -> None:
         """Die like a crashed daemon: SIGKILL, the FUSE mount stays behind, dead (ENOTCONN)."""
         self.process.kill()

@@ -62,8 +62,7 @@ def test_publish_writes_through_to_the_object_store(driver: Driver, cache: Cache
     (target / "step-100" / "shard-0.pt").write_bytes(b"weights" * 1000)
     with open(target / "step-100" / "shard-0.pt", "rb+") as f:
         os.fsync(f.fileno())
-    assert cache.flush()["flushed"] is True
-    stored = cache.store / "team-a" / "run-1" / "step-100" / "shard-0.pt"
+    stored = cache.flush_until("team-a/run-1/step-100/shard-0.pt")
     assert stored.read_bytes() == b"weights" * 1000
 
     assert driver.identity.Probe(csi_pb2.ProbeRequest()).ready.value is True

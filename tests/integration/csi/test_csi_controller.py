@@ -1,0 +1,146 @@
+"""The Controller service over the unix socket: provisioning, deletion, validation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cistern.csi.proto import csi_pb2
+
+from .conftest import CacheNode, Driver, block_cap, error_of, mount_cap, status_code
+
+Mode = csi_pb2.VolumeCapability.AccessMode
+SECRET = "s3cr3t-value-that-must-not-be-logged"
+
+
+def create(driver: Driver, name: str = "pvc-1b2c3d4e-0000-1111-2222-333344445555",
+           parameters: dict[str, str] | None = None, **kwargs: Any) -> csi_pb2.Volume:
+    kwargs.setdefault("volume_capabilities", [mount_cap(Mode.MULTI_NODE_MULTI_WRITER)])
+    response = driver.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
+        name=name, parameters={"writeCache": "ckpt"} if parameters is None else parameters,
+        **kwargs))
+    return response.volume
+
+
+def test_controller_capabilities(driver: Driver) -> None:
+    caps = {c.rpc.type for c in driver.controller.ControllerGetCapabilities(
+        csi_pb2.ControllerGetCapabilitiesRequest()).capabilities}
+    assert csi_pb2.ControllerServiceCapability.RPC.CREATE_DELETE_VOLUME in caps
+
+
+def test_create_volume_is_named_after_the_pvc_and_idempotent(driver: Driver) -> None:
+    params = {"writeCache": "ckpt", "csi.storage.k8s.io/pvc/name": "llama-ckpt",
+              "csi.storage.k8s.io/pvc/namespace": "team-a"}
+    first = create(driver, parameters=params)
+    again = create(driver, parameters=params)
+    assert first.volume_id == "ckpt/team-a/llama-ckpt-1b2c3d4e"
+    assert again == first
+    assert dict(first.volume_context) == {"writeCache": "ckpt",
+                                          "path": "team-a/llama-ckpt-1b2c3d4e"}
+    assert [dict(t.segments) for t in first.accessible_topology] == [
+        {"csi.cistern.dev/ckpt": "true"}]
+    # Without PVC metadata, the CO's volume name is the directory.
+    plain = create(driver, name="pvc-aaaa")
+    assert plain.volume_id == "ckpt/pvc-aaaa"
+
+
+def test_create_volume_capacity(driver: Driver) -> None:
+    assert create(driver, name="pvc-c1").capacity_bytes == 0  # unknown: not asked for
+    asked = csi_pb2.CapacityRange(required_bytes=10 << 30, limit_bytes=20 << 30)
+    assert create(driver, name="pvc-c2", capacity_range=asked).capacity_bytes == 10 << 30
+    only_limit = csi_pb2.CapacityRange(limit_bytes=5 << 30)
+    assert create(driver, name="pvc-c3", capacity_range=only_limit).capacity_bytes == 5 << 30
+    inverted = csi_pb2.CapacityRange(required_bytes=2 << 30, limit_bytes=1 << 30)
+    assert status_code(create, driver, name="pvc-c4", capacity_range=inverted) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    ({"name": ""}, "name"),
+    ({"volume_capabilities": []}, "volume_capabilities"),
+    ({"volume_capabilities": [block_cap()]}, "block"),
+    ({"parameters": {}}, "writeCache"),
+    ({"parameters": {"writeCache": "ckpt", "bucket": "x"}}, "bucket"),
+    ({"parameters": {"writeCache": "../etc"}}, "WriteCache name"),
+    ({"volume_content_source": csi_pb2.VolumeContentSource(
+        snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id="s"))}, "snapshot"),
+])
+def test_create_volume_rejects_bad_requests(driver: Driver, kwargs: dict[str, Any],
+                                            problem: str) -> None:
+    err = error_of(create, driver, **kwargs)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert problem in err.details()
+
+
+def test_create_volume_honours_topology(driver: Driver) -> None:
+    elsewhere = csi_pb2.TopologyRequirement(requisite=[
+        csi_pb2.Topology(segments={"csi.cistern.dev/datasets": "true"})])
+    assert status_code(create, driver, accessibility_requirements=elsewhere) \
+        == grpc.StatusCode.RESOURCE_EXHAUSTED
+    here = csi_pb2.TopologyRequirement(requisite=[
+        csi_pb2.Topology(segments={"csi.cistern.dev/ckpt": "true",
+                                   "csi.cistern.dev/datasets": "true"})])
+    assert create(driver, accessibility_requirements=here).volume_id.startswith("ckpt/")
+
+
+def test_validate_volume_capabilities(driver: Driver) -> None:
+    validate = driver.controller.ValidateVolumeCapabilities
+    ok = validate(csi_pb2.ValidateVolumeCapabilitiesRequest(
+        volume_id="ckpt/run-1", volume_capabilities=[mount_cap(Mode.MULTI_NODE_MULTI_WRITER)]))
+    assert list(ok.confirmed.volume_capabilities) == [mount_cap(Mode.MULTI_NODE_MULTI_WRITER)]
+    refused = validate(csi_pb2.ValidateVolumeCapabilitiesRequest(
+        volume_id="ckpt/run-1", volume_capabilities=[block_cap()]))
+    assert not refused.HasField("confirmed") and "block" in refused.message
+    assert status_code(validate, csi_pb2.ValidateVolumeCapabilitiesRequest(
+        volume_id="not-a-cistern-volume", volume_capabilities=[mount_cap()])
+    ) == grpc.StatusCode.NOT_FOUND
+    assert status_code(validate, csi_pb2.ValidateVolumeCapabilitiesRequest(
+        volume_id="ckpt/run-1")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_code(validate, csi_pb2.ValidateVolumeCapabilitiesRequest(
+        volume_capabilities=[mount_cap()])) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_delete_volume_argument_and_absent_cases(driver: Driver) -> None:
+    delete = driver.controller.DeleteVolume
+    assert status_code(delete, csi_pb2.DeleteVolumeRequest()) == grpc.StatusCode.INVALID_ARGUMENT
+    delete(csi_pb2.DeleteVolumeRequest(volume_id="not-a-cistern-volume"))  # nothing: OK
+    # The data lives in a cache this controller cannot reach: refuse, delete nothing.
+    err = error_of(delete, csi_pb2.DeleteVolumeRequest(volume_id="elsewhere/pvc-x"))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_provisioned_volume_lifecycle(driver: Driver, start_cache: Any, tmp_path: Path) -> None:
+    cache: CacheNode = start_cache("ckpt")
+    params = {"writeCache": "ckpt", "csi.storage.k8s.io/pvc/name": "run",
+              "csi.storage.k8s.io/pvc/namespace": "ml"}
+    volume = create(driver, parameters=params, secrets={"token": SECRET})
+    target = tmp_path / "pod-volume"
+    driver.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+        volume_id=volume.volume_id, target_path=str(target),
+        volume_capability=mount_cap(Mode.MULTI_NODE_MULTI_WRITER),
+        volume_context=volume.volume_context, secrets={"token": SECRET}))
+    (target / "step-1").mkdir()
+    (target / "step-1" / "model.pt").write_bytes(b"m" * 4096)
+    stored = cache.flush_until("ml/run-1b2c3d4e/step-1/model.pt")
+    assert stored.read_bytes() == b"m" * 4096
+    # A sibling volume in the same namespace directory must survive the deletion.
+    (cache.mount / "ml" / "other").mkdir()
+
+    driver.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id=volume.volume_id, target_path=str(target)))
+    driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(
+        volume_id=volume.volume_id, secrets={"token": SECRET}))
+    assert not (cache.mount / "ml" / "run-1b2c3d4e").exists()
+    assert (cache.mount / "ml" / "other").is_dir()
+    cache.flush_until("ml/run-1b2c3d4e/step-1/model.pt", present=False)
+    driver.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=volume.volume_id))
+
+    log = driver.log()
+    assert "CreateVolume call" in log and "NodePublishVolume call" in log
+    assert SECRET not in log
+    assert 'value: "***"' in log
+    assert "Logging error" not in log and "Traceback" not in log
+    assert os.path.isdir(cache.mount)
