@@ -1,0 +1,71 @@
+"""The objects the operator builds are valid Kubernetes objects (kubernetes-validate --strict)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from cistern.config import NodeConfig
+from cistern.operator import manifests
+from cistern.operator.settings import OperatorSettings
+from cistern.writecache import WriteCacheSpec
+
+BODY: dict[str, Any] = {
+    "apiVersion": "cistern.dev/v1alpha1", "kind": "WriteCache",
+    "metadata": {"name": "ckpt", "namespace": "ml", "uid": "0c0ffee0-0000-0000-0000-000000000001"},
+    "spec": {"objectStore": {"bucket": "ckpt-bucket", "credentialsSecretRef": {"name": "creds"}},
+             "nodeSelector": {"gpu": "true"},
+             "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+             "drain": {"timeout": "20m"}},
+}
+SETTINGS = OperatorSettings()
+
+
+def built() -> dict[str, dict[str, Any]]:
+    spec = WriteCacheSpec.from_dict(BODY["spec"])
+    config = manifests.node_config("ckpt", spec, SETTINGS)
+    node = "ip-10-0-0-1.eu-west-1.compute.internal.with-a-very-long-suffix"
+    return {
+        "configmap": manifests.configmap(BODY, config),
+        "secret": manifests.control_secret(BODY, "token"),
+        "daemonset": manifests.daemonset(BODY, spec, config, SETTINGS),
+        "storageclass": manifests.storage_class(BODY, spec),
+        "guard-pod": manifests.guard_pod(BODY, node, SETTINGS),
+        "guard-pdb": manifests.guard_pdb(BODY, node),
+    }
+
+
+@pytest.mark.parametrize("kind", list(built()))
+def test_valid_kubernetes_object(kind: str) -> None:
+    kubernetes_validate.validate(built()[kind], "1.32.0", strict=True)
+
+
+def test_daemonset_mounts_fuse_and_config() -> None:
+    objs = built()
+    ds = objs["daemonset"]
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"gpu": "true"}
+    assert pod["tolerations"] == BODY["spec"]["tolerations"]
+    assert pod["terminationGracePeriodSeconds"] == 20 * 60 + 30  # room to flush on SIGTERM
+    assert pod["priorityClassName"] == "system-node-critical"
+    container = pod["containers"][0]
+    config_path = container["command"][container["command"].index("--config") + 1]
+    mount = next(m for m in container["volumeMounts"] if config_path.startswith(m["mountPath"]))
+    assert mount["name"] == "config"
+    data = objs["configmap"]["data"]["node.yaml"]
+    config = NodeConfig.from_dict(yaml.safe_load(data))
+    assert config.cache.dir == next(m["mountPath"] for m in container["volumeMounts"]
+                                    if m["name"] == "cache")
+    assert config.control_token_file.startswith(next(
+        m["mountPath"] for m in container["volumeMounts"] if m["name"] == "control-token"))
+    assert ds["spec"]["selector"]["matchLabels"].items() <= \
+        ds["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_guard_names_fit_label_values() -> None:
+    pod = built()["guard-pod"]
+    assert all(len(v) <= 63 for v in pod["metadata"]["labels"].values())
+    assert pod["spec"]["nodeName"].startswith("ip-10-0-0-1")
+    assert {"operator": "Exists"} in pod["spec"]["tolerations"]
