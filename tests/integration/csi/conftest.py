@@ -155,6 +155,8 @@ class CacheNode:
             if read_mount_table().at(self.mount) is None:
                 break
             unmount(str(self.mount))
+        if read_mount_table().at(self.mount) is None:
+            shutil.rmtree(self.mount, ignore_errors=True)
 
 
 def unmount_below(directory: Path) -> None:
@@ -178,23 +180,40 @@ def _no_leftover_mounts(tmp_path: Path) -> Iterator[None]:
     unmount_below(tmp_path)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def short_tmp() -> Iterator[Path]:
-    """A short directory (unix socket paths are limited to 107 bytes)."""
+    """A short directory per test module (unix socket paths are limited to 107 bytes)."""
     path = Path(tempfile.mkdtemp(prefix="csi-", dir="/tmp"))
     yield path
     unmount_below(path)
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def mount_root(short_tmp: Path) -> Path:
+    """The module's mount root; tests remove the cache directories they make in it."""
     root = short_tmp / "mounts"
     root.mkdir()
     return root
 
 
 @pytest.fixture
+def make_cache_dir(mount_root: Path) -> Iterator[Any]:
+    """Make ``<mount-root>/<name>`` (a cache whose daemon is not running); removed afterwards."""
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        path = mount_root / name
+        path.mkdir()
+        made.append(path)
+        return path
+
+    yield make
+    for path in reversed(made):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
 def start_driver(short_tmp: Path, mount_root: Path) -> Iterator[Any]:
     started: list[Driver] = []
 
@@ -225,13 +244,13 @@ def start_driver(short_tmp: Path, mount_root: Path) -> Iterator[Any]:
         driver.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def driver(start_driver: Any) -> Driver:
     return start_driver()  # type: ignore[no-any-return]
 
 
 @pytest.fixture
-def start_cache(short_tmp: Path, mount_root: Path) -> Iterator[Any]:
+def start_cache(tmp_path: Path, mount_root: Path) -> Iterator[Any]:
     """Start a real cistern-node for WriteCache ``name`` at ``<mount-root>/<name>``."""
     started: list[CacheNode] = []
 
@@ -239,12 +258,12 @@ def start_cache(short_tmp: Path, mount_root: Path) -> Iterator[Any]:
         require_cache_node()
         mount = mount_root / name
         mount.mkdir(exist_ok=True)
-        cache_dir = short_tmp / f"cache-{name}"
-        store = short_tmp / f"store-{name}"
+        cache_dir = tmp_path / f"cache-{name}"
+        store = tmp_path / f"store-{name}"
         cache_dir.mkdir()
         store.mkdir()
         control = f"127.0.0.1:{free_port()}"
-        log = open(short_tmp / f"node-{name}.log", "wb")  # noqa: SIM115
+        log = open(tmp_path / f"node-{name}.log", "wb")  # noqa: SIM115
         process = subprocess.Popen(
             [str(CACHE_NODE), "run", "--mount", str(mount), "--cache-dir", str(cache_dir),
              "--store", f"file://{store}", "--control", control, "--upload-delay", "0"],
@@ -263,7 +282,7 @@ def start_cache(short_tmp: Path, mount_root: Path) -> Iterator[Any]:
                     pass
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"cistern-node did not mount {mount}: "
-                                   f"{(short_tmp / f'node-{name}.log').read_text()}")
+                                   f"{(tmp_path / f'node-{name}.log').read_text()}")
             time.sleep(0.05)
 
     yield start

@@ -62,9 +62,9 @@ def test_services_outside_the_mode_are_unimplemented(start_driver: Any) -> None:
     assert controller_only.identity.Probe(csi_pb2.ProbeRequest()).ready.value is True
 
 
-def test_probe_is_not_ready_without_a_cache(driver: Driver, mount_root: Path) -> None:
+def test_probe_is_not_ready_without_a_cache(driver: Driver, make_cache_dir: Any) -> None:
     assert driver.identity.Probe(csi_pb2.ProbeRequest()).ready.value is False
-    (mount_root / "ckpt").mkdir()  # the daemon's mount point, but no daemon
+    make_cache_dir("ckpt")  # the daemon's mount point, but no daemon
     assert driver.identity.Probe(csi_pb2.ProbeRequest()).ready.value is False
 
 
@@ -132,8 +132,8 @@ def test_stats_of_a_path_that_is_no_volume_is_not_found(driver: Driver, tmp_path
 
 
 def test_a_cache_whose_daemon_is_down_is_unavailable(driver: Driver, mount_root: Path,
-                                                     tmp_path: Path) -> None:
-    (mount_root / "ckpt").mkdir()
+                                                     make_cache_dir: Any, tmp_path: Path) -> None:
+    make_cache_dir("ckpt")
     target = tmp_path / "target"
     err = error_of(publish, driver, target)
     assert err.code() == grpc.StatusCode.UNAVAILABLE
@@ -144,10 +144,9 @@ def test_a_cache_whose_daemon_is_down_is_unavailable(driver: Driver, mount_root:
 
 
 @NEEDS_ROOT
-def test_a_foreign_file_system_at_the_cache_path_is_refused(driver: Driver, mount_root: Path,
+def test_a_foreign_file_system_at_the_cache_path_is_refused(driver: Driver, make_cache_dir: Any,
                                                             tmp_path: Path) -> None:
-    cache = mount_root / "ckpt"
-    cache.mkdir()
+    cache = make_cache_dir("ckpt")
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     assert libc.mount(b"tmpfs", str(cache).encode(), b"tmpfs", 0, b"size=1m") == 0, \
         os.strerror(ctypes.get_errno())
@@ -162,10 +161,12 @@ def test_a_foreign_file_system_at_the_cache_path_is_refused(driver: Driver, moun
         unmount(str(cache))
 
 
-def test_node_info_reports_the_node_and_its_caches(driver: Driver, mount_root: Path) -> None:
-    assert driver.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest()).node_id == "test-node"
-    (mount_root / "ckpt").mkdir()
-    (mount_root / "datasets").mkdir()
+def test_node_info_reports_the_node_and_its_caches(driver: Driver, make_cache_dir: Any) -> None:
+    info = driver.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest())
+    assert info.node_id == "test-node"
+    assert dict(info.accessible_topology.segments) == {}
+    make_cache_dir("ckpt")
+    make_cache_dir("datasets")
     info = driver.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest())
     assert dict(info.accessible_topology.segments) == {
         "csi.cistern.dev/ckpt": "true", "csi.cistern.dev/datasets": "true"}
