@@ -12,7 +12,7 @@ import base64
 import datetime
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from cistern.operator.kubeapi import (
     SECRETS,
     STORAGECLASSES,
     WRITECACHES,
+    ApiError,
     KubeApi,
 )
 from cistern.operator.settings import OperatorSettings
@@ -178,39 +179,83 @@ class Reconciler:
                 await self.api.delete(STORAGECLASSES, sc["metadata"]["name"])
 
     async def patch_status(self, body: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
+        """Merge ``fields`` into the status, only if the object is still the version read.
+
+        Status is written from handlers and from the timer; the resourceVersion precondition
+        (409 on mismatch) keeps a writer working from an old read from undoing a newer one.
+        """
         meta = body["metadata"]
-        await self.api.patch(WRITECACHES, meta["name"], {"status": dict(fields)},
-                             meta["namespace"], subresource="status")
+        patch: dict[str, Any] = {"status": dict(fields)}
+        if meta.get("resourceVersion"):
+            patch["metadata"] = {"resourceVersion": meta["resourceVersion"]}
+        await self.api.patch(WRITECACHES, meta["name"], patch, meta["namespace"],
+                             subresource="status")
+
+    async def _fresh(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        meta = body["metadata"]
+        return await self.api.get(WRITECACHES, meta["name"], meta["namespace"])
+
+    async def _update_status(self, body: Mapping[str, Any],
+                             compute: Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]]],
+                             attempts: int = 5) -> dict[str, Any] | None:
+        """Read the latest object, compute the status from it, write it; retry on conflicts.
+
+        Returns the fields written, or None when the object is gone.
+        """
+        for attempt in range(attempts):
+            fresh = await self._fresh(body)
+            if fresh is None:
+                return None
+            fields = await compute(fresh)
+            if not fields:
+                return fields
+            try:
+                await self.patch_status(fresh, fields)
+            except ApiError as exc:
+                if exc.status != 409 or attempt == attempts - 1:
+                    raise
+                continue
+            return fields
+        return None
 
     async def report_applied(self, body: Mapping[str, Any], spec: WriteCacheSpec) -> None:
         meta = body["metadata"]
         ds = await self.api.get(DAEMONSETS, manifests.names(meta["name"]).daemonset,
                                 meta["namespace"])
-        status = body.get("status") or {}
-        view = ClusterView(generation=int(meta.get("generation") or 0), daemonset=ds,
-                           nodes=status.get("nodes") or [])
-        fields = {
-            "observedGeneration": int(meta.get("generation") or 0),
-            "specProblem": None,
-            "storageClassName": storage_class_name(meta["name"], spec),
-            "conditions": build_conditions(view, status.get("conditions") or [], now_iso()),
-        }
-        await self.patch_status(body, fields)
+
+        async def compute(fresh: Mapping[str, Any]) -> dict[str, Any]:
+            status = fresh.get("status") or {}
+            generation = int(body["metadata"].get("generation") or 0)
+            view = ClusterView(generation=generation, daemonset=ds,
+                               nodes=status.get("nodes") or [])
+            return {
+                "observedGeneration": generation,
+                "specProblem": None,
+                "storageClassName": storage_class_name(meta["name"], spec),
+                "conditions": build_conditions(view, status.get("conditions") or [], now_iso()),
+            }
+
+        await self._update_status(body, compute)
 
     async def report_problem(self, body: Mapping[str, Any], problem: Problem) -> None:
         """Degraded with the reason; nothing owned is touched, so a working cache keeps working."""
         meta = body["metadata"]
-        status = body.get("status") or {}
-        old = status.get("specProblem") or {}
         ds = await self.api.get(DAEMONSETS, manifests.names(meta["name"]).daemonset,
                                 meta["namespace"])
-        view = ClusterView(generation=int(meta.get("generation") or 0),
-                           spec_problem=SpecProblem(problem.reason, problem.message),
-                           daemonset=ds, nodes=status.get("nodes") or [])
-        await self.patch_status(body, {
-            "specProblem": {"reason": problem.reason, "message": problem.message},
-            "conditions": build_conditions(view, status.get("conditions") or [], now_iso()),
-        })
+        old: dict[str, Any] = {}
+
+        async def compute(fresh: Mapping[str, Any]) -> dict[str, Any]:
+            status = fresh.get("status") or {}
+            old.update(status.get("specProblem") or {})
+            view = ClusterView(generation=int(body["metadata"].get("generation") or 0),
+                               spec_problem=SpecProblem(problem.reason, problem.message),
+                               daemonset=ds, nodes=status.get("nodes") or [])
+            return {
+                "specProblem": {"reason": problem.reason, "message": problem.message},
+                "conditions": build_conditions(view, status.get("conditions") or [], now_iso()),
+            }
+
+        await self._update_status(body, compute)
         if old.get("reason") != problem.reason or old.get("message") != problem.message:
             self.post_event(body, "Warning", problem.reason, problem.message)
 
@@ -265,14 +310,19 @@ class Reconciler:
     async def refresh(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """Poll the daemons, advance node drains, keep guards, and update the status.
 
+        Works from a fresh read of the WriteCache and writes with a resourceVersion
+        precondition (re-reading on a conflict, so drain progress is never lost).
         Returns the status fields written (an empty dict when nothing changed).
         """
-        meta = body["metadata"]
+        fresh = await self._fresh(body)
+        if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+            return {}
+        meta = fresh["metadata"]
         name, namespace = meta["name"], meta["namespace"]
-        status = body.get("status") or {}
+        status = fresh.get("status") or {}
         previous_nodes = {n.get("node"): n for n in status.get("nodes") or []}
         observed = await self.observe(namespace, name)
-        drain_timeout = _drain_timeout(body)
+        drain_timeout = _drain_timeout(fresh)
         node_objects = {n["metadata"]["name"]: n for n in await self.api.list(NODES)}
         summaries = []
         running_nodes = set()
@@ -280,35 +330,40 @@ class Reconciler:
             running_nodes.add(endpoint.node)
             daemon_status = observed.statuses.get(endpoint.node)
             drain = await self._advance_drain(
-                body, endpoint, node_objects.get(endpoint.node), daemon_status,
+                fresh, endpoint, node_objects.get(endpoint.node), daemon_status,
                 previous_nodes.get(endpoint.node) or {}, drain_timeout)
             summaries.append(node_summary(endpoint.node, endpoint.pod, daemon_status,
                                           observed.errors.get(endpoint.node), drain))
-        await self._remove_stale_guards(body, running_nodes)
+        await self._remove_stale_guards(fresh, running_nodes)
 
         ds = await self.api.get(DAEMONSETS, manifests.names(name).daemonset, namespace)
-        problem = status.get("specProblem")
-        view = ClusterView(
-            generation=int(meta.get("generation") or 0),
-            spec_problem=SpecProblem(problem["reason"], problem["message"]) if problem else None,
-            daemonset=ds, nodes=summaries)
         desired = int(((ds or {}).get("status") or {}).get("desiredNumberScheduled") or 0)
         ready = sum(1 for s in summaries if s["phase"] not in ("Unreachable",))
         total = totals(summaries)
-        fields: dict[str, Any] = {
-            "nodes": summaries,
-            "totals": total,
-            "readyNodes": f"{ready}/{max(desired, len(summaries))}",
-            "dirty": human_bytes(total["dirtyBytes"]),
-        }
-        old_conditions = status.get("conditions") or []
-        conditions = build_conditions(view, old_conditions, now_iso())
-        if any(key not in status or status[key] != value for key, value in fields.items()) \
-                or _strip_times(conditions) != _strip_times(old_conditions):
+
+        async def compute(latest: Mapping[str, Any]) -> dict[str, Any]:
+            status = latest.get("status") or {}
+            problem = status.get("specProblem")
+            view = ClusterView(
+                generation=int(latest["metadata"].get("generation") or 0),
+                spec_problem=SpecProblem(problem["reason"], problem["message"])
+                if problem else None,
+                daemonset=ds, nodes=summaries)
+            fields: dict[str, Any] = {
+                "nodes": summaries,
+                "totals": total,
+                "readyNodes": f"{ready}/{max(desired, len(summaries))}",
+                "dirty": human_bytes(total["dirtyBytes"]),
+            }
+            old_conditions = status.get("conditions") or []
+            conditions = build_conditions(view, old_conditions, now_iso())
+            if all(key in status and status[key] == value for key, value in fields.items()) \
+                    and _strip_times(conditions) == _strip_times(old_conditions):
+                return {}
             fields["conditions"] = conditions
-            await self.patch_status(body, fields)
             return fields
-        return {}
+
+        return await self._update_status(fresh, compute) or {}
 
     async def _advance_drain(self, body: Mapping[str, Any], endpoint: DaemonEndpoint,
                              node: Mapping[str, Any] | None,

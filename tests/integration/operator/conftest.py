@@ -4,8 +4,9 @@ KMock 0.8 stores objects and serves discovery, lists and watches over real HTTP,
 no ``uid``/``resourceVersion``/``generation``, keeps ``stringData`` as sent, and runs no
 controllers, garbage collection or admission. ``ClusterEmulator`` adds the object metadata a
 real API server would (a new ``resourceVersion`` on every write, which kopf relies on to skip
-the stale echoes of its own patches; ``generation`` bumped by spec changes; names for
-``generateName``; 422 for a failed JSON-patch test). The tests play the DaemonSet controller
+the stale echoes of its own patches, and 409 when a patch names an outdated one;
+``generation`` bumped by spec changes; names for ``generateName``; 422 for a failed JSON-patch
+test). The tests play the DaemonSet controller
 themselves: they create the daemon pods, pointing at ``DaemonStandIn`` control servers on
 127.0.0.x.
 """
@@ -36,6 +37,7 @@ from cistern.operator.kubeapi import DAEMONSETS, PODS, Credentials, KubeApi
 from cistern.operator.kubeapi import NODES as NODE_RESOURCE
 from cistern.operator.settings import OperatorSettings
 from cistern.testing.s3server import free_port
+from kmock import Request
 
 NAMESPACE = "ml"
 NODES = ("node-a", "node-b")
@@ -66,26 +68,39 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                         k: base64.b64encode(v.encode()).decode() for k, v in string_data.items()})
             elif request.action == kmock.action.UPDATE:
                 meta = data.setdefault("metadata", {})
+                stored = self._stored(request)
+                expected = meta.get("resourceVersion")
+                if expected is not None and stored is not None and expected != stored.get(
+                        "metadata", {}).get("resourceVersion"):
+                    raise kmock.KubernetesError(
+                        status=409, reason="Conflict", message="the object has been modified; "
+                        "please apply your changes to the latest version and try again")
                 meta["resourceVersion"] = str(next(self._versions))
-                key = (request.resource, request.namespace, request.name)
-                if not request.subresource and "spec" in data and key in self.objects \
-                        and not self.objects[key].deleted:
-                    current = self.objects[key].get("metadata", {}).get("generation", 1)
-                    meta["generation"] = current + 1
+                if not request.subresource and "spec" in data and stored is not None:
+                    meta["generation"] = stored.get("metadata", {}).get("generation", 1) + 1
         elif (request.resource is not None and isinstance(data, list)
               and request.action == kmock.action.UPDATE):
             # A JSON patch whose "test" fails is rejected with 422, as the API server does
             # (KMock would answer 500, which clients retry unchanged forever).
-            key = (request.resource, request.namespace, request.name)
-            if key in self.objects and not self.objects[key].deleted:
+            stored = self._stored(request)
+            if stored is not None:
                 try:
-                    jsonpatch.apply_patch(copy.deepcopy(self.objects[key].raw), data)
+                    jsonpatch.apply_patch(copy.deepcopy(stored.raw), data)
                 except jsonpatch.JsonPatchException as exc:
                     raise kmock.KubernetesError(status=422, reason="Invalid",
                                                 message=f"the patch test failed: {exc}") from None
             data.append({"op": "replace", "path": "/metadata/resourceVersion",
                          "value": str(next(self._versions))})
         return await super()._handle(request)
+
+    def _stored(self, request: kmock.Request) -> kmock.Object | None:
+        if request.resource is None or request.name is None:
+            return None
+        try:
+            obj = self.objects[request.resource, request.namespace, request.name]
+        except KeyError:
+            return None
+        return None if obj.deleted else obj
 
 
 RESOURCES: dict[str, dict[str, Any]] = {
@@ -198,7 +213,7 @@ class Cluster:
                 if res == kmock.resource("v1/events") and not obj.deleted
                 and obj.get("reason") == reason]
 
-    def writes(self, resource: str) -> list[kmock.Request]:
+    def writes(self, resource: str) -> list[Request]:
         """POST/PATCH/DELETE requests the operator sent for a resource (e.g. 'daemonsets')."""
         return [r for r in self.kmock
                 if r.method in ("POST", "PATCH", "DELETE", "PUT")

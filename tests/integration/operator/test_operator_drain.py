@@ -78,7 +78,7 @@ async def test_status_reports_each_node_and_totals(cluster: Cluster) -> None:
         assert b is not None and (b["errors"], b["lastError"]) == (1, "SlowDown on PUT")
         ready = cluster.condition("ckpt", "Ready")
         assert ready is not None and ready["status"] == "True", ready
-        assert cluster.condition("ckpt", "Draining")["status"] == "False"
+        assert (cluster.condition("ckpt", "Draining") or {}).get("status") == "False"
 
         # A daemon that stops answering makes the cache Degraded, with the node named.
         await cluster.daemons["node-b"].stop()
