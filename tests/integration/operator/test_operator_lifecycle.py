@@ -9,6 +9,7 @@ import pytest
 import yaml
 from cistern.config import NodeConfig
 from cistern.operator.kubeapi import CONFIGMAPS, DAEMONSETS, SECRETS, WRITECACHES
+from cistern.testing.s3server import MotoServer, free_port
 
 from .conftest import NAMESPACE, Cluster, operator_settings, running_operator, wait_for
 
@@ -187,3 +188,36 @@ async def test_missing_secret_is_degraded_until_it_appears(cluster: Cluster) -> 
         await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE),
                        what="the DaemonSet after the Secret appeared")
         await wait_for(lambda: _condition_is(cluster, "Degraded", "False"))
+
+
+async def test_unreachable_or_missing_bucket_is_degraded(cluster: Cluster) -> None:
+    """The operator probes the bucket with the WriteCache's credentials (a real moto S3)."""
+    with MotoServer() as s3:
+        await cluster.api.create(SECRETS, {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}},
+            NAMESPACE)
+        settings = operator_settings(cluster, check_object_store=True)
+        async with running_operator(cluster, settings):
+            await cluster.api.create(WRITECACHES, writecache(objectStore={
+                "bucket": "training-ckpt", "endpoint": s3.endpoint, "pathStyle": True,
+                "region": "us-east-1", "credentialsSecretRef": {"name": "s3-creds"}}), NAMESPACE)
+            degraded = await wait_for(lambda: _condition_is(cluster, "Degraded", "True"))
+            assert degraded["reason"] == "BucketNotFound"
+            assert "training-ckpt" in degraded["message"]
+            assert "testing" not in degraded["message"]  # no credentials in status
+            assert await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE) is None
+
+            await asyncio.to_thread(s3.client().create_bucket, Bucket="training-ckpt")
+            await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE),
+                           what="the rollout once the bucket exists")
+            await wait_for(lambda: _condition_is(cluster, "Degraded", "False"))
+
+            # An endpoint nobody listens on: unreachable, and the running cache stays.
+            dead = f"http://127.0.0.1:{free_port()}"
+            await cluster.api.patch(WRITECACHES, "ckpt", {"spec": {"objectStore": {
+                "endpoint": dead}}}, NAMESPACE)
+            degraded = await wait_for(lambda: _condition_is(cluster, "Degraded", "True"))
+            assert degraded["reason"] == "BucketUnreachable"
+            cm = await cluster.api.get(CONFIGMAPS, "cistern-ckpt-config", NAMESPACE)
+            assert s3.endpoint in cm["data"]["node.yaml"]
