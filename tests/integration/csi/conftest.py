@@ -25,6 +25,9 @@ from cistern.testing.s3server import free_port
 
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
 CACHE_NODE = shutil.which("cistern-node")
+#: The installed console script; the module form only where the script is not on PATH.
+CSI_COMMAND = [shutil.which("cistern-csi") or ""] if shutil.which("cistern-csi") else \
+    [sys.executable, "-m", "cistern.csi.cli"]
 
 
 def require_cache_node() -> None:
@@ -223,7 +226,7 @@ def start_driver(short_tmp: Path, mount_root: Path) -> Iterator[Any]:
         log_path = short_tmp / f"csi-{len(started)}.log"
         log_file = open(log_path, "wb")  # noqa: SIM115 - owned by the process
         process = subprocess.Popen(
-            [sys.executable, "-m", "cistern.csi.cli", "--endpoint", f"unix://{socket}",
+            [*CSI_COMMAND, "--endpoint", f"unix://{socket}",
              "--node-id", node_id, "--mode", mode, "--mount-root", str(mount_root),
              "--health-timeout", str(health_timeout)],
             stdout=log_file, stderr=subprocess.STDOUT)
