@@ -111,19 +111,35 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                                   "restore snapshots")
         capacity = self._capacity(request)
         ref = volume_for(request.name, dict(request.parameters))
-        key = topology_key(ref.write_cache)
-        requirement = request.accessibility_requirements
-        offered = list(requirement.requisite) or list(requirement.preferred)
-        if offered and not any(t.segments.get(key) == "true" for t in offered):
-            raise ResourceExhausted(f"no node in the requested topology runs WriteCache "
-                                    f"{ref.write_cache!r} (topology key {key})")
-        log.info("provisioned volume %s for %s (capacity %d)", ref.volume_id, request.name,
-                 capacity)
+        topology = self._topology(ref, request.accessibility_requirements)
+        log.info("provisioned volume %s for %s (capacity %d, %s)", ref.volume_id, request.name,
+                 capacity, "pinned to cache nodes" if topology else "no topology")
         return csi_pb2.CreateVolumeResponse(volume=csi_pb2.Volume(
             volume_id=ref.volume_id,
             capacity_bytes=capacity,
             volume_context=ref.context(),
-            accessible_topology=[csi_pb2.Topology(segments={key: "true"})]))
+            accessible_topology=topology))
+
+    @staticmethod
+    def _topology(ref: VolumeRef,
+                  requirement: csi_pb2.TopologyRequirement) -> list[csi_pb2.Topology]:
+        """Pin the volume to nodes labelled ``csi.cistern.dev/<writecache>=true``, but only
+        when the CO's topology shows that key.
+
+        Node plugins report a WriteCache's key only if its cache existed when the kubelet
+        registered them; a volume pinned to a key the CO has not seen could never be used. A
+        volume without topology may land on a node without the cache, where publishing fails
+        with NOT_FOUND and says so.
+        """
+        key = topology_key(ref.write_cache)
+        mentioned = [t for t in (*requirement.requisite, *requirement.preferred)
+                     if key in t.segments]
+        if not mentioned:
+            return []
+        if not any(t.segments[key] == "true" for t in mentioned):
+            raise ResourceExhausted(f"no node in the requested topology runs WriteCache "
+                                    f"{ref.write_cache!r} (topology key {key})")
+        return [csi_pb2.Topology(segments={key: "true"})]
 
     @staticmethod
     def _capacity(request: csi_pb2.CreateVolumeRequest) -> int:

@@ -40,8 +40,6 @@ def test_create_volume_is_named_after_the_pvc_and_idempotent(driver: Driver) -> 
     assert again == first
     assert dict(first.volume_context) == {"writeCache": "ckpt",
                                           "path": "team-a/llama-ckpt-1b2c3d4e"}
-    assert [dict(t.segments) for t in first.accessible_topology] == [
-        {"csi.cistern.dev/ckpt": "true"}]
     # Without PVC metadata, the CO's volume name is the directory.
     plain = create(driver, name="pvc-aaaa")
     assert plain.volume_id == "ckpt/pvc-aaaa"
@@ -76,14 +74,22 @@ def test_create_volume_rejects_bad_requests(driver: Driver, kwargs: dict[str, An
 
 
 def test_create_volume_honours_topology(driver: Driver) -> None:
-    elsewhere = csi_pb2.TopologyRequirement(requisite=[
-        csi_pb2.Topology(segments={"csi.cistern.dev/datasets": "true"})])
-    assert status_code(create, driver, accessibility_requirements=elsewhere) \
-        == grpc.StatusCode.RESOURCE_EXHAUSTED
     here = csi_pb2.TopologyRequirement(requisite=[
         csi_pb2.Topology(segments={"csi.cistern.dev/ckpt": "true",
                                    "csi.cistern.dev/datasets": "true"})])
-    assert create(driver, accessibility_requirements=here).volume_id.startswith("ckpt/")
+    pinned = create(driver, accessibility_requirements=here)
+    assert [dict(t.segments) for t in pinned.accessible_topology] == [
+        {"csi.cistern.dev/ckpt": "true"}]
+    nowhere = csi_pb2.TopologyRequirement(requisite=[
+        csi_pb2.Topology(segments={"csi.cistern.dev/ckpt": "false"})])
+    assert status_code(create, driver, accessibility_requirements=nowhere) \
+        == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # A key the CO has never seen (no node registered it yet): no pinning, or the volume
+    # could never be used; the node plugin answers NOT_FOUND where the cache is missing.
+    unseen = csi_pb2.TopologyRequirement(requisite=[
+        csi_pb2.Topology(segments={"csi.cistern.dev/datasets": "true"})])
+    assert not create(driver, accessibility_requirements=unseen).accessible_topology
+    assert not create(driver).accessible_topology
 
 
 def test_validate_volume_capabilities(driver: Driver) -> None:
