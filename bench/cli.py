@@ -1,0 +1,92 @@
+"""``python -m bench``: run the benchmark batch and write JSON, Markdown and a PNG plot."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+from bench.report import machine_info, to_json, write_outputs
+from bench.runner import SMOKE, BenchConfig, run_bench
+
+MiB = 1 << 20
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def _list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def build_config(args: argparse.Namespace) -> BenchConfig:
+    cfg = BenchConfig()
+    if args.smoke:
+        cfg = replace(cfg, **SMOKE)  # type: ignore[arg-type]
+    overrides = {
+        "targets": _list(args.targets) if args.targets else None,
+        "frontends": _list(args.frontends) if args.frontends else None,
+        "reps": args.reps,
+        "fio_size": _size(args.fio_size) if args.fio_size else None,
+        "fio_jobs": [int(j) for j in _list(args.fio_jobs)] if args.fio_jobs else None,
+        "model_size": _size(args.model_size) if args.model_size else None,
+        "tensors": args.tensors,
+        "small_files": args.small_files,
+        "latency_ms": args.latency_ms,
+        "error_rate": args.error_rate,
+        "upload_delay": args.upload_delay,
+        "workdir": args.workdir,
+    }
+    known = {f.name for f in fields(BenchConfig)}
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None and k in known})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Checkpoint-cache benchmark: raw disk vs Cistern vs peers over a local S3 "
+                    "(moto behind a 35 ms latency proxy). Writes results.{json,md,png}.")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, one repetition, raw + cistern (seconds; for CI)")
+    parser.add_argument("--out", default="bench/results", help="output directory")
+    parser.add_argument("--targets", help="comma list of raw,cistern,juicefs,rclone,s3fs")
+    parser.add_argument("--frontends", help="Cistern front ends (default pyfuse3,passthrough)")
+    parser.add_argument("--reps", type=int, help="repetitions (default 3)")
+    parser.add_argument("--fio-size", help="bytes per fio run, e.g. 2G (default 2G)")
+    parser.add_argument("--fio-jobs", help="fio job counts, e.g. 1,4 (default 1,4)")
+    parser.add_argument("--model-size", help="checkpoint tensor bytes, e.g. 1G (default 1G)")
+    parser.add_argument("--tensors", type=int, help="tensors per checkpoint (default 16)")
+    parser.add_argument("--small-files", type=int, help="files for cp -r (default 10000)")
+    parser.add_argument("--latency-ms", type=float, help="S3 latency per request (default 35)")
+    parser.add_argument("--error-rate", type=float, help="S3 503 SlowDown rate (default 0)")
+    parser.add_argument("--upload-delay", type=float, help="Cistern --upload-delay (default 1)")
+    parser.add_argument("--workdir", help="directory for mounts and caches (default /tmp)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cfg = build_config(args)
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    machine = machine_info(cfg.workdir)
+    run = run_bench(cfg)
+    data = to_json(run, command.strip(), machine)
+    for path in write_outputs(data, Path(args.out)):
+        print(f"wrote {path}")
+    print((Path(args.out) / "results.md").read_text())
+    failed = [n for n, errs in data["errors"].items() if errs]
+    if failed:
+        print(f"failed repetitions: {', '.join(failed)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

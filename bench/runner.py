@@ -1,0 +1,192 @@
+"""Runs every workload on every target, repetition by repetition, and collects the figures."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import workloads
+from bench.s3env import S3Env
+from bench.targets import Mounted, Target, build_targets
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass
+class BenchConfig:
+    """Everything a run depends on; recorded in the JSON output."""
+
+    profile: str = "default"
+    targets: list[str] = field(
+        default_factory=lambda: ["raw", "cistern", "juicefs", "rclone", "s3fs"])
+    """raw, cistern, juicefs, rclone, s3fs (cistern expands to one target per front end)."""
+    frontends: list[str] = field(default_factory=lambda: ["pyfuse3", "passthrough"])
+    """Cistern FUSE front ends to measure (``--fuse-frontend``)."""
+    reps: int = 3
+    fio_size: int = 2 * GiB
+    """Bytes written by each fio run (split across jobs)."""
+    fio_jobs: list[int] = field(default_factory=lambda: [1, 4])
+    model_size: int = 1 * GiB
+    """Bytes of tensors in each checkpoint."""
+    tensors: int = 16
+    small_files: int = 10_000
+    small_file_size: int = 4096
+    small_files_skip: dict[str, str] = field(default_factory=lambda: {
+        "s3fs": "write-through: one synchronous PUT (+HEADs) per file at 35 ms each "
+                "would take longer than the whole benchmark",
+    })
+    small_files_timeout: float = 180.0
+    latency_ms: float = 35.0
+    error_rate: float = 0.0
+    upload_delay: float = 1.0
+    """Cistern's --upload-delay (seconds a closed file waits before upload)."""
+    quiet_settle: float = 1.5
+    """Seconds without S3 requests that count as quiet (between and after saves)."""
+    durable_timeout: float = 600.0
+    step_timeout: float = 900.0
+    workdir: str | None = None
+    """Where mounts and caches live (default: a temp dir on the same disk as the raw dir)."""
+
+
+SMOKE = dict(profile="smoke", targets=["raw", "cistern"], reps=1, fio_size=16 * MiB,
+             model_size=8 * MiB, tensors=4, small_files=200, small_files_timeout=60.0,
+             quiet_settle=0.4, durable_timeout=60.0, step_timeout=120.0)
+
+
+@dataclass
+class TargetRun:
+    """Per-repetition figures of one target (``None`` where not applicable)."""
+
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    requests: dict[str, dict[str, int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class BenchRun:
+    config: BenchConfig
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runs: dict[str, list[TargetRun]] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    finished: float = 0.0
+
+
+def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Path,
+                small_src: Path) -> TargetRun:
+    run = TargetRun()
+    bucket = f"bench-{target.name}-r{rep}".lower()
+    workdir = root / f"{target.name}-r{rep}"
+    workdir.mkdir(parents=True)
+    env.create_bucket(bucket)
+    mounted: Mounted | None = None
+    try:
+        mounted = target.mount(env, bucket, workdir)
+        for jobs in cfg.fio_jobs:
+            fio_dir = mounted.path / f"fio-{jobs}j"
+            result = workloads.run_fio(fio_dir, cfg.fio_size, jobs,
+                                       workdir / f"fio-{jobs}j.json", cfg.step_timeout)
+            for name, value in asdict(result).items():
+                run.metrics[f"fio{jobs}j_{name}"] = value
+            workloads.remove_tree(fio_dir)
+        saves = workloads.checkpoint_saves(env, mounted, ["dcp", "torchsave"], cfg.model_size,
+                                           cfg.tensors, cfg.durable_timeout, cfg.quiet_settle)
+        for kind, saved in saves.items():
+            run.metrics[f"{kind}_stall_s"] = saved.stall_s
+            run.metrics[f"{kind}_durable_s"] = saved.durable_s
+            run.metrics[f"{kind}_read_after_write_s"] = saved.read_after_write_s
+            run.requests[kind] = saved.requests
+            if saved.note:
+                run.notes.append(f"{kind}: {saved.note}")
+        loader = workloads.ColdLoader(["dcp", "torchsave"], cfg.model_size, cfg.tensors)
+        try:
+            target.unmount(mounted)
+            mounted = None
+            mounted = target.mount(env, bucket, workdir, cold=True)
+            cold = loader.load(mounted, cfg.step_timeout)
+        finally:
+            loader.close()
+        for kind, seconds in cold.items():
+            run.metrics[f"{kind}_cold_read_s"] = seconds
+        skip = cfg.small_files_skip.get(target.name.split("-")[0])
+        if skip:
+            run.metrics["smallfiles_cp_s"] = None
+            run.notes.append(f"cp -r small files skipped: {skip}")
+        else:
+            dest = mounted.path / "small"
+            seconds, note = workloads.copy_small_files(small_src, dest, cfg.small_files_timeout)
+            run.metrics["smallfiles_cp_s"] = seconds
+            if note:
+                run.notes.append(note)
+            workloads.remove_tree(dest)
+    except Exception as exc:  # noqa: BLE001 - a failing target is reported, the batch goes on
+        logger.error("%s rep %d failed: %s", target.name, rep, exc)
+        logger.debug("%s", traceback.format_exc())
+        run.error = str(exc)[-1000:]
+    finally:
+        if mounted is not None:
+            try:
+                target.unmount(mounted)
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("%s: unmount failed: %s", target.name, exc)
+        env.delete_bucket(bucket)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return run
+
+
+def run_bench(cfg: BenchConfig) -> BenchRun:
+    result = BenchRun(config=cfg)
+    targets = build_targets(cfg.targets, cfg.frontends, cfg.upload_delay)
+    available: list[Target] = []
+    for target in targets:
+        reason = target.unavailable_reason()
+        result.targets[target.name] = {
+            "available": reason is None, "reason": reason,
+            "version": target.version() if reason is None else "",
+            "description": target.describe(),
+        }
+        if reason is None:
+            available.append(target)
+        else:
+            logger.warning("target %s unavailable: %s", target.name, reason)
+        result.runs[target.name] = []
+    parent = Path(cfg.workdir) if cfg.workdir else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="cistern-bench-", dir=parent))
+    try:
+        small_src = root / "small-src"
+        workloads.make_small_files(small_src, cfg.small_files, cfg.small_file_size)
+        with S3Env(cfg.latency_ms / 1000.0, cfg.error_rate) as env:
+            for rep in range(cfg.reps):
+                for target in available:
+                    logger.info("rep %d/%d: %s", rep + 1, cfg.reps, target.name)
+                    started = time.monotonic()
+                    run = _run_target(cfg, env, target, rep, root, small_src)
+                    logger.info("rep %d/%d: %s done in %.1fs%s", rep + 1, cfg.reps,
+                                target.name, time.monotonic() - started,
+                                f" (error: {run.error})" if run.error else "")
+                    result.runs[target.name].append(run)
+                    if run.error and _rejected_frontend(target, run.error):
+                        result.targets[target.name].update(
+                            available=False, reason=f"cistern-node rejected it: {run.error}")
+                        available = [t for t in available if t is not target]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    result.finished = time.time()
+    return result
+
+
+def _rejected_frontend(target: Target, error: str) -> bool:
+    """A Cistern front end that fails to mount at all (e.g. no kernel support) is skipped
+    for the remaining repetitions and reported with cistern-node's own message."""
+    return target.name.startswith("cistern-") and "exited with" in error

@@ -1,0 +1,262 @@
+"""The workloads, each run against one mounted target: fio, checkpoint save/load, cp -r."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.s3env import S3Env
+from bench.targets import Mounted
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+
+
+@dataclass
+class FioResult:
+    bw_mib_s: float
+    clat_p50_ms: float
+    clat_p99_ms: float
+    wall_s: float
+
+
+def run_fio(directory: Path, size: int, jobs: int, out: Path, timeout: float) -> FioResult:
+    """fio sequential write, 256 KiB blocks, ``size`` bytes in total over ``jobs`` jobs,
+    fsync at the end (included in the bandwidth)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    per_job = max(256 * 1024, size // jobs // (256 * 1024) * (256 * 1024))
+    cmd = ["fio", "--name=seqwrite", f"--directory={directory}", "--rw=write", "--bs=256k",
+           f"--size={per_job}", f"--numjobs={jobs}", "--end_fsync=1", "--ioengine=psync",
+           "--group_reporting", "--output-format=json", f"--output={out}"]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    data = json.loads(out.read_text())
+    write = data["jobs"][0]["write"]
+    pct = write["clat_ns"].get("percentile", {})
+    return FioResult(
+        bw_mib_s=float(write["bw_bytes"]) / MiB,
+        clat_p50_ms=float(pct.get("50.000000", 0.0)) / 1e6,
+        clat_p99_ms=float(pct.get("99.000000", 0.0)) / 1e6,
+        wall_s=wall,
+    )
+
+
+@dataclass
+class SaveResult:
+    stall_s: float
+    read_after_write_s: float
+    durable_s: float | None
+    files: dict[str, int]
+    requests: dict[str, int]
+    note: str = ""
+
+
+def _child_env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{path}" if path
+                else str(REPO_ROOT))
+
+
+def _events(proc: subprocess.Popen[str]) -> Iterator[dict[str, Any]]:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.strip()
+        if line.startswith("{"):
+            yield json.loads(line)
+
+
+def _checkpoint_cmd(action: str, mounted: Mounted, kinds: list[str], size: int,
+                    tensors: int) -> list[str]:
+    cmd = [sys.executable, "-m", "bench.checkpoint_io", action, "--kind", ",".join(kinds),
+           "--size-bytes", str(size), "--tensors", str(tensors)]
+    for kind in kinds:
+        cmd += ["--dir", str(mounted.path / f"ckpt-{kind}")]
+    return cmd
+
+
+def wait_durable(env: S3Env, mounted: Mounted, files: dict[str, int], since: float,
+                 timeout: float) -> tuple[float | None, str]:
+    """Seconds from ``since`` (wall clock) until the files are durable in the bucket."""
+    target = mounted.target
+    if target.kind == "local":
+        return None, ""  # a fsynced local save is durable when it returns
+    if target.files_as_objects:
+        expected = {mounted.prefix + rel: size for rel, size in files.items()}
+        result = env.wait_objects(mounted.bucket, expected, since, timeout)
+        if result.seconds is None:
+            return None, f"not durable after {timeout:.0f}s: {len(result.missing)} missing"
+        return result.seconds, ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if target.is_durable(mounted):
+            return time.time() - since, ""
+        time.sleep(0.05)
+    return None, f"not durable after {timeout:.0f}s"
+
+
+def checkpoint_saves(env: S3Env, mounted: Mounted, kinds: list[str], size: int, tensors: int,
+                     durable_timeout: float, settle: float) -> dict[str, SaveResult]:
+    """For each kind: save (stall), load right back (read-after-write), and meanwhile wait
+    for durability. One child process does all kinds (torch is imported once); it saves
+    only when told to, after S3 has been quiet for ``settle`` seconds. S3 requests are
+    counted from the go until the proxy is quiet again after durability."""
+    stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(_checkpoint_cmd("save", mounted, kinds, size, tensors) + ["--wait"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                            text=True, env=_child_env(), cwd=REPO_ROOT)
+    assert proc.stdin is not None and proc.stdout is not None
+    results: dict[str, SaveResult] = {}
+    try:
+        events = _events(proc)
+        for kind in kinds:
+            ready = next(events)
+            if ready["event"] != "ready":
+                raise RuntimeError(f"unexpected event {ready}")
+            env.wait_quiet(settle=settle)
+            env.proxy.reset()
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            saved = next(events)
+            since = saved["wall_end"] - saved["stall_s"]
+            files = {f"ckpt-{kind}/{rel}": n for rel, n in saved["files"].items()}
+            durable: dict[str, tuple[float | None, str]] = {}
+
+            def poll(files: dict[str, int] = files, since: float = since,
+                     out: dict[str, tuple[float | None, str]] = durable) -> None:
+                out["r"] = wait_durable(env, mounted, files, since, durable_timeout)
+
+            poller = threading.Thread(target=poll, daemon=True)
+            poller.start()
+            loaded = next(events)
+            poller.join()
+            durable_s, note = durable.get("r", (None, "no durability result"))
+            results[kind] = SaveResult(
+                stall_s=float(saved["stall_s"]), read_after_write_s=float(loaded["read_s"]),
+                durable_s=durable_s, files=dict(saved["files"]),
+                requests=env.wait_quiet(settle=settle), note=note)
+        proc.stdin.close()
+        proc.wait(timeout=durable_timeout)
+    except (StopIteration, RuntimeError, subprocess.TimeoutExpired) as exc:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        raise RuntimeError(f"checkpoint save failed ({proc.returncode}, {exc!r}): "
+                           f"{_read_all(stderr)[-800:]}") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        message = _read_all(stderr)
+        stderr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"checkpoint save failed ({proc.returncode}): {message[-800:]}")
+    return results
+
+
+def _read_all(handle: Any) -> str:
+    handle.seek(0)
+    return str(handle.read())
+
+
+def drop_page_cache(directory: Path) -> None:
+    """Evict the files of ``directory`` from the page cache (per file, no global drop)."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+class ColdLoader:
+    """A checkpoint-loading child process started ahead (torch imported while the target
+    remounts); ``load`` then times only the loads."""
+
+    def __init__(self, kinds: list[str], size: int, tensors: int) -> None:
+        self.kinds = kinds
+        cmd = [sys.executable, "-m", "bench.checkpoint_io", "load", "--wait",
+               "--kind", ",".join(kinds), "--size-bytes", str(size), "--tensors", str(tensors)]
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in load
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._stderr, text=True, env=_child_env(),
+                                      cwd=REPO_ROOT)
+
+    def load(self, mounted: Mounted, timeout: float) -> dict[str, float]:
+        proc = self._proc
+        assert proc.stdin is not None
+        dirs = [mounted.path / f"ckpt-{kind}" for kind in self.kinds]
+        if mounted.target.kind == "local":
+            for directory in dirs:
+                drop_page_cache(directory)
+        times: dict[str, float] = {}
+        try:
+            events = _events(proc)
+            if next(events)["event"] != "ready":
+                raise RuntimeError("loader not ready")
+            proc.stdin.write(json.dumps({"dirs": [str(d) for d in dirs]}) + "\n")
+            proc.stdin.flush()
+            for event in events:
+                if event["event"] == "loaded":
+                    times[event["kind"]] = float(event["read_s"])
+            proc.wait(timeout=timeout)
+        except (StopIteration, RuntimeError, subprocess.TimeoutExpired, OSError):
+            pass
+        finally:
+            self.close()
+        if proc.returncode != 0 or set(times) != set(self.kinds):
+            raise RuntimeError(f"cold load failed ({proc.returncode}): "
+                               f"{_read_all(self._stderr)[-800:]}")
+        return times
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def make_small_files(directory: Path, count: int, size: int) -> None:
+    """``count`` files of ``size`` bytes in folders of 100 (made once, reused)."""
+    marker = directory / ".complete"
+    if marker.exists():
+        return
+    shutil.rmtree(directory, ignore_errors=True)
+    payload = os.urandom(size)
+    for i in range(count):
+        sub = directory / f"d{i // 100:04d}"
+        if i % 100 == 0:
+            sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i:06d}.bin").write_bytes(payload)
+    marker.write_text("")
+
+
+def copy_small_files(source: Path, dest: Path, timeout: float) -> tuple[float | None, str]:
+    start = time.perf_counter()
+    try:
+        subprocess.run(["cp", "-r", str(source), str(dest)], check=True, capture_output=True,
+                       timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"cp -r did not finish in {timeout:.0f}s"
+    except subprocess.CalledProcessError as exc:
+        return None, f"cp -r failed: {exc.stderr.decode(errors='replace')[-300:]}"
+    return time.perf_counter() - start, ""
+
+
+def remove_tree(path: Path, timeout: float = 300.0) -> None:
+    if path.exists():
+        subprocess.run(["rm", "-rf", str(path)], capture_output=True, timeout=timeout)
