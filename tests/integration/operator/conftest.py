@@ -47,6 +47,27 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     """KMock's emulator plus the metadata the API server stamps on every object."""
 
     _versions = itertools.count(1000)
+    namespaces: tuple[str, ...] = (NAMESPACE,)
+
+    async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse:
+        # KMock 0.8 cannot parse the namespace list URL itself (it reads "namespaces" as the
+        # start of /namespaces/NAME/...); kopf lists and watches it when given namespaces.
+        if raw_request.path == "/api/v1/namespaces":
+            return await self._serve_namespaces(raw_request)
+        return await super().__call__(raw_request)
+
+    async def _serve_namespaces(self, raw_request: web.BaseRequest) -> web.StreamResponse:
+        items = [{"apiVersion": "v1", "kind": "Namespace",
+                  "metadata": {"name": name, "uid": name, "resourceVersion": "1"}}
+                 for name in self.namespaces]
+        if raw_request.query.get("watch") != "true":
+            return web.json_response({"apiVersion": "v1", "kind": "NamespaceList",
+                                      "metadata": {"resourceVersion": "1"}, "items": items})
+        response = web.StreamResponse()
+        await response.prepare(raw_request)  # type: ignore[arg-type]
+        await asyncio.sleep(1.0)  # nothing changes; end the watch, kopf starts another
+        await response.write_eof()
+        return response
 
     async def _handle(self, request: kmock.Request) -> Any:
         data = request.data

@@ -92,8 +92,10 @@ async def _condition(cluster: Cluster, kind: str, value: str) -> dict[str, Any] 
     return cond if cond and cond["status"] == value else None
 
 
-async def test_cordon_drains_and_holds_the_node_until_clean(cluster: Cluster) -> None:
-    async with running_operator(cluster, operator_settings(cluster)):
+@pytest.mark.parametrize("namespaces", [None, [NAMESPACE]], ids=["all-namespaces", "namespaced"])
+async def test_cordon_drains_and_holds_the_node_until_clean(
+        cluster: Cluster, namespaces: list[str] | None) -> None:
+    async with running_operator(cluster, operator_settings(cluster), namespaces):
         token = await deploy(cluster)
         daemon_a, daemon_b = cluster.daemons["node-a"], cluster.daemons["node-b"]
         daemon_a.state["dirty_bytes"] = 64 * 2**20
