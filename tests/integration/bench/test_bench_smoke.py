@@ -1,0 +1,75 @@
+"""The benchmark harness end to end in its smoke configuration (no assertions on speed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def _missing() -> str | None:
+    if shutil.which("fio") is None:
+        return "fio is not installed (apt-get install fio)"
+    if not Path("/dev/fuse").exists():
+        return "no /dev/fuse on this machine"
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return "torch is not installed (pip install torch==2.13.0)"
+    return None
+
+
+@pytest.mark.timeout(300)
+def test_bench_smoke_writes_well_formed_results(tmp_path: Path) -> None:
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out),
+         "--workdir", str(tmp_path / "work")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["profile"] == "smoke"
+    assert data["machine"]["cores"] >= 1
+    assert "raw" in data["targets"] and data["targets"]["raw"]["available"]
+    cistern = {n: t for n, t in data["targets"].items() if n.startswith("cistern-")}
+    assert set(cistern) == {"cistern-pyfuse3", "cistern-passthrough"}
+    for name, target in data["targets"].items():
+        assert target["available"] or target["reason"], name  # never silently dropped
+
+    raw = data["summary"]["raw"]
+    for metric in ("fio1j_bw_mib_s", "fio4j_clat_p99_ms", "dcp_stall_s", "torchsave_stall_s",
+                   "dcp_read_after_write_s", "dcp_cold_read_s", "smallfiles_cp_s"):
+        assert raw[metric]["median"] > 0, metric
+        assert raw[metric]["ratio_to_raw"] == pytest.approx(1.0), metric
+    measured = [n for n, t in cistern.items() if t["available"]]
+    for name in measured:
+        assert not data["errors"][name], data["errors"][name]
+        summary = data["summary"][name]
+        for metric in ("dcp_stall_s", "dcp_durable_s", "torchsave_durable_s",
+                       "dcp_cold_read_s", "fio1j_bw_mib_s"):
+            assert summary[metric]["median"] > 0, (name, metric)
+            assert summary[metric]["ratio_to_raw"] > 0, (name, metric)
+        # a DCP save writes several shards and the .metadata commit marker as objects
+        assert data["requests"][name]["dcp"]["PUT"] + \
+            data["requests"][name]["dcp"]["COMPLETE_MPU"] >= 2
+
+    table = (out / "results.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| metric |"))
+    assert header.split("|")[2].strip() == "raw"
+    for name in measured:
+        assert name in header
+    assert "DCP save: writer stall" in table
+    assert "S3 requests per checkpoint save" in table
+    png = out / "results.png"
+    if png.exists():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
