@@ -127,7 +127,7 @@ def test_enums_are_upstream() -> None:
             node.VOLUME_CONDITION) == (1, 2, 3, 4)
     ctl = csi_pb2.ControllerServiceCapability.RPC
     assert (ctl.CREATE_DELETE_VOLUME, ctl.PUBLISH_READONLY, ctl.EXPAND_VOLUME,
-            ctl.MODIFY_VOLUME) == (1, 8, 9, 14)
+            ctl.MODIFY_VOLUME, ctl.GET_SNAPSHOT) == (1, 8, 9, 14, 15)
     assert (csi_pb2.VolumeUsage.BYTES, csi_pb2.VolumeUsage.INODES) == (1, 2)
 
 
