@@ -155,7 +155,7 @@ class PassthroughFrontend:
         for opcode in range(64):
             if self._handlers[opcode] is None and opcode not in (kf.FORGET, kf.BATCH_FORGET):
                 self._may_block[opcode] = False  # answered ENOSYS at once
-        self._read_token = threading.Semaphore(1)
+        self._read_token = threading.Lock()  # released by whichever thread passes it on
         self._noflush = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
