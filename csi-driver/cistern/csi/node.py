@@ -110,14 +110,22 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             expected_root = posixpath.normpath(posixpath.join(cache.entry.root, ref.dir))
             existing = table.at(target)
             if existing is not None:
-                if (existing.device == cache.entry.device and existing.root == expected_root
-                        and existing.read_only == read_only):
+                same = existing.root == expected_root and existing.read_only == read_only
+                if same and existing.device == cache.entry.device:
                     log.info("volume %s already published at %s", volume_id, target)
                     return csi_pb2.NodePublishVolumeResponse()
-                raise AlreadyExists(
-                    f"{target} is already mounted ({existing.fstype} {existing.root}, "
-                    f"{'ro' if existing.read_only else 'rw'}), which is not volume {volume_id} "
-                    f"({ref.write_cache}:/{ref.dir}, {'ro' if read_only else 'rw'})")
+                if not (same and existing.fstype == CACHE_FSTYPE
+                        and self._is_dead(target)):
+                    raise AlreadyExists(
+                        f"{target} is already mounted ({existing.fstype} {existing.root}, "
+                        f"{'ro' if existing.read_only else 'rw'}), which is not volume "
+                        f"{volume_id} ({ref.write_cache}:/{ref.dir}, "
+                        f"{'ro' if read_only else 'rw'})")
+                # The volume's bind from before the daemon restarted: its FUSE connection is
+                # dead. Replace it with a bind of the new cache mount.
+                log.warning("volume %s at %s is bound to a dead cache connection; re-publishing "
+                            "onto the restarted cache", volume_id, target)
+                unmount(target)
             source = self._ensure_volume_dir(cache, ref)
             self._ensure_target_dir(target)
             try:
@@ -153,6 +161,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 raise FailedPrecondition(f"{path} exists and is not a directory; volume "
                                          f"{ref.volume_id} cannot be published")
         return path
+
+    def _is_dead(self, path: str) -> bool:
+        """True if the FUSE connection behind ``path`` is gone (its daemon exited)."""
+        try:
+            call_with_timeout(lambda: os.statvfs(path), self.settings.health_timeout, path)
+        except OSError as exc:
+            return exc.errno in _DEAD_FS
+        except TimeoutError:
+            return False
+        return False
 
     @staticmethod
     def _ensure_target_dir(target: str) -> None:

@@ -111,6 +111,8 @@ class CacheNode:
     store: Path
     control: str
     process: subprocess.Popen[bytes]
+    command: list[str]
+    log_path: Path
 
     def status(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://{self.control}/status", timeout=10) as resp:
@@ -138,6 +140,18 @@ class CacheNode:
                 raise AssertionError(f"{stored} {'never appeared' if present else 'stayed'} "
                                      f"after flushing for {timeout}s: {self.status()}")
             time.sleep(0.1)
+
+    def restart(self) -> None:
+        """Start the daemon again after it died, as its pod would be restarted: first remove
+        the dead mount it left (the daemon does not mount over one)."""
+        assert self.process.poll() is not None, "restart() is for a daemon that died"
+        for _ in range(4):
+            if read_mount_table().at(self.mount) is None:
+                break
+            unmount(str(self.mount))
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+        wait_for_cache(self)
 
     def kill(self) -> None:
         """Die like a crashed daemon: SIGKILL, the FUSE mount stays behind, dead (ENOTCONN)."""
@@ -252,6 +266,23 @@ def driver(start_driver: Any) -> Driver:
     return start_driver()  # type: ignore[no-any-return]
 
 
+def wait_for_cache(node: CacheNode, timeout: float = 30.0) -> None:
+    """Until the daemon's fuse.cistern mount is in the mount table and /status answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entry = read_mount_table().at(node.mount)
+        if entry is not None and entry.fstype == "fuse.cistern":
+            try:
+                node.status()
+                return
+            except OSError:
+                pass
+        if node.process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"cistern-node did not mount {node.mount}: "
+                               f"{node.log_path.read_text()}")
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def start_cache(tmp_path: Path, mount_root: Path) -> Iterator[Any]:
     """Start a real cistern-node for WriteCache ``name`` at ``<mount-root>/<name>``."""
@@ -266,27 +297,15 @@ def start_cache(tmp_path: Path, mount_root: Path) -> Iterator[Any]:
         cache_dir.mkdir()
         store.mkdir()
         control = f"127.0.0.1:{free_port()}"
-        log = open(tmp_path / f"node-{name}.log", "wb")  # noqa: SIM115
-        process = subprocess.Popen(
-            [str(CACHE_NODE), "run", "--mount", str(mount), "--cache-dir", str(cache_dir),
-             "--store", f"file://{store}", "--control", control, "--upload-delay", "0"],
-            stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        node = CacheNode(name, mount, store, control, process)
+        command = [str(CACHE_NODE), "run", "--mount", str(mount), "--cache-dir", str(cache_dir),
+                   "--store", f"file://{store}", "--control", control, "--upload-delay", "0"]
+        log_path = tmp_path / f"node-{name}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        node = CacheNode(name, mount, store, control, process, command, log_path)
         started.append(node)
-        deadline = time.monotonic() + 30
-        while True:
-            entry = read_mount_table().at(mount)
-            if entry is not None and entry.fstype == "fuse.cistern":
-                try:
-                    node.status()
-                    return node
-                except OSError:
-                    pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"cistern-node did not mount {mount}: "
-                                   f"{(tmp_path / f'node-{name}.log').read_text()}")
-            time.sleep(0.05)
+        wait_for_cache(node)
+        return node
 
     yield start
     for node in started:

@@ -167,6 +167,28 @@ def test_a_dead_daemon_is_unavailable_and_unpublish_still_cleans_up(
     assert not os.path.lexists(target)
 
 
+def test_republish_after_a_daemon_restart_replaces_the_dead_bind(
+        driver: Driver, cache: CacheNode, tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    publish(driver, target)
+    with open(target / "model.pt", "wb") as f:
+        f.write(b"durable")
+        os.fsync(f.fileno())
+    cache.kill()
+    cache.restart()  # a new FUSE connection at the same mount point; the pod's bind is dead
+    with pytest.raises(OSError) as info:
+        os.listdir(target)
+    assert info.value.errno == errno.ENOTCONN
+    # The same volume again (what the kubelet does when it reconciles): replaced, not refused.
+    publish(driver, target)
+    assert mounts_at(target) == 1
+    assert (target / "model.pt").read_bytes() == b"durable"
+    # A different volume at the target is still a conflict.
+    assert status_code(publish, driver, target, volume_id="ckpt/other") \
+        == grpc.StatusCode.ALREADY_EXISTS
+    unpublish(driver, target)
+
+
 def test_concurrent_calls_on_one_target_are_aborted(start_driver: Any, cache: CacheNode,
                                                     tmp_path: Path) -> None:
     driver = start_driver(health_timeout=3.0)
