@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -126,6 +128,27 @@ def test_inline_ephemeral_volume_uses_its_context(driver: Driver, cache: CacheNo
     unpublish(driver, target, "csi-5f0c9a1e7d2b")  # the kubelet's id: OK again, not NOT_FOUND
     assert not target.exists()
     assert (cache.mount / "jobs" / "llama" / "ckpt" / "rank0.bin").exists()
+
+
+def test_a_pod_running_as_any_user_can_write(driver: Driver, cache: CacheNode,
+                                            short_tmp: Path) -> None:
+    pod_dir = short_tmp / "pod-nonroot"
+    pod_dir.mkdir()
+    pod_dir.chmod(0o755)
+    short_tmp.chmod(0o755)
+    target = pod_dir / "volume"
+    publish(driver, target, volume_id="ckpt/shared/run-9")
+    try:
+        script = ("import os; os.setgid(65534); os.setuid(65534); "
+                  f"open({str(target / 'rank1.bin')!r}, 'wb').write(b'from nobody')")
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                timeout=30)
+        assert result.returncode == 0, result.stderr
+        written = cache.mount / "shared" / "run-9" / "rank1.bin"
+        assert written.read_bytes() == b"from nobody"
+        assert written.stat().st_uid == 65534
+    finally:
+        unpublish(driver, target, "ckpt/shared/run-9")
 
 
 def test_volume_stats_report_bytes_and_inodes(driver: Driver, cache: CacheNode,
