@@ -15,6 +15,7 @@ import posixpath
 
 import grpc
 from cistern.csi.caches import CACHE_FSTYPE, CacheMounts, HealthyCache, call_with_timeout
+from cistern.csi.confine import ConfinementError, fd_path, open_beneath
 from cistern.csi.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -126,41 +127,39 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 log.warning("volume %s at %s is bound to a dead cache connection; re-publishing "
                             "onto the restarted cache", volume_id, target)
                 unmount(target)
-            source = self._ensure_volume_dir(cache, ref)
-            self._ensure_target_dir(target)
+            source = self._open_volume_dir(cache, ref)
             try:
-                bind_mount(str(source), target, read_only=read_only, flags=flags)
+                self._ensure_target_dir(target)
+                bind_mount(fd_path(source), target, read_only=read_only, flags=flags)
             except OSError as exc:
                 if exc.errno in _DEAD_FS:
                     raise Unavailable(f"cache mount of WriteCache {ref.write_cache!r} broke "
                                       f"while publishing {volume_id}: {exc.strerror}") from exc
                 raise
+            finally:
+                os.close(source)
             self._verify_published(target, cache, expected_root, volume_id)
-        log.info("published volume %s (%s) at %s%s", volume_id, source, target,
+        log.info("published volume %s (%s/%s) at %s%s", volume_id, cache.path, ref.dir, target,
                  " read-only" if read_only else "")
         return csi_pb2.NodePublishVolumeResponse()
 
-    def _ensure_volume_dir(self, cache: HealthyCache, ref: VolumeRef) -> str:
-        """Create ``<cache>/<dir>`` (each missing component, mode 0777) on first use."""
-        path = str(cache.path)
-        for part in ref.dir.split("/"):
-            path = os.path.join(path, part)
-            try:
-                os.mkdir(path, VOLUME_DIR_MODE)
-                os.chmod(path, VOLUME_DIR_MODE)  # mkdir's mode is filtered by the umask
-                log.info("created directory %s for volume %s", path, ref.volume_id)
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                if exc.errno in _DEAD_FS:
-                    raise Unavailable(f"cache mount of WriteCache {ref.write_cache!r} broke: "
-                                      f"{exc.strerror}") from exc
-                raise FailedPrecondition(f"cannot create {path} for volume {ref.volume_id}: "
-                                         f"{exc.strerror}") from exc
-            if not os.path.isdir(path) or os.path.islink(path):
-                raise FailedPrecondition(f"{path} exists and is not a directory; volume "
-                                         f"{ref.volume_id} cannot be published")
-        return path
+    @staticmethod
+    def _open_volume_dir(cache: HealthyCache, ref: VolumeRef) -> int:
+        """An O_PATH descriptor of ``<cache>/<dir>``, created (mode 0777) on first use.
+
+        Walked without following symlinks, so the directory is inside the cache namespace.
+        """
+        try:
+            return open_beneath(str(cache.path), ref.dir, create_mode=VOLUME_DIR_MODE)
+        except ConfinementError as exc:
+            raise FailedPrecondition(f"volume {ref.volume_id} cannot be published: "
+                                     f"{exc.strerror}") from exc
+        except OSError as exc:
+            if exc.errno in _DEAD_FS:
+                raise Unavailable(f"cache mount of WriteCache {ref.write_cache!r} broke: "
+                                  f"{exc.strerror}") from exc
+            raise FailedPrecondition(f"cannot create the directory of volume {ref.volume_id} "
+                                     f"in {cache.path}: {exc.strerror}") from exc
 
     def _is_dead(self, path: str) -> bool:
         """True if the FUSE connection behind ``path`` is gone (its daemon exited)."""
