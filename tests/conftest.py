@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cistern.testing.faultproxy import FaultProxy
+from cistern.testing.faultproxy import FaultProxyProcess
 from cistern.testing.node import NodeProcess
 from cistern.testing.s3server import MotoServer
 
@@ -44,10 +44,32 @@ def bucket(s3: Any) -> str:
     return name
 
 
+class _ProxyHandle:
+    """The fault proxy as a separate process, with the in-process proxy's methods.
+
+    A separate process matters: a client in the test process that holds the GIL during a
+    FUSE syscall (torch's C++ file writer does) would otherwise starve an in-process proxy
+    that the daemon needs to answer that very syscall.
+    """
+
+    def __init__(self, process: FaultProxyProcess) -> None:
+        self.endpoint = process.endpoint
+        self._control = process.control
+
+    def counts(self) -> dict[str, int]:
+        return self._control.counts()
+
+    def log(self) -> list[Any]:
+        return self._control.log()
+
+    def set(self, **changes: Any) -> Any:
+        return self._control.set(**changes)
+
+
 @pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[FaultProxy]:
-    with FaultProxy(moto.endpoint) as p:
-        yield p
+def proxy(moto: MotoServer) -> Iterator[_ProxyHandle]:
+    with FaultProxyProcess(moto.endpoint) as process:
+        yield _ProxyHandle(process)
 
 
 @pytest.fixture(params=FRONTENDS)
