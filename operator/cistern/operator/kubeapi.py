@@ -128,13 +128,18 @@ class KubeApi:
         self._session: aiohttp.ClientSession | None = None
         self._token = credentials.token
         self._token_read_at = 0.0
+        self._closed = False
 
     async def close(self) -> None:
+        """Close the session; later calls fail (a handler still running at shutdown)."""
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     async def _get_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise ApiError(503, "ClientClosed", "the operator is shutting down")
         if self._session is None or self._session.closed:
             connector: aiohttp.BaseConnector | None = None
             if self.credentials.server.startswith("https"):

@@ -20,9 +20,10 @@ import copy
 import datetime
 import inspect
 import itertools
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -321,3 +322,16 @@ async def running_operator(cluster: Cluster, settings: OperatorSettings,
 @pytest.fixture()
 def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
     return {**kmock_options, "cls": ClusterEmulator}
+
+
+#: Loggers whose warnings the tests provoke on purpose (handler retries of bad specs).
+EXPECTED_WARNING_LOGGERS = {"kopf.objects", "cistern.operator.reconcile"}
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_log_warnings(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fail on warnings nobody asked for: unclosed sessions, failed event posts, lost streams."""
+    yield
+    unexpected = [f"{r.name}: {r.getMessage()[:200]}" for r in caplog.get_records("call")
+                  if r.levelno >= logging.WARNING and r.name not in EXPECTED_WARNING_LOGGERS]
+    assert not unexpected, unexpected
