@@ -10,7 +10,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from bench.report import machine_info, to_json, write_outputs
-from bench.runner import SMOKE, BenchConfig, run_bench
+from bench.runner import FULL, SMOKE, BenchConfig, run_bench
 
 MiB = 1 << 20
 
@@ -29,8 +29,11 @@ def _list(text: str) -> list[str]:
 
 def build_config(args: argparse.Namespace) -> BenchConfig:
     cfg = BenchConfig()
-    if args.smoke:
+    profile = "smoke" if args.smoke else args.profile
+    if profile == "smoke":
         cfg = replace(cfg, **SMOKE)  # type: ignore[arg-type]
+    elif profile == "full":
+        cfg = replace(cfg, **FULL)  # type: ignore[arg-type]
     overrides = {
         "targets": _list(args.targets) if args.targets else None,
         "frontends": _list(args.frontends) if args.frontends else None,
@@ -54,17 +57,20 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m bench",
         description="Checkpoint-cache benchmark: raw disk vs Cistern vs peers over a local S3 "
                     "(moto behind a 35 ms latency proxy). Writes results.{json,md,png}.")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes, one repetition, raw + cistern (seconds; for CI)")
+    parser.add_argument("--profile", choices=("smoke", "default", "full"), default="default",
+                        help="default: fio 512 MiB, 256 MiB checkpoints, 2,000 small files, "
+                        "3 reps, all targets (< 20 min on 2 cores); full: fio 2 GiB, 1 GiB "
+                        "checkpoints, 10,000 small files; smoke: tiny, 1 rep, raw + cistern")
+    parser.add_argument("--smoke", action="store_true", help="same as --profile smoke")
     parser.add_argument("--out", default="bench/results", help="output directory")
     parser.add_argument("--targets", help="comma list of raw,cistern,juicefs,rclone,s3fs")
     parser.add_argument("--frontends", help="Cistern front ends (default pyfuse3,passthrough)")
     parser.add_argument("--reps", type=int, help="repetitions (default 3)")
-    parser.add_argument("--fio-size", help="bytes per fio run, e.g. 2G (default 2G)")
+    parser.add_argument("--fio-size", help="bytes per fio run, e.g. 2G")
     parser.add_argument("--fio-jobs", help="fio job counts, e.g. 1,4 (default 1,4)")
-    parser.add_argument("--model-size", help="checkpoint tensor bytes, e.g. 1G (default 1G)")
+    parser.add_argument("--model-size", help="checkpoint tensor bytes, e.g. 1G")
     parser.add_argument("--tensors", type=int, help="tensors per checkpoint (default 16)")
-    parser.add_argument("--small-files", type=int, help="files for cp -r (default 10000)")
+    parser.add_argument("--small-files", type=int, help="files for cp -r")
     parser.add_argument("--latency-ms", type=float, help="S3 latency per request (default 35)")
     parser.add_argument("--error-rate", type=float, help="S3 503 SlowDown rate (default 0)")
     parser.add_argument("--upload-delay", type=float, help="Cistern --upload-delay (default 1)")
