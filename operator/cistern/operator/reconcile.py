@@ -281,6 +281,12 @@ class Reconciler:
                         manifests.LABEL_WRITECACHE, "")))
         return sorted(result, key=lambda e: e.node)
 
+    async def daemon_nodes(self, namespace: str, name: str) -> set[str]:
+        """Nodes with a daemon pod of this WriteCache in any phase."""
+        pods = await self.api.list(PODS, namespace, label_selector={
+            manifests.LABEL_ROLE: "cache-node", manifests.LABEL_WRITECACHE: name})
+        return {node for pod in pods if (node := (pod.get("spec") or {}).get("nodeName"))}
+
     async def control_token(self, namespace: str, name: str) -> str | None:
         secret = await self.api.get(SECRETS, manifests.names(name).secret, namespace)
         return None if secret is None else _decode_secret(secret).get("token")
@@ -334,6 +340,8 @@ class Reconciler:
                 previous_nodes.get(endpoint.node) or {}, drain_timeout)
             summaries.append(node_summary(endpoint.node, endpoint.pod, daemon_status,
                                           observed.errors.get(endpoint.node), drain))
+        # A daemon pod being replaced (rollout) or not yet running still keeps its node's guard.
+        running_nodes |= await self.daemon_nodes(namespace, name)
         await self._remove_stale_guards(fresh, running_nodes)
 
         ds = await self.api.get(DAEMONSETS, manifests.names(name).daemonset, namespace)

@@ -203,3 +203,23 @@ async def test_delete_with_abandon_annotation_skips_the_flush(cluster: Cluster) 
         events = await wait_for(lambda: cluster.events("DirtyDataAbandoned"))
         assert "7Mi" in events[0]["message"]
         assert await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE) is None
+
+
+async def test_guard_follows_the_daemon_pods(cluster: Cluster) -> None:
+    async with running_operator(cluster, operator_settings(cluster)):
+        await deploy(cluster)
+        # A daemon pod being replaced keeps its guard ...
+        await cluster.api.patch(PODS, "cistern-ckpt-node-b", {"metadata": {
+            "finalizers": ["test/terminating"]}}, NAMESPACE)
+        await cluster.api.delete(PODS, "cistern-ckpt-node-b", NAMESPACE)
+        terminating = await cluster.api.get(PODS, "cistern-ckpt-node-b", NAMESPACE)
+        assert terminating is not None and terminating["metadata"]["deletionTimestamp"]
+        await asyncio.sleep(1.0)
+        assert await cluster.api.get(PDBS, GUARD_B, NAMESPACE) is not None
+        # ... a node that no longer runs a daemon (nodeSelector changed) loses it.
+        await cluster.api.patch(PODS, "cistern-ckpt-node-b", {"metadata": {"finalizers": []}},
+                                NAMESPACE)
+        assert await cluster.api.get(PODS, "cistern-ckpt-node-b", NAMESPACE) is None
+        await wait_for(lambda: _gone(cluster, PDBS, GUARD_B), what="node-b's guard removed")
+        assert await cluster.api.get(PODS, GUARD_B, NAMESPACE) is None
+        assert await cluster.api.get(PDBS, GUARD_A, NAMESPACE) is not None
