@@ -7,10 +7,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 from cistern.config import CacheConfig, ConfigError, DrainPolicy, FlushPolicy, NodeConfig
-from cistern.operator.crdschema import crd_validator
+from cistern.operator.crdschema import crd_validator, openapi_to_jsonschema
 from cistern.writecache import WriteCacheSpec, render_node_config
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -135,3 +136,30 @@ def test_schema_rejects_nonsense(crd: dict[str, Any], field: tuple[str, ...], va
     target[field[-1]] = value
     errors = [e.message for e in crd_validator(crd).iter_errors(doc)]
     assert any(message in e for e in errors), errors
+
+
+def _walk(node: dict[str, Any], path: str) -> list[tuple[str, dict[str, Any]]]:
+    found = [(path, node)]
+    for key, child in (node.get("properties") or {}).items():
+        found += _walk(child, f"{path}.{key}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            found += _walk(node[key], f"{path}[{key}]")
+    return found
+
+
+def test_schema_is_structural_and_defaults_are_valid(crd: dict[str, Any]) -> None:
+    """What the API server demands of a CRD schema before it accepts the CRD."""
+    root = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(root, "openAPIV3Schema"):
+        untyped_ok = node.get("x-kubernetes-int-or-string") or \
+            node.get("x-kubernetes-preserve-unknown-fields")
+        assert "type" in node or untyped_ok, f"{path}: a structural schema needs a type"
+        assert not ("properties" in node and "additionalProperties" in node), path
+        if "default" in node:
+            schema = openapi_to_jsonschema(node)
+            errors = [e.message for e in jsonschema.Draft4Validator(schema).iter_errors(
+                node["default"])]
+            assert not errors, f"{path}: default {node['default']!r}: {errors}"
+    metadata = root["properties"]["metadata"]
+    assert metadata == {"type": "object"}  # no constraints on metadata beyond name
