@@ -305,8 +305,15 @@ class CacheCore:
                                             if delay is None else delay)
             if bump:
                 entry.seq = next(self._seq)
-            self._pending.add(entry.ino)
+            self._add_pending(entry)
             self.changed.notify_all()
+
+    def _add_pending(self, entry: Entry) -> None:
+        """``dirty_seq`` marks when the entry started to need work: a flush requested after
+        that point must wait for it, whatever happens to the entry afterwards."""
+        if entry.ino not in self._pending:
+            entry.dirty_seq = next(self._seq)
+            self._pending.add(entry.ino)
 
     def _add_tombstone(self, key: str) -> None:
         self._tombstones.add(key)
@@ -514,10 +521,9 @@ class CacheCore:
             if entry.state == CLEAN:
                 self.clean_bytes -= entry.size
             entry.state = DIRTY
-            entry.dirty_seq = next(self._seq)
             self.dirty_bytes += entry.size
             self.journal.update(entry)
-        self._pending.add(entry.ino)
+        self._add_pending(entry)
         entry.due = float("inf")
 
     def open(self, ino: int, flags: int) -> Handle:
@@ -886,7 +892,7 @@ class CacheCore:
                 return False
             for ino in self._pending:
                 entry = self._entries.get(ino)
-                if entry is not None and (upto_seq is None or entry.seq <= upto_seq):
+                if entry is not None and (upto_seq is None or entry.dirty_seq <= upto_seq):
                     return False
             return True
 
@@ -929,7 +935,7 @@ class CacheCore:
                     break
                 if entry.in_flight or entry.writers or entry.unlinked:
                     continue
-                if not (force or entry.seq <= self._force_until_seq) and entry.due > now:
+                if not (force or entry.dirty_seq <= self._force_until_seq) and entry.due > now:
                     continue
                 work = self._start(entry)
                 if work is not None:

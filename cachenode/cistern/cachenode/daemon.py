@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import logging
 import os
@@ -33,7 +35,25 @@ class StartupError(Exception):
     """The daemon cannot start; the message says why in one line."""
 
 
+def _detach_dead_mount(path: str) -> None:
+    """A daemon killed with -9 leaves its FUSE mount behind ("Transport endpoint is not
+    connected"); detach it so a restart at the same place works."""
+    try:
+        os.stat(path)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN or not is_mountpoint(path):
+            return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(path.encode(), 2) != 0:  # MNT_DETACH
+        code = ctypes.get_errno()
+        raise StartupError(f"mount point {path} holds a dead FUSE mount that cannot be "
+                           f"detached: {os.strerror(code)}")
+    log.warning("detached the dead FUSE mount left at %s by a previous run", path)
+
+
 def _check_mountpoint(path: str) -> None:
+    _detach_dead_mount(path)
     if not os.path.exists(path):
         raise StartupError(f"mount point {path} does not exist (create it first)")
     if not os.path.isdir(path):

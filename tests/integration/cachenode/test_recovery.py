@@ -98,3 +98,18 @@ def test_truncated_cached_copy_is_fetched_again(make_node: Any, bucket: str, s3:
                 f.truncate(10)
     again = _restart(make_node, bucket, node)
     assert (again.mount / "clean.bin").read_bytes() == data
+
+
+def test_restart_at_the_dead_mount_of_a_killed_daemon(make_node: Any, bucket: str,
+                                                      s3: Any) -> None:
+    node = make_node(bucket, upload_delay=3600)
+    with open(node.mount / "x", "wb") as f:
+        f.write(b"survives")
+        os.fsync(f.fileno())
+    os.killpg(node.proc.pid, 9)
+    node.proc.wait(10)
+    # The dead mount is still there: the restart must detach it by itself.
+    again = _restart(make_node, bucket, node, upload_delay=0.0)
+    assert (again.mount / "x").read_bytes() == b"survives"
+    again.flush()
+    assert read_object(s3, bucket, "x") == b"survives"

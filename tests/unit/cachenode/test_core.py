@@ -99,10 +99,11 @@ def test_delete_after_upload_makes_a_tombstone(core: CacheCore) -> None:
 def test_commit_marker_waits_for_shards(core: CacheCore) -> None:
     step = core.mkdir(ROOT_INO, "step-1", 0o755, 0, 0).ino
     _write(core, step, "__0_0.distcp", b"shard0")
+    # Shard 1 was opened before the marker was written and is still open (its release is
+    # asynchronous in FUSE): the marker may not go before it.
+    handle, _ = core.create(step, "__1_0.distcp", 0o644, os.O_WRONLY, 0, 0)
     _write(core, step, ".metadata.tmp", b"meta")
     core.rename(step, ".metadata.tmp", step, ".metadata")
-    # While shard 1 is still open for writing, the marker may not go.
-    handle, _ = core.create(step, "__1_0.distcp", 0o644, os.O_WRONLY, 0, 0)
     first = core.collect_work(10, force=True)
     keys = [w.key for w in first if isinstance(w, UploadWork)]
     assert "step-1/.metadata" not in keys and "step-1/__0_0.distcp" in keys
@@ -126,3 +127,14 @@ def test_journal_survives_restart(tmp_path: Path) -> None:
     assert attr.ino == ino and attr.size == 9
     assert [w.key for w in _run_all(second) if isinstance(w, UploadWork)] == ["keep"]
     second.close()
+
+
+def test_flush_waits_for_files_whose_release_arrives_late(core: CacheCore) -> None:
+    handle, _ = core.create(ROOT_INO, "late", 0o644, os.O_WRONLY, 0, 0)
+    core.write(handle, 0, b"abc")
+    seq = core.request_flush()
+    assert not core.idle(seq)
+    core.release(handle)  # arrives after the flush request
+    assert not core.idle(seq), "a flush must not forget a file released after it started"
+    _run_all(core)
+    assert core.idle(seq)
