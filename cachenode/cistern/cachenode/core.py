@@ -51,6 +51,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 NAME_MAX = 255
+_ADMIT_EVERY = 16 * 2**20
 
 
 def _err(code: int, detail: str = "") -> OSError:
@@ -82,6 +83,7 @@ class Handle:
     flags: int
     writable: bool
     fd: int
+    written: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +125,8 @@ class CacheCore:
 
     def __init__(self, cache_dir: Path, store: ObjectStore, *,
                  flush: FlushPolicy | None = None, cache: CacheConfig | None = None,
-                 drain: DrainPolicy | None = None,
-                 on_event: Callable[[str, int], None] | None = None) -> None:
+                 drain: DrainPolicy | None = None, store_keep_last: int | None = None,
+                 on_event: Callable[[str, float], None] | None = None) -> None:
         self.cache_dir = cache_dir
         self.data_dir = cache_dir / "data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +135,7 @@ class CacheCore:
         self.flush_policy = flush or FlushPolicy()
         self.cache_config = cache or CacheConfig()
         self.drain_policy = drain or DrainPolicy()
+        self.store_keep_last = store_keep_last
         self._on_event = on_event or (lambda name, value: None)
         self.journal = Journal(cache_dir / "journal.sqlite")
         self._lock = threading.RLock()
@@ -151,6 +154,8 @@ class CacheCore:
         self.stale_uploads: list[tuple[str, str | None]] = []
         self.dirty_bytes = 0
         self.clean_bytes = 0
+        self._writing: set[int] = set()
+        self.capacity_bytes = self._capacity()
         self._recover()
 
     # ------------------------------------------------------------------ recovery
@@ -206,7 +211,9 @@ class CacheCore:
             item.unlink(missing_ok=True)
         for intent in self.journal.uploads():
             self._recover_upload(intent.ino, intent.key, intent.upload_id)
+        now = time.monotonic()
         for entry in sorted(entries, key=lambda e: e.ino):
+            entry.last_access = now
             if not entry.is_dir:
                 entry.seq = entry.dirty_seq = next(self._seq)
                 if self._needs_work(entry):
@@ -444,8 +451,6 @@ class CacheCore:
     def _new_entry(self, parent: Entry, name: str, *, is_dir: bool, mode: int, uid: int,
                    gid: int) -> Entry:
         _check_name(name)
-        if self._draining and self.drain_policy.new_writes == "reject":
-            raise _err(errno.EROFS, "the cache is draining")
         if name in self._children.get(parent.ino, {}):
             raise _err(errno.EEXIST)
         now = self._now_ns()
@@ -476,7 +481,7 @@ class CacheCore:
         with self._lock:
             directory = self._dir(parent)
         self._ensure_listed(directory)
-        self._admit_new_file()
+        self._admit(new_file=True)
         with self._lock:
             entry = self._new_entry(directory, name, is_dir=False, mode=mode, uid=uid, gid=gid)
             entry.ino = self.journal.insert(entry)
@@ -496,11 +501,203 @@ class CacheCore:
             handle = self._open_handle(entry, flags | os.O_RDWR, writable=True)
             return handle, self._attr(entry)
 
-    def _admit_new_file(self) -> None:
-        """Backpressure hook for new files (see capacity): wait for space or refuse early."""
-        waiter = getattr(self, "admission", None)
-        if waiter is not None:
-            waiter.admit_new_file()
+    # ------------------------------------------------------------------ capacity
+
+    def _capacity(self) -> int:
+        if self.cache_config.capacity_bytes is not None:
+            return self.cache_config.capacity_bytes
+        st = os.statvfs(self.cache_dir)
+        return int(st.f_blocks * st.f_frsize * self.cache_config.capacity_percent / 100)
+
+    def live_dirty_bytes(self) -> int:
+        """Dirty bytes including what open writers added since their last sync."""
+        with self._lock:
+            grown = 0
+            for ino in self._writing:
+                entry = self._entries.get(ino)
+                if entry is not None and entry.fd >= 0:
+                    grown += max(0, os.fstat(entry.fd).st_size - entry.size)
+            return self.dirty_bytes + grown
+
+    def _wait_for_drain_end(self) -> None:
+        """``drain.newWrites: hold``: new writers wait while the node drains."""
+        while self._draining and self.drain_policy.new_writes == "hold":
+            self.changed.wait(1.0)
+
+    def _admit(self, *, new_file: bool) -> None:
+        """Backpressure: slow writers above the high watermark of dirty data, block them at
+        capacity until the flusher frees space, and refuse new files (ENOSPC) when nothing
+        frees up within ``admissionTimeout``. Existing files are never failed mid-write here.
+        """
+        if self._draining:
+            if self.drain_policy.new_writes == "reject":
+                raise _err(errno.EROFS, "the cache is draining")
+            with self._lock:
+                self._wait_for_drain_end()
+        cap = self.capacity_bytes
+        soft = cap * self.cache_config.high_watermark
+        dirty = self.live_dirty_bytes()
+        if dirty < soft:
+            return
+        started = time.monotonic()
+        deadline = started + self.cache_config.admission_timeout
+        if dirty < cap:
+            # Slow down in proportion to how far into the band between soft and hard we are.
+            time.sleep(min(0.2, 0.2 * (dirty - soft) / max(1.0, cap - soft)))
+        else:
+            log.warning("cache full: %d dirty bytes of %d; holding a writer until the flusher "
+                        "frees space", dirty, cap)
+            with self._lock:
+                self._force_until_seq = next(self._seq)
+                self.changed.notify_all()
+                while self.live_dirty_bytes() >= cap:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._on_event("backpressure_seconds", time.monotonic() - started)
+                        if new_file:
+                            self._on_event("admission_refused", 1)
+                            log.error("refusing a new file: the cache holds %d dirty bytes "
+                                      "(capacity %d) and nothing was freed in %.0fs",
+                                      self.dirty_bytes, cap, self.cache_config.admission_timeout)
+                            raise _err(errno.ENOSPC, "the write cache is full of data not yet "
+                                       "in the object store")
+                        return
+                    self.changed.wait(min(left, 0.5))
+        self._on_event("backpressure_seconds", time.monotonic() - started)
+
+    def evict(self, target_bytes: int, reason: str = "capacity") -> int:
+        """Drop clean local copies (least recently used first) until usage <= target."""
+        freed = 0
+        with self._lock:
+            if self.dirty_bytes + self.clean_bytes <= target_bytes:
+                return 0
+            candidates = sorted((e for e in self._entries.values()
+                                 if e.state == CLEAN and e.local and e.opens == 0
+                                 and not e.in_flight and e.ino not in self._pending),
+                                key=lambda e: e.last_access)
+            for entry in candidates:
+                if self.dirty_bytes + self.clean_bytes <= target_bytes:
+                    break
+                freed += self._drop_local(entry, reason)
+        return freed
+
+    def _drop_local(self, entry: Entry, reason: str) -> int:
+        self._data_path(entry.ino).unlink(missing_ok=True)
+        entry.local = False
+        entry.state = REMOTE
+        self.clean_bytes -= entry.size
+        self.journal.update(entry)
+        self._on_event(f"evicted:{reason}", entry.size)
+        return entry.size
+
+    def maintain(self) -> None:
+        """Periodic housekeeping: watermark eviction, cache TTL, checkpoint retention."""
+        cfg = self.cache_config
+        if self.dirty_bytes + self.clean_bytes > self.capacity_bytes * cfg.high_watermark:
+            freed = self.evict(int(self.capacity_bytes * cfg.low_watermark))
+            if freed:
+                log.info("evicted %d clean bytes (above the high watermark)", freed)
+        if cfg.cache_ttl is not None:
+            cutoff = time.monotonic() - cfg.cache_ttl
+            with self._lock:
+                for entry in list(self._entries.values()):
+                    if entry.state == CLEAN and entry.local and entry.opens == 0 \
+                            and entry.last_access < cutoff and entry.ino not in self._pending:
+                        self._drop_local(entry, "ttl")
+        if cfg.keep_last_checkpoints is not None:
+            self._retain_in_cache(cfg.keep_last_checkpoints)
+        if self.store_keep_last is not None:
+            self._retain_in_store(self.store_keep_last)
+
+    # ------------------------------------------------------------------ retention
+
+    def _checkpoint_groups(self) -> list[list[Entry]]:
+        """Checkpoint directories (name matches checkpointPattern) grouped by parent, oldest
+        first: by name with numbers compared as numbers, then by mtime."""
+        import fnmatch
+        import re
+
+        def natural(entry: Entry) -> tuple[object, ...]:
+            parts = re.split(r"(\d+)", entry.name)
+            return (tuple(int(p) if p.isdigit() else p for p in parts), entry.mtime_ns)
+
+        pattern = self.cache_config.checkpoint_pattern
+        groups: dict[int, list[Entry]] = {}
+        with self._lock:
+            for entry in self._entries.values():
+                if entry.is_dir and entry.ino != ROOT_INO \
+                        and fnmatch.fnmatchcase(entry.name, pattern):
+                    groups.setdefault(entry.parent, []).append(entry)
+        return [sorted(group, key=natural) for group in groups.values()]
+
+    def _subtree_settled(self, directory: Entry) -> bool:
+        """Every file below is in the store under its final key and nothing is open."""
+        return all(e.ino not in self._pending and not e.in_flight and e.opens == 0
+                   for e in self._walk(directory))
+
+    def _retain_in_cache(self, keep: int) -> None:
+        for group in self._checkpoint_groups():
+            for directory in group[:-keep] if len(group) > keep else []:
+                with self._lock:
+                    if directory.ino not in self._entries or not self._subtree_settled(directory):
+                        continue
+                    dropped = [self._drop_local(e, "retention") for e in self._walk(directory)
+                               if e.state == CLEAN and e.local]
+                if dropped:
+                    log.info("retention: dropped the cached copy of %s (%d bytes)",
+                             self.path_of(directory), sum(dropped))
+                    self._on_event("retention:cache", 1)
+
+    def _retain_in_store(self, keep: int) -> None:
+        for group in self._checkpoint_groups():
+            for directory in group[:-keep] if len(group) > keep else []:
+                self._ensure_subtree_listed(directory)
+                with self._lock, self.journal.transaction():
+                    if directory.ino not in self._entries or not self._subtree_settled(directory):
+                        continue
+                    path = self.path_of(directory)
+                    self._remove_tree(directory)
+                log.info("retention: deleting %s from the object store (store.keepLastCheckpoints"
+                         "=%d)", path, keep)
+                self._on_event("retention:store", 1)
+
+    def _remove_tree(self, directory: Entry) -> None:
+        for child in list(self._children.get(directory.ino, {}).values()):
+            entry = self._entries[child]
+            if entry.is_dir:
+                self._remove_tree(entry)
+            else:
+                self._remove(entry)
+        del self._children[directory.parent][directory.name]
+        del self._children[directory.ino]
+        del self._entries[directory.ino]
+        self.journal.delete(directory.ino)
+
+    def checkpoints(self, limit: int = 10) -> list[dict[str, Any]]:
+        """Recent checkpoint directories and how far each has got."""
+        out: list[dict[str, Any]] = []
+        with self._lock:
+            dirs = [d for group in self._checkpoint_groups() for d in group]
+            for entry in self._entries.values():
+                if not entry.is_dir and self.flush_policy.is_commit_marker(entry.name):
+                    parent = self._entries.get(entry.parent)
+                    if parent is not None and parent not in dirs:
+                        dirs.append(parent)
+            dirs.sort(key=lambda d: d.mtime_ns)
+            for directory in dirs[-limit:]:
+                files = list(self._walk(directory))
+                markers = [f for f in files if self.flush_policy.is_commit_marker(f.name)]
+                pending = [f for f in files if f.ino in self._pending or f.in_flight]
+                if not markers:
+                    state = "writing"
+                elif pending:
+                    state = "committed-locally"
+                else:
+                    state = "durable"
+                out.append({"path": self.path_of(directory) or "/", "state": state,
+                            "files": len(files), "bytes": sum(f.size for f in files),
+                            "pending_files": len(pending)})
+        return out
 
     def _open_handle(self, entry: Entry, flags: int, writable: bool) -> Handle:
         if writable:
@@ -508,6 +705,9 @@ class CacheCore:
                 self._mark_dirty(entry)
             entry.writers += 1
             entry.gen += 1
+            self._writing.add(entry.ino)
+        if entry.opens == 0 and entry.state == CLEAN:
+            self._on_event("hit_bytes", entry.size)
         entry.opens += 1
         entry.last_access = time.monotonic()
         handle = Handle(fh=next(self._fh), ino=entry.ino, flags=flags, writable=writable,
@@ -533,9 +733,9 @@ class CacheCore:
             entry = self._get(ino)
             if entry.is_dir:
                 raise _err(errno.EISDIR)
-            if writable and self._draining and self.drain_policy.new_writes == "reject":
-                raise _err(errno.EROFS, "the cache is draining")
             needs_fetch = not entry.local and not truncate
+        if writable:
+            self._admit(new_file=False)
         if needs_fetch:
             self._fetch(entry)
         with self._lock:
@@ -617,10 +817,39 @@ class CacheCore:
             raise _err(errno.EBADF)
         if handle.flags & os.O_APPEND:
             offset = os.fstat(handle.fd).st_size
+        handle.written += len(data)
+        if handle.written >= _ADMIT_EVERY:
+            handle.written = 0
+            self._admit(new_file=False)
         return os.pwrite(handle.fd, data, offset)
 
+    @property
+    def write_through(self) -> bool:
+        return self.flush_policy.mode == "writeThrough"
+
     def flush(self, handle: Handle) -> None:
-        """close(2) on one descriptor: nothing to wait for in write-back mode."""
+        """close(2) on one descriptor: nothing to wait for in write-back mode; in write-through
+        mode, upload what the file holds now and return when the store has it."""
+        if self.write_through and handle.writable:
+            self._upload_now_and_wait(handle.ino)
+
+    def _upload_now_and_wait(self, ino: int) -> None:
+        with self._lock:
+            entry = self._entries.get(ino)
+            if entry is None or entry.unlinked or entry.state != DIRTY:
+                return
+            entry.gen += 1
+            target = entry.sync_wanted = entry.gen
+            entry.due = 0.0
+            self._add_pending(entry)
+            self.changed.notify_all()
+            deadline = time.monotonic() + 600.0
+            while entry.durable_gen < target and not entry.unlinked:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _err(errno.EIO, "write-through: the object store did not take the "
+                               "file in time (it stays dirty and will be retried)")
+                self.changed.wait(min(left, 0.5))
 
     def fsync(self, handle: Handle, datasync: bool = False) -> None:
         if datasync:
@@ -634,6 +863,8 @@ class CacheCore:
                 self.journal.update(entry)
         self._sync_dir(self._data_path(handle.ino).parent)
         self.journal.sync()
+        if self.write_through and handle.writable:
+            self._upload_now_and_wait(handle.ino)
 
     @staticmethod
     def _sync_dir(path: Path) -> None:
@@ -658,8 +889,17 @@ class CacheCore:
             entry.opens -= 1
             if handle.writable:
                 entry.writers -= 1
-                entry.gen += 1
-                if not entry.unlinked:
+                if entry.writers == 0:
+                    self._writing.discard(entry.ino)
+                if self.write_through and entry.durable_gen == entry.gen \
+                        and entry.state == DIRTY and not entry.unlinked:
+                    # close() already waited for this generation to reach the store.
+                    self._sync_size(entry)
+                    if entry.writers == 0:
+                        self._mark_clean(entry, entry.size)
+                else:
+                    entry.gen += 1
+                if not entry.unlinked and entry.state == DIRTY:
                     self._sync_size(entry)
                     self.journal.update(entry)
                     if entry.writers == 0:
@@ -933,7 +1173,9 @@ class CacheCore:
             for entry in candidates:
                 if len(out) >= limit:
                     break
-                if entry.in_flight or entry.writers or entry.unlinked:
+                if entry.in_flight or entry.unlinked:
+                    continue
+                if entry.writers and entry.sync_wanted <= entry.durable_gen:
                     continue
                 if not (force or entry.dirty_seq <= self._force_until_seq) and entry.due > now:
                     continue
@@ -998,19 +1240,13 @@ class CacheCore:
             old = entry.remote_key
             entry.remote_key = work.key
             self._owners[work.key] = entry.ino
+            entry.durable_gen = max(entry.durable_gen, work.gen)
             if old is not None and old != work.key:
                 self._release_key(old)
             if entry.unlinked:
                 self._forget_unlinked(entry, None)
             elif entry.gen == work.gen and entry.writers == 0 and entry.state == DIRTY:
-                entry.state = CLEAN
-                entry.remote_size = work.size
-                entry.meta_dirty = False
-                self.dirty_bytes -= entry.size
-                self.clean_bytes += entry.size
-                if not self._needs_work(entry):
-                    self._pending.discard(entry.ino)
-                self.journal.update(entry)
+                self._mark_clean(entry, work.size)
             else:
                 self.journal.update(entry)
             self.changed.notify_all()
@@ -1044,6 +1280,16 @@ class CacheCore:
                     self._pending.discard(entry.ino)
                 self.journal.update(entry)
             self.changed.notify_all()
+
+    def _mark_clean(self, entry: Entry, size: int) -> None:
+        entry.state = CLEAN
+        entry.remote_size = size
+        entry.meta_dirty = False
+        self.dirty_bytes -= entry.size
+        self.clean_bytes += entry.size
+        if not self._needs_work(entry):
+            self._pending.discard(entry.ino)
+        self.journal.update(entry)
 
     def _forget_unlinked(self, entry: Entry, reserved: str | None) -> None:
         """An entry removed while its upload or move ran: give up every key it holds."""

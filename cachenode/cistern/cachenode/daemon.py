@@ -129,6 +129,7 @@ class NodeDaemon:
             raise StartupError(str(exc)) from exc
         self.prom.set_frontend(self.frontend.name)
         self.core = CacheCore(cache_dir, store, flush=cfg.flush, cache=cfg.cache, drain=cfg.drain,
+                              store_keep_last=cfg.store.keep_last_checkpoints,
                               on_event=self.prom.event)
         self.flusher = Flusher(self.core, store, cfg.flush, self.prom)
         self.prom.watch_state(self.status)
@@ -144,6 +145,7 @@ class NodeDaemon:
         assert self.frontend and self.core and self.flusher and self.control
         self.flusher.start()
         self.control.start()
+        threading.Thread(target=self._maintain, name="maintenance", daemon=True).start()
         self.state = "running"
         signal.signal(signal.SIGINT, self._on_sigint)
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -159,8 +161,18 @@ class NodeDaemon:
             self._shutdown()
         return 0
 
+    def _maintain(self) -> None:
+        """Eviction, TTL and retention, once a second, until shutdown."""
+        assert self.core
+        while not self._stopping.wait(1.0):
+            try:
+                self.core.maintain()
+            except Exception:  # housekeeping must never take the daemon down
+                log.exception("cache maintenance failed")
+
     def _shutdown(self) -> None:
         self.state = "stopping"
+        self._stopping.set()
         assert self.frontend and self.core and self.flusher and self.control
         self.frontend.close()
         self.flusher.stop()
@@ -229,6 +241,9 @@ class NodeDaemon:
             "recent_errors": list(flusher.errors.recent),
             "throttled": flusher.adaptive.throttled_now,
             "upload_rate_limit_requests": flusher.request_bucket.rate or 0,
+            "capacity_bytes": core.capacity_bytes,
+            "mode": self.config.flush.mode,
+            "checkpoints": core.checkpoints(),
             "uptime_seconds": round(time.time() - self._started, 1),
         }
         if self._drain_started is not None:

@@ -82,6 +82,8 @@ class Entry:
     due: float = 0.0
     seq: int = 0
     dirty_seq: int = 0
+    durable_gen: int = -1
+    sync_wanted: int = -1
     last_access: float = 0.0
     unlinked: bool = False
     waiters: list[object] = field(default_factory=list)

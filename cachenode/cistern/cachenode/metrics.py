@@ -89,14 +89,26 @@ class Metrics:
     def watch_state(self, read: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_StateCollector(read))
 
-    def event(self, name: str, value: int) -> None:
+    def event(self, name: str, value: float) -> None:
         """Counters fed by the core, which knows nothing of Prometheus."""
-        if name == "data_loss":
+        kind, _, label = name.partition(":")
+        if kind == "data_loss":
             self.data_loss.inc(value)
-        elif name == "fetched_bytes":
+        elif kind == "fetched_bytes":
             self.miss_bytes.inc(value)
-        elif name == "hit_bytes":
+        elif kind == "hit_bytes":
             self.hit_bytes.inc(value)
+        elif kind == "backpressure_seconds":
+            self.backpressure_seconds.inc(value)
+        elif kind == "admission_refused":
+            self.admission_refusals.inc(value)
+        elif kind == "evicted":
+            self.evictions.labels(label).inc()
+            self.evicted_bytes.inc(value)
+        elif kind == "retention":
+            self.retention_deletions.labels(label).inc(value)
+        elif kind == "list_error":
+            self.errors.labels("ListFailed").inc(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

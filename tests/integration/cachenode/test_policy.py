@@ -1,0 +1,214 @@
+"""Flush policy, throttling, backpressure, eviction, retention and drain on a real mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from cistern.testing.s3server import list_keys, read_object
+
+
+def _wait(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_write_through_close_returns_after_the_object_is_durable(make_node: Any, bucket: str,
+                                                                 s3: Any) -> None:
+    node = make_node(bucket, upload_delay=3600, config={"flush": {"mode": "writeThrough"}})
+    data = os.urandom(200_000)
+    with open(node.mount / "wt.bin", "wb") as f:
+        f.write(data)
+    # No flush, one-hour upload delay: only write-through can have put it there.
+    assert read_object(s3, bucket, "wt.bin") == data
+    status = node.status()
+    assert status["mode"] == "writeThrough"
+    _wait(lambda: node.status()["dirty_bytes"] == 0, what="clean after close")
+
+
+def test_commit_marker_uploaded_last_with_real_dcp(make_node: Any, bucket: str, s3: Any,
+                                                    proxy: Any) -> None:
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    import torch.distributed.checkpoint as dcp
+
+    proxy.set(latency=0.035)
+    node = make_node(bucket, endpoint=proxy.endpoint, upload_delay=0.0,
+                     config={"flush": {"maxConcurrentUploads": 4}})
+    state = {f"layer{i}": torch.randn(256, 256) for i in range(16)}
+    path = node.mount / "run" / "step-10"
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path), thread_count=4,
+                                                        single_file_per_rank=False))
+    checkpoints = node.status()["checkpoints"]
+    assert any(c["path"] == "run/step-10" for c in checkpoints)
+    node.flush()
+    puts = [e for e in proxy.log() if e.kind in ("PUT", "COMPLETE_MPU") and e.status == 200
+            and "step-10" in e.key]
+    names = [e.key.rsplit("/", 1)[-1] for e in puts]
+    assert names[-1] == ".metadata", names
+    assert len(names) == len(os.listdir(path)) >= 3
+    assert [c["state"] for c in node.status()["checkpoints"]
+            if c["path"] == "run/step-10"] == ["durable"]
+    assert proxy.counts().get("COPY", 0) == 0
+
+
+def test_throttling_storm_every_file_lands(make_node: Any, bucket: str, s3: Any,
+                                           proxy: Any) -> None:
+    proxy.set(latency=0.035, error_rate=0.3)
+    node = make_node(bucket, endpoint=proxy.endpoint, upload_delay=0.0,
+                     config={"flush": {"partSize": "5Mi", "multipartThreshold": "6Mi"}})
+    files = {f"f{i:02d}": os.urandom(50_000 + i) for i in range(30)}
+    files["big"] = os.urandom(12 * 2**20)
+    for name, data in files.items():
+        (node.mount / name).write_bytes(data)
+    node.flush(timeout=300)
+    assert list_keys(s3, bucket) == {k: len(v) for k, v in files.items()}
+    for name in ("f00", "f29", "big"):
+        assert read_object(s3, bucket, name) == files[name]
+    assert node.metric("cistern_s3_throttles_total") > 0
+    assert node.metric("cistern_s3_errors_total", 'code="SlowDown"') > 0
+
+
+def test_backpressure_refuses_new_files_when_nothing_can_be_freed(make_node: Any,
+                                                                  bucket: str, s3: Any,
+                                                                  proxy: Any) -> None:
+    node = make_node(bucket, endpoint=proxy.endpoint, upload_delay=0.0,
+                     config={"cache": {"capacityBytes": "8Mi", "admissionTimeout": "2s",
+                                       "highWatermark": 0.5, "lowWatermark": 0.25}})
+    proxy.set(outage=True)
+    accepted = {}
+    for i in range(3):
+        data = os.urandom(3 * 2**20)
+        (node.mount / f"ok{i}").write_bytes(data)
+        accepted[f"ok{i}"] = data
+    started = time.monotonic()
+    with pytest.raises(OSError) as info:
+        (node.mount / "refused").write_bytes(b"x")
+    assert info.value.errno == errno.ENOSPC
+    assert time.monotonic() - started >= 1.5, "the writer should have been held first"
+    assert node.metric("cistern_admission_refusals_total") >= 1
+    assert node.metric("cistern_backpressure_seconds_total") > 0
+    # Accepted data is intact locally and reaches the store when it comes back.
+    for name, data in accepted.items():
+        assert (node.mount / name).read_bytes() == data
+    proxy.set(outage=False)
+    node.flush(timeout=120)
+    for name, data in accepted.items():
+        assert read_object(s3, bucket, name) == data
+    (node.mount / "after").write_bytes(b"room again")
+
+
+def test_writer_is_held_then_released_when_the_flusher_frees_space(
+        make_node: Any, bucket: str, s3: Any, proxy: Any) -> None:
+    node = make_node(bucket, endpoint=proxy.endpoint, upload_delay=0.0,
+                     config={"cache": {"capacityBytes": "6Mi", "admissionTimeout": "60s",
+                                       "highWatermark": 0.5, "lowWatermark": 0.25}})
+    proxy.set(outage=True)
+    (node.mount / "a").write_bytes(os.urandom(7 * 2**20))
+    done = threading.Event()
+
+    def writer() -> None:
+        (node.mount / "b").write_bytes(b"waited")
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert not done.wait(2.0), "the writer should be held while the cache is full"
+    proxy.set(outage=False)
+    thread.join(60)
+    assert done.is_set()
+    node.flush()
+    assert read_object(s3, bucket, "b") == b"waited"
+
+
+def test_clean_data_is_evicted_lru_and_fetched_again(make_node: Any, bucket: str,
+                                                     s3: Any) -> None:
+    node = make_node(bucket, upload_delay=0.0,
+                     config={"cache": {"capacityBytes": "10Mi", "highWatermark": 0.6,
+                                       "lowWatermark": 0.3}})
+    files = {f"e{i}": os.urandom(2 * 2**20) for i in range(5)}
+    for name, data in files.items():
+        (node.mount / name).write_bytes(data)
+    node.flush()
+    _wait(lambda: node.status()["clean_bytes"] <= 3 * 2**20, what="eviction to low watermark")
+    assert node.metric("cistern_evictions_total", 'reason="capacity"') >= 2
+    assert (node.mount / "e0").read_bytes() == files["e0"]
+    assert node.metric("cistern_cache_miss_bytes_total") >= 2 * 2**20
+
+
+def test_cache_ttl_drops_clean_copies(make_node: Any, bucket: str) -> None:
+    node = make_node(bucket, upload_delay=0.0, config={"cache": {"cacheTTL": "1s"}})
+    (node.mount / "ttl").write_bytes(b"t" * 1000)
+    node.flush()
+    _wait(lambda: node.status()["clean_bytes"] == 0, what="TTL eviction")
+    assert (node.mount / "ttl").read_bytes() == b"t" * 1000
+
+
+def _checkpoints(node: Any, steps: range) -> None:
+    for step in steps:
+        folder = node.mount / "run" / f"step-{step}"
+        folder.mkdir(parents=True)
+        (folder / "shard.pt").write_bytes(os.urandom(100_000))
+        (folder / ".metadata").write_bytes(b"m")
+
+
+def test_cache_retention_keeps_the_newest_checkpoints_local(make_node: Any, bucket: str,
+                                                            s3: Any) -> None:
+    node = make_node(bucket, upload_delay=0.0,
+                     config={"cache": {"keepLastCheckpoints": 2, "checkpointPattern": "step-*"}})
+    _checkpoints(node, range(8, 12))  # step-8 .. step-11: numeric, not lexical, order
+    node.flush()
+    _wait(lambda: node.metric("cistern_retention_deletions_total", 'where="cache"') >= 2,
+          what="cache retention")
+    assert node.status()["clean_bytes"] == 2 * 100_001
+    assert len(list_keys(s3, bucket)) == 8, "cache retention must never delete from S3"
+    assert len((node.mount / "run" / "step-8" / "shard.pt").read_bytes()) == 100_000
+
+
+def test_store_retention_is_opt_in_and_deletes_old_checkpoints(make_node: Any, bucket: str,
+                                                               s3: Any) -> None:
+    node = make_node(bucket, upload_delay=0.0,
+                     config={"store": {"keepLastCheckpoints": 2}})
+    _checkpoints(node, range(1, 5))
+    node.flush()
+    _wait(lambda: {k.split("/")[1] for k in list_keys(s3, bucket)} == {"step-3", "step-4"},
+          what="store retention")
+    assert sorted(os.listdir(node.mount / "run")) == ["step-3", "step-4"]
+
+
+def test_drain_reject_refuses_new_writes_and_reports_progress(make_node: Any, bucket: str,
+                                                              s3: Any, proxy: Any) -> None:
+    proxy.set(latency=0.3)
+    node = make_node(bucket, endpoint=proxy.endpoint, upload_delay=3600,
+                     config={"drain": {"newWrites": "reject"}})
+    for i in range(4):
+        (node.mount / f"d{i}").write_bytes(os.urandom(100_000))
+    status = node.drain()
+    assert status["state"] in ("draining", "drained") and "drain" in status
+    assert status["drain"]["bytes_left"] >= 0
+    with pytest.raises(OSError) as info:
+        (node.mount / "new").write_bytes(b"x")
+    assert info.value.errno == errno.EROFS
+    _wait(lambda: node.status()["state"] == "drained", timeout=60, what="drained")
+    assert len(list_keys(s3, bucket)) == 4
+    assert node.metric("cistern_draining") == 1
+
+
+def test_drain_hold_holds_writers_until_resume(make_node: Any, bucket: str) -> None:
+    node = make_node(bucket, upload_delay=0.0, config={"drain": {"newWrites": "hold"}})
+    node.drain()
+    _wait(lambda: node.status()["state"] == "drained", what="drained")
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: ((node.mount / "held").write_text("x"),
+                                              done.set()))
+    thread.start()
+    assert not done.wait(1.5)
+    node._request("POST", "/resume")  # noqa: SLF001
+    thread.join(30)
+    assert done.is_set() and (node.mount / "held").read_text() == "x"
