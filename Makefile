@@ -3,7 +3,7 @@ PYTHON ?= python3
 BENCH_OUT ?= bench/results
 SMOKE_OUT ?= /tmp/cistern-bench-smoke
 
-.PHONY: bench bench-full bench-smoke
+.PHONY: bench bench-full bench-smoke smoothing
 
 # The batch: raw disk, Cistern (pyfuse3 and passthrough front ends), JuiceFS, rclone, s3fs;
 # 3 repetitions; JSON, Markdown and PNG in $(BENCH_OUT). Under 20 minutes on 2 cores.
@@ -17,3 +17,8 @@ bench-full:
 # Tiny sizes, one repetition, raw + Cistern: checks the harness end to end in seconds.
 bench-smoke:
 	$(PYTHON) -m bench --smoke --out $(SMOKE_OUT) $(BENCH_ARGS)
+
+# Upload smoothing: a checkpoint burst with and without maxBytesPerSecond, and under 503 SlowDown
+# (see docs/smoothing.md). Writes bench/results/smoothing.json and docs/smoothing.png.
+smoothing:
+	$(PYTHON) -m bench.smoothing $(SMOOTHING_ARGS)
