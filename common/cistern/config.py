@@ -1,4 +1,4 @@
-"""The node configuration: the one schema shared by the node daemon, the operator and the CSI driver.
+"""The node configuration: one schema shared by the node daemon, the operator and the CSI driver.
 
 The operator renders a WriteCache spec into a ``NodeConfig`` and stores ``NodeConfig.to_dict()``
 as YAML in a ConfigMap; the node daemon parses the same YAML with ``NodeConfig.from_dict()``.
@@ -120,7 +120,8 @@ def _globs(value: Any, where: str) -> tuple[str, ...]:
         raise ConfigError(f"{where}: expected a list of glob patterns, got {value!r}")
     for item in value:
         if not isinstance(item, str) or not item or "/" in item:
-            raise ConfigError(f"{where}: each pattern must be a non-empty file name glob, got {item!r}")
+            raise ConfigError(f"{where}: each pattern must be a non-empty file name glob, "
+                              f"got {item!r}")
     return tuple(value)
 
 
@@ -151,7 +152,7 @@ class StoreConfig:
     path_style: bool = False
     """Use path-style addressing (needed by most S3-compatible servers)."""
     keep_last_checkpoints: int | None = None
-    """Opt-in: delete older checkpoints from the object store, keeping the newest N. Unset: never."""
+    """Opt-in: delete older checkpoints from the store, keeping the newest N. Unset: never."""
 
     @property
     def scheme(self) -> str:

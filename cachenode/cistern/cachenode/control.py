@@ -46,7 +46,7 @@ class ControlServer:
 
     @property
     def url(self) -> str:
-        host, port = self.address[0], self.address[1]
+        host, port = str(self.address[0]), int(self.address[1])
         return f"http://{host}:{port}"
 
     def start(self) -> None:

@@ -8,6 +8,7 @@ back to the core, which journals them. It never decides what is safe: the core d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -103,7 +104,8 @@ class Flusher:
         """Abort multipart uploads that were in flight when the daemon last stopped."""
         for key, upload_id in self.core.finish_stale_uploads():
             try:
-                ids = set(self._request("list-multipart", lambda k=key: self.store.list_multipart(k)))
+                ids = set(self._request("list-multipart",
+                                        lambda k=key: self.store.list_multipart(k)))
                 if upload_id:
                     ids.add(upload_id)
                 for uid in ids:
@@ -214,10 +216,8 @@ class Flusher:
                 f.cancel()
             for f in futures:
                 if not f.cancelled():
-                    try:
+                    with contextlib.suppress(BaseException):  # aborted below either way
                         f.result()
-                    except BaseException:  # noqa: S110 - we abort below either way
-                        pass
             try:
                 self._request("abort-multipart",
                               lambda: self.store.abort_multipart(work.key, upload_id))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -17,14 +18,16 @@ __all__ = ["Pyfuse3Frontend"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 _TTL = 1.0
 
 
-def _errno_boundary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def _errno_boundary(
+        fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """OSError -> its errno; anything else is a bug: log loudly, answer EIO."""
 
     @wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -249,10 +252,8 @@ class Pyfuse3Frontend:
     def request_stop(self) -> None:
         self._stop_requested = True
         if self._token is not None:
-            try:
+            with contextlib.suppress(trio.RunFinishedError):
                 trio.from_thread.run_sync(pyfuse3.terminate, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
 
     def close(self) -> None:
         if self._mounted:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -78,10 +79,9 @@ class NodeProcess:
                 "--fuse-frontend", self.frontend, "--log-level", "debug", *self.extra_args]
 
     def start(self, timeout: float = 30.0) -> NodeProcess:
-        try:
+        # A dead mount left by a killed daemon fails mkdir; the daemon detaches it itself.
+        with contextlib.suppress(OSError):
             self.mount.mkdir(parents=True, exist_ok=True)
-        except OSError:  # a dead mount left by a killed daemon: the daemon detaches it
-            pass
         env = dict(os.environ, **TEST_CREDENTIALS, **self.env)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.command(), env=env, stdout=self._log_file,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from cistern.cachenode import kernel_fuse as kf
 from cistern.cachenode.core import CacheCore
 from cistern.cachenode.fuse_passthrough import PassthroughFrontend, probe_passthrough
