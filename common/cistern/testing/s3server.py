@@ -124,7 +124,7 @@ def _lock_etag_getter() -> None:
 
     def etag(self: Any) -> str:
         with lock:
-            return original.fget(self)  # type: ignore[no-any-return,misc]
+            return original.fget(self)  # type: ignore[attr-defined,no-any-return,misc]
 
     models.FakeKey.etag = property(etag)  # type: ignore[assignment,method-assign]
 
