@@ -8,12 +8,13 @@ Every ``--interval`` seconds the harness samples the node's ``cistern_uploaded_b
 proxy's ordered log (completion time of every request) gives, independently of the daemon,
 the bytes S3 accepted per second (successful ``PART``/``PUT`` requests times their size).
 
-Three runs share one moto + proxy (a fresh bucket each):
+The runs share one moto + proxy (a fresh bucket each):
 
 ``limited``    ``maxBytesPerSecond`` = ``--limit`` (default 64 MiB/s)
 ``unlimited``  the same burst without a byte limit, for comparison
 ``throttled``  ``--limit`` again, with ``--error-rate`` (default 30 %) of requests answered
                ``503 SlowDown``: shows the adaptive request rate (AIMD)
+``throttled-unlimited``  the 503 run without a byte limit, where only the request rate binds
 
 Writes ``--out`` (JSON), ``--png`` (rate and dirty bytes over time, the limit as a line).
 """
@@ -33,16 +34,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cistern.testing.node import NodeProcess
-
 from bench.report import machine_info
 from bench.s3env import S3Env
+from cistern.testing.node import NodeProcess
 
 logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
 GiB = 1 << 30
-RUNS = ("limited", "unlimited", "throttled")
+RUNS = ("limited", "unlimited", "throttled", "throttled-unlimited")
+#: run name -> (byte limit on, 503 injection on)
+_RUN_KINDS = {
+    "limited": (True, False),
+    "unlimited": (False, False),
+    "throttled": (True, True),
+    "throttled-unlimited": (False, True),
+}
 _METRICS = {
     "uploaded": "cistern_uploaded_bytes_total",
     "dirty": "cistern_dirty_bytes",
@@ -107,6 +114,8 @@ class RunResult:
     samples: list[Sample] = field(default_factory=list)
     completions: list[tuple[float, str, int]] = field(default_factory=list)
     """(seconds since writer start, kind, bytes) of every successful PUT/PART in the log."""
+    rejected: list[tuple[float, str]] = field(default_factory=list)
+    """(seconds since writer start, kind) of every request the proxy answered 503."""
     proxy_counts: dict[str, int] = field(default_factory=dict)
     objects_ok: bool = False
     error: str | None = None
@@ -163,7 +172,7 @@ class _Writer(threading.Thread):
 
 
 def _completions(env: S3Env, t0: float, file_size: int, part_size: int
-                 ) -> tuple[list[tuple[float, str, int]], float | None]:
+                 ) -> tuple[list[tuple[float, str, int]], list[tuple[float, str]], float | None]:
     """Successful PUT/PART requests with their sizes, and the last object completion time.
 
     The proxy log has no sizes: a part's size follows from the file size and the number of
@@ -172,8 +181,11 @@ def _completions(env: S3Env, t0: float, file_size: int, part_size: int
     """
     seen: dict[str, int] = {}
     out: list[tuple[float, str, int]] = []
+    rejected: list[tuple[float, str]] = []
     last_object: float | None = None
     for entry in env.proxy.log():
+        if entry.status == 503:
+            rejected.append((entry.time - t0, entry.kind))
         if entry.status != 200:
             continue
         if entry.kind == "PART":
@@ -185,13 +197,14 @@ def _completions(env: S3Env, t0: float, file_size: int, part_size: int
             out.append((entry.time - t0, "PUT", file_size))
         if entry.kind in ("PUT", "COMPLETE_MPU"):
             last_object = entry.time - t0
-    return out, last_object
+    return out, rejected, last_object
 
 
 def run_once(env: S3Env, cfg: SmoothingConfig, name: str, root: Path) -> RunResult:
-    limit = None if name == "unlimited" else cfg.limit
-    error_rate = cfg.error_rate if name == "throttled" else 0.0
-    burst = cfg.throttled_burst if name == "throttled" else cfg.burst
+    limited, throttled = _RUN_KINDS[name]
+    limit = cfg.limit if limited else None
+    error_rate = cfg.error_rate if throttled else 0.0
+    burst = cfg.throttled_burst if throttled else cfg.burst
     files = max(1, burst // cfg.file_size)
     result = RunResult(name, files * cfg.file_size, files, limit, error_rate)
     bucket = f"smoothing-{name}-{os.getpid()}"
@@ -248,7 +261,8 @@ def run_once(env: S3Env, cfg: SmoothingConfig, name: str, root: Path) -> RunResu
         if writer.finished is not None:
             result.writer_seconds = writer.finished - t0
         env.proxy.set(error_rate=0.0)
-        result.completions, last = _completions(env, t0, cfg.file_size, cfg.part_size)
+        result.completions, result.rejected, last = _completions(env, t0, cfg.file_size,
+                                                                 cfg.part_size)
         result.durable_seconds = last if result.error is None else None
         result.proxy_counts = env.proxy.counts()
         listed = env.listing(bucket, "ckpt/")
@@ -335,58 +349,76 @@ def summarize(result: RunResult) -> dict[str, Any]:
 # ------------------------------------------------------------------ output
 
 
+def _moving_average(bins: list[float], window: int) -> list[float]:
+    half = window // 2
+    return [sum(bins[max(0, i - half):i + half + 1]) / len(bins[max(0, i - half):i + half + 1])
+            for i in range(len(bins))]
+
+
 def plot(data: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"limited": "tab:blue", "unlimited": "tab:orange", "throttled": "tab:red"}
-    fig, axes = plt.subplots(3, 1, figsize=(10, 10.5), sharex=True)
-    rate_ax, dirty_ax, req_ax = axes
+    colors = {"limited": "tab:blue", "unlimited": "tab:orange", "throttled": "tab:red",
+              "throttled-unlimited": "tab:purple"}
+    fig, axes = plt.subplots(4, 1, figsize=(10, 13), sharex=True)
+    rate_ax, cum_ax, dirty_ax, req_ax = axes
+    limit = data["config"]["limit"]
     for run in data["runs"]:
         name, color = run["name"], colors.get(run["name"], "gray")
-        bins = run["summary"]["per_second_bins"]
+        summary = run["summary"]
+        bins = summary.get("per_second_bins") or []
         xs = [i + 0.5 for i in range(len(bins))]
-        rate_ax.step(xs, [b / MiB for b in bins], where="mid", color=color,
-                     label=f"{name} (S3 accepted, 1 s bins)")
+        rate_ax.plot(xs, [b / MiB for b in _moving_average(bins, 5)], color=color, label=name)
+        ct, total = [0.0], [0.0]
+        for t, _kind, size in run["completions"]:
+            ct.append(t)
+            total.append(total[-1] + size / MiB)
+        cum_ax.step(ct, total, where="post", color=color, label=f"{name}: S3 accepted (proxy)")
         samples = run["samples"]
         ts = [s["t"] for s in samples]
+        cum_ax.step(ts, [s["uploaded"] / MiB for s in samples], where="post", color=color,
+                    ls="--", lw=0.8, label=f"{name}: cistern_uploaded_bytes_total")
+        cum_ax.plot(ts, [s["written"] / MiB for s in samples], color=color, ls=":", lw=1)
         dirty_ax.plot(ts, [s["dirty"] / MiB for s in samples], color=color, label=name)
-        dirty_ax.plot(ts, [s["written"] / MiB for s in samples], color=color, ls=":",
-                      lw=1, label=f"{name}: written")
-        if run["summary"]["durable_seconds"] is not None:
-            for ax in (rate_ax, dirty_ax):
-                ax.axvline(run["summary"]["durable_seconds"], color=color, ls="--", lw=0.8)
-        if name == "throttled":
-            req_ax.step(ts, [s["request_limit"] for s in samples], where="post",
-                        color=color, label="request-rate limit (req/s, 0 = unlimited)")
-            twin = req_ax.twinx()
-            twin.plot(ts, [s["throttles"] for s in samples], color="black", lw=1,
-                      label="503 SlowDown seen (cumulative)")
-            twin.set_ylabel("throttles")
-            twin.legend(loc="upper right", fontsize=8)
-    limit = data["config"]["limit"]
+        if summary.get("durable_seconds") is not None:
+            for ax in (rate_ax, cum_ax, dirty_ax):
+                ax.axvline(summary["durable_seconds"], color=color, ls="--", lw=0.6)
+        if summary.get("error_rate"):
+            req_ax.step(ts, [s["request_limit"] for s in samples], where="post", color=color,
+                        label=f"{name}: request-rate limit (0 = unlimited)")
+            req_ax.step(ts, [s["throttles"] for s in samples], where="post", color=color,
+                        ls=":", label=f"{name}: 503s the daemon saw (cumulative)")
+            rt = [0.0] + [t for t, _kind in run.get("rejected", [])]
+            req_ax.step(rt, list(range(len(rt))), where="post", color=color, ls="-.", lw=0.8,
+                        label=f"{name}: 503s the proxy sent (cumulative)")
     rate_ax.axhline(limit / MiB, color="black", ls="--", lw=1,
                     label=f"maxBytesPerSecond = {limit / MiB:.0f} MiB/s")
-    rate_ax.set_ylabel("upload rate (MiB/s)")
+    rate_ax.set_ylabel("MiB/s")
+    rate_ax.set_title("bytes S3 accepted per second (proxy log, 5 s moving average); "
+                      "dashed verticals: last object durable", fontsize=10)
     rate_ax.legend(fontsize=8)
-    rate_ax.set_title("Cistern upload smoothing: burst written at disk speed, "
-                      f"S3 latency {data['config']['latency'] * 1000:.0f} ms "
-                      "(dashed verticals: last object durable)", fontsize=10)
+    cum_ax.set_ylabel("MiB")
+    cum_ax.set_title("cumulative: S3 accepted (solid), daemon metric (dashed), "
+                     "written by the application (dotted)", fontsize=10)
+    cum_ax.legend(fontsize=7, ncol=2)
     dirty_ax.set_ylabel("MiB")
-    dirty_ax.set_title("dirty bytes on the node (solid) and bytes written (dotted)",
-                       fontsize=10)
-    dirty_ax.legend(fontsize=8, ncol=2)
-    req_ax.set_ylabel("requests/s")
+    dirty_ax.set_title("dirty bytes on the node (cistern_dirty_bytes)", fontsize=10)
+    dirty_ax.legend(fontsize=8)
+    req_ax.set_ylabel("req/s  |  count")
     req_ax.set_xlabel("seconds since the writer started")
-    req_ax.set_title(f"throttled run: {data['config']['error_rate'] * 100:.0f} % of requests "
-                     "answered 503 SlowDown", fontsize=10)
+    req_ax.set_title(f"503 runs ({data['config']['error_rate'] * 100:.0f} % of requests answered "
+                     "503 SlowDown): cistern_upload_rate_limit_requests and "
+                     "cistern_s3_throttles_total", fontsize=10)
     if req_ax.get_legend_handles_labels()[0]:
-        req_ax.legend(loc="upper left", fontsize=8)
+        req_ax.legend(fontsize=8)
+    fig.suptitle(f"Cistern upload smoothing: checkpoint burst into the mount, "
+                 f"S3 latency {data['config']['latency'] * 1000:.0f} ms", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -424,12 +456,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", help="directory for mounts and caches (default /tmp)")
     parser.add_argument("--out", default="bench/results/smoothing.json")
     parser.add_argument("--png", default="docs/smoothing.png")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw --png from an existing --out JSON")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.replot:
+        plot(json.loads(Path(args.out).read_text()), Path(args.png))
+        print(f"wrote {args.png}")
+        return
     runs = tuple(r.strip() for r in args.runs.split(",") if r.strip())
     unknown = set(runs) - set(RUNS)
     if unknown:
@@ -460,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
         "total_seconds": round(time.time() - started, 1),
         "runs": [{"name": r.name, "summary": summarize(r),
                   "samples": [asdict(s) for s in r.samples],
-                  "completions": r.completions} for r in results],
+                  "completions": r.completions, "rejected": r.rejected} for r in results],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
