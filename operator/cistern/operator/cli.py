@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 import kopf
+
 from cistern.operator.handlers import build_registry
 from cistern.operator.kubeapi import load_credentials
 from cistern.operator.settings import OperatorSettings

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+
 from cistern.operator.daemons import DaemonClient, DaemonError
 from cistern.operator.kubeapi import ApiError, Credentials, KubeApi
 from cistern.operator.reconcile import Problem, Reconciler

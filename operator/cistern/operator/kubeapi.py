@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
+
 from cistern.operator.patches import LAST_APPLIED, merge_patch
 
 __all__ = ["ApiError", "Credentials", "KubeApi", "Resource", "load_credentials"]

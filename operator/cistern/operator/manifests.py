@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import yaml
+
 from cistern.config import NodeConfig
 from cistern.operator.patches import fingerprint
 from cistern.operator.settings import OperatorSettings

@@ -33,12 +33,13 @@ import kopf
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from kmock import Request
+
 from cistern.operator.handlers import build_registry
 from cistern.operator.kubeapi import DAEMONSETS, PODS, Credentials, KubeApi
 from cistern.operator.kubeapi import NODES as NODE_RESOURCE
 from cistern.operator.settings import OperatorSettings
 from cistern.testing.s3server import free_port
-from kmock import Request
 
 NAMESPACE = "ml"
 NODES = ("node-a", "node-b")
@@ -326,6 +327,8 @@ def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
 
 #: Loggers whose warnings the tests provoke on purpose (handler retries of bad specs).
 EXPECTED_WARNING_LOGGERS = {"kopf.objects", "cistern.operator.reconcile"}
+#: kopf's notice when the test stops the operator while watch events are still queued.
+SHUTDOWN_NOISE = ("Unprocessed streams left",)
 
 
 @pytest.fixture(autouse=True)
@@ -333,5 +336,6 @@ def no_unexpected_log_warnings(caplog: pytest.LogCaptureFixture) -> Iterator[Non
     """Fail on warnings nobody asked for: unclosed sessions, failed event posts, lost streams."""
     yield
     unexpected = [f"{r.name}: {r.getMessage()[:200]}" for r in caplog.get_records("call")
-                  if r.levelno >= logging.WARNING and r.name not in EXPECTED_WARNING_LOGGERS]
+                  if r.levelno >= logging.WARNING and r.name not in EXPECTED_WARNING_LOGGERS
+                  and not r.getMessage().startswith(SHUTDOWN_NOISE)]
     assert not unexpected, unexpected

@@ -23,6 +23,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
 from cistern.operator.cli import parse_args
 from cistern.operator.crdschema import crd_validator
 

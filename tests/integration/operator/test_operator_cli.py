@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from cistern.operator.kubeapi import DAEMONSETS, WRITECACHES
 
 from .conftest import NAMESPACE, Cluster, wait_for

@@ -7,6 +7,7 @@ import base64
 from typing import Any
 
 import pytest
+
 from cistern.operator.kubeapi import (
     DAEMONSETS,
     NODES,

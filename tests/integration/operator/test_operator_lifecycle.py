@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from cistern.config import NodeConfig
 from cistern.operator.kubeapi import CONFIGMAPS, DAEMONSETS, SECRETS, WRITECACHES
 from cistern.testing.s3server import MotoServer, free_port

@@ -10,6 +10,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+
 from cistern.config import CacheConfig, ConfigError, DrainPolicy, FlushPolicy, NodeConfig
 from cistern.operator.crdschema import crd_validator, openapi_to_jsonschema
 from cistern.writecache import WriteCacheSpec, render_node_config

@@ -7,6 +7,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
 from cistern.config import NodeConfig
 from cistern.operator import manifests
 from cistern.operator.settings import OperatorSettings

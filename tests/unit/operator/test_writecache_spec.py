@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from cistern.config import ConfigError, NodeConfig
 from cistern.writecache import WriteCacheSpec, render_node_config, storage_class_name
 
