@@ -23,7 +23,8 @@ from cistern.cachenode.frontend import (
     select_frontend,
 )
 from cistern.cachenode.metrics import Metrics
-from cistern.cachenode.store import StoreError, open_store
+from cistern.cachenode.s3store import open_store
+from cistern.cachenode.store import StoreError
 from cistern.config import NodeConfig, parse_hostport
 
 __all__ = ["NodeDaemon", "StartupError"]

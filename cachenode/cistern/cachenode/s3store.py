@@ -1,0 +1,296 @@
+"""The S3 object store (boto3). Kept apart from store.py so that the cache core, which needs
+only the ``ObjectStore`` contract, never imports boto3."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from cistern.cachenode.store import (
+    _COPY_CHUNK,
+    LocalDirStore,
+    ObjectInfo,
+    ObjectStore,
+    PermanentStoreError,
+    StoreError,
+    TemporaryStoreError,
+    validate_key,
+)
+from cistern.config import StoreConfig
+
+__all__ = ["S3Store", "open_store"]
+
+
+def _md5_of(fd: int, offset: int, length: int) -> bytes:
+    digest = hashlib.md5()
+    remaining = length
+    while remaining > 0:
+        chunk = os.pread(fd, min(_COPY_CHUNK, remaining), offset)
+        if not chunk:
+            raise StoreError(f"local file shrank while reading at offset {offset}", "ShortRead")
+        digest.update(chunk)
+        offset += len(chunk)
+        remaining -= len(chunk)
+    return digest.digest()
+
+
+class _FdReader:
+    """A file-like view of ``fd[offset:offset+length]`` for streaming uploads."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self._fd, self._start, self._length, self._pos = fd, offset, length, 0
+
+    def read(self, size: int = -1) -> bytes:
+        left = self._length - self._pos
+        if size < 0 or size > left:
+            size = left
+        if size <= 0:
+            return b""
+        data = os.pread(self._fd, size, self._start + self._pos)
+        self._pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 0:
+            self._pos = pos
+        elif whence == 1:
+            self._pos += pos
+        else:
+            self._pos = self._length + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def __len__(self) -> int:
+        return self._length
+
+
+_TEMPORARY_CODES = {"SlowDown", "503", "500", "502", "504", "InternalError", "RequestTimeout",
+                    "ServiceUnavailable", "Throttling", "ThrottlingException",
+                    "RequestLimitExceeded", "RequestTimeTooSkewed", "BadDigest",
+                    "IncompleteBody", "XAmzContentSHA256Mismatch", "OperationAborted"}
+_PERMANENT_MESSAGES = {
+    "NoSuchBucket": "bucket does not exist",
+    "AccessDenied": "access denied (check credentials and bucket policy)",
+    "InvalidAccessKeyId": "the access key id is not valid (check credentials)",
+    "SignatureDoesNotMatch": "the secret key does not match (check credentials)",
+    "403": "access denied (check credentials and bucket policy)",
+    "404": "not found",
+}
+
+
+class S3Store:
+    """S3 (or an S3-compatible server) through boto3; retries are left to the caller's policy."""
+
+    def __init__(self, config: StoreConfig, max_pool: int = 16) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = config.bucket
+        self.prefix = config.prefix
+        self.description = f"s3://{self.bucket}/{self.prefix}" + (
+            f" at {config.endpoint_url}" if config.endpoint_url else "")
+        session = boto3.session.Session()
+        self._client = session.client(
+            "s3",
+            endpoint_url=config.endpoint_url,
+            region_name=config.region or session.region_name or "us-east-1",
+            config=Config(
+                s3={"addressing_style": "path" if config.path_style else "auto"},
+                retries={"max_attempts": 1, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
+                max_pool_connections=max_pool,
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+        from botocore import exceptions as botoexc
+
+        self._botoexc = botoexc
+
+    def _k(self, key: str) -> str:
+        return self.prefix + validate_key(key)
+
+    def _translate(self, exc: Exception, what: str) -> Exception:
+        botoexc = self._botoexc
+        if isinstance(exc, botoexc.ClientError):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "unknown"))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in ("NoSuchKey", "404") and what.startswith(("head", "get", "copy")):
+                return FileNotFoundError(what)
+            if code in _TEMPORARY_CODES or status >= 500 or status == 429:
+                return TemporaryStoreError(f"{what}: {code} {error.get('Message', '')}".strip(),
+                                           code if code != "unknown" else str(status))
+            reason = _PERMANENT_MESSAGES.get(code, error.get("Message") or code)
+            return PermanentStoreError(f"{what}: {reason} ({code})", code)
+        if isinstance(exc, botoexc.NoCredentialsError | botoexc.PartialCredentialsError):
+            return PermanentStoreError(f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID"
+                                       " and AWS_SECRET_ACCESS_KEY)", "NoCredentials")
+        if isinstance(exc, botoexc.EndpointConnectionError | botoexc.ConnectTimeoutError):
+            return TemporaryStoreError(f"{what}: cannot reach the endpoint ({exc})",
+                                       "EndpointUnreachable")
+        if isinstance(exc, botoexc.ReadTimeoutError | botoexc.ConnectionClosedError
+                      | botoexc.HTTPClientError | ConnectionError | TimeoutError):
+            return TemporaryStoreError(f"{what}: {exc}", "Timeout")
+        if isinstance(exc, botoexc.BotoCoreError):
+            return TemporaryStoreError(f"{what}: {exc}", type(exc).__name__)
+        return exc
+
+    def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(**kwargs)
+        except Exception as exc:
+            translated = self._translate(exc, what)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    def check(self) -> None:
+        try:
+            self._call(f"bucket {self.bucket}", self._client.head_bucket, Bucket=self.bucket)
+        except PermanentStoreError as exc:
+            if exc.code in ("404", "NoSuchBucket"):
+                raise PermanentStoreError(f"bucket {self.bucket!r} does not exist",
+                                          "NoSuchBucket") from exc
+            raise
+
+    def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str]) -> str:
+        md5 = _md5_of(fd, 0, size)
+        response = self._call(
+            f"put {key}", self._client.put_object, Bucket=self.bucket, Key=self._k(key),
+            Body=_FdReader(fd, 0, size), ContentLength=size,
+            ContentMD5=base64.b64encode(md5).decode(), Metadata=metadata)
+        etag = str(response.get("ETag", "")).strip('"')
+        if etag and etag != md5.hex():
+            raise TemporaryStoreError(f"put {key}: ETag {etag} does not match MD5 {md5.hex()}",
+                                      "BadDigest")
+        return etag
+
+    def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
+        response = self._call(f"create-multipart {key}", self._client.create_multipart_upload,
+                              Bucket=self.bucket, Key=self._k(key), Metadata=metadata)
+        return str(response["UploadId"])
+
+    def upload_part(self, key: str, upload_id: str, number: int, fd: int, offset: int,
+                    length: int) -> str:
+        md5 = _md5_of(fd, offset, length)
+        response = self._call(
+            f"upload-part {key}#{number}", self._client.upload_part, Bucket=self.bucket,
+            Key=self._k(key), UploadId=upload_id, PartNumber=number,
+            Body=_FdReader(fd, offset, length), ContentLength=length,
+            ContentMD5=base64.b64encode(md5).decode())
+        return str(response["ETag"])
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
+        response = self._call(
+            f"complete-multipart {key}", self._client.complete_multipart_upload,
+            Bucket=self.bucket, Key=self._k(key), UploadId=upload_id,
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in sorted(parts)]})
+        return str(response.get("ETag", "")).strip('"')
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        try:
+            self._call(f"abort-multipart {key}", self._client.abort_multipart_upload,
+                       Bucket=self.bucket, Key=self._k(key), UploadId=upload_id)
+        except PermanentStoreError as exc:
+            if exc.code not in ("NoSuchUpload", "404"):
+                raise
+
+    def list_multipart(self, key: str) -> list[str]:
+        full = self._k(key)
+        response = self._call(f"list-multipart {key}", self._client.list_multipart_uploads,
+                              Bucket=self.bucket, Prefix=full)
+        return [u["UploadId"] for u in response.get("Uploads", []) if u["Key"] == full]
+
+    def copy(self, src: str, dst: str, metadata: dict[str, str] | None = None) -> None:
+        extra: dict[str, Any] = {}
+        if metadata is not None:
+            extra = {"Metadata": metadata, "MetadataDirective": "REPLACE"}
+        from boto3.s3.transfer import TransferConfig
+
+        self._call(f"copy {src} -> {dst}", self._client.copy,
+                   CopySource={"Bucket": self.bucket, "Key": self._k(src)},
+                   Bucket=self.bucket, Key=self._k(dst), ExtraArgs=extra,
+                   Config=TransferConfig(multipart_threshold=5 * 2**30, use_threads=False))
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete {key}", self._client.delete_object, Bucket=self.bucket,
+                   Key=self._k(key))
+
+    def head(self, key: str) -> ObjectInfo:
+        response = self._call(f"head {key}", self._client.head_object, Bucket=self.bucket,
+                              Key=self._k(key))
+        return ObjectInfo(key=key, size=int(response["ContentLength"]),
+                          mtime=response["LastModified"].timestamp(),
+                          etag=str(response.get("ETag", "")).strip('"'),
+                          metadata=dict(response.get("Metadata", {})))
+
+    def _list(self, prefix: str, delimiter: str | None) -> Iterator[dict[str, Any]]:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        while True:
+            page = self._call(f"list {prefix or '/'}", self._client.list_objects_v2, **kwargs)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    def _object(self, item: dict[str, Any]) -> ObjectInfo | None:
+        key = item["Key"][len(self.prefix):]
+        if not key or key.endswith("/"):
+            return None
+        return ObjectInfo(key=key, size=int(item["Size"]),
+                          mtime=item["LastModified"].timestamp(),
+                          etag=str(item.get("ETag", "")).strip('"'))
+
+    def list_dir(self, prefix: str) -> tuple[list[ObjectInfo], list[str]]:
+        files: list[ObjectInfo] = []
+        dirs: list[str] = []
+        for page in self._list(prefix, "/"):
+            files.extend(info for item in page.get("Contents", [])
+                         if (info := self._object(item)) is not None)
+            dirs.extend(p["Prefix"][len(self.prefix):] for p in page.get("CommonPrefixes", []))
+        return files, dirs
+
+    def list_all(self, prefix: str) -> Iterator[ObjectInfo]:
+        for page in self._list(prefix, None):
+            for item in page.get("Contents", []):
+                info = self._object(item)
+                if info is not None:
+                    yield info
+
+    def download(self, key: str, fd: int) -> ObjectInfo:
+        response = self._call(f"get {key}", self._client.get_object, Bucket=self.bucket,
+                              Key=self._k(key))
+        body = response["Body"]
+        offset = 0
+        try:
+            while chunk := body.read(_COPY_CHUNK):
+                os.pwrite(fd, chunk, offset)
+                offset += len(chunk)
+        except Exception as exc:
+            translated = self._translate(exc, f"get {key}")
+            raise translated from exc
+        finally:
+            body.close()
+        expected = int(response["ContentLength"])
+        if offset != expected:
+            raise TemporaryStoreError(f"get {key}: got {offset} of {expected} bytes",
+                                      "IncompleteBody")
+        os.ftruncate(fd, offset)
+        return ObjectInfo(key=key, size=offset, mtime=response["LastModified"].timestamp(),
+                          etag=str(response.get("ETag", "")).strip('"'),
+                          metadata=dict(response.get("Metadata", {})))
+
+
+def open_store(config: StoreConfig, max_pool: int = 16) -> ObjectStore:
+    if config.scheme == "file":
+        return LocalDirStore(config.local_path)
+    return S3Store(config, max_pool=max_pool)
