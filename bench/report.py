@@ -12,9 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cistern.testing.faultproxy import KINDS
-
 from bench.runner import BenchRun
+from cistern.testing.faultproxy import KINDS
 
 # metric suffix -> (label, unit, higher is better)
 _METRIC_KINDS: dict[str, tuple[str, str, bool]] = {
@@ -66,8 +65,8 @@ def summarize(run: BenchRun) -> dict[str, Any]:
                 per_metric.setdefault(metric, []).append(value)
         summary[name] = {m: {"runs": v, "median": _median(v)} for m, v in per_metric.items()}
     raw = summary.get("raw", {})
-    for metrics in summary.values():
-        for metric, entry in metrics.items():
+    for target_summary in summary.values():
+        for metric, entry in target_summary.items():
             base = raw.get(metric, {}).get("median")
             value = entry["median"]
             entry["ratio_to_raw"] = (value / base) if value is not None and base else None
@@ -114,7 +113,7 @@ def machine_info(workdir: str | None) -> dict[str, Any]:
     fs = _first_line(["findmnt", "-n", "-o", "SOURCE,FSTYPE", "-T", where])
     try:
         import torch
-        torch_version = torch.__version__
+        torch_version = str(torch.__version__)
     except ImportError:
         torch_version = "not installed"
     return {
@@ -140,6 +139,7 @@ def to_json(run: BenchRun, command: str, machine: dict[str, Any]) -> dict[str, A
         "notes": {n: sorted({note for r in reps for note in r.notes})
                   for n, reps in run.runs.items()},
         "errors": {n: [r.error for r in reps if r.error] for n, reps in run.runs.items()},
+        "steps": {n: [r.steps for r in reps] for n, reps in run.runs.items()},
     }
 
 

@@ -74,6 +74,13 @@ class TargetRun:
     requests: dict[str, dict[str, int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    steps: dict[str, float] = field(default_factory=dict)
+    """Harness wall time per step (mount, fio, saves, remount, ...), for finding slow steps."""
+
+    def step(self, name: str, since: float) -> float:
+        now = time.monotonic()
+        self.steps[name] = round(now - since, 3)
+        return now
 
 
 @dataclass
@@ -93,8 +100,10 @@ def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Pa
     workdir.mkdir(parents=True)
     env.create_bucket(bucket)
     mounted: Mounted | None = None
+    t = time.monotonic()
     try:
         mounted = target.mount(env, bucket, workdir)
+        t = run.step("mount", t)
         for jobs in cfg.fio_jobs:
             fio_dir = mounted.path / f"fio-{jobs}j"
             result = workloads.run_fio(fio_dir, cfg.fio_size, jobs,
@@ -102,6 +111,7 @@ def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Pa
             for name, value in asdict(result).items():
                 run.metrics[f"fio{jobs}j_{name}"] = value
             workloads.remove_tree(fio_dir)
+            t = run.step(f"fio{jobs}j", t)
         saves = workloads.checkpoint_saves(env, mounted, ["dcp", "torchsave"], cfg.model_size,
                                            cfg.tensors, cfg.durable_timeout, cfg.quiet_settle)
         for kind, saved in saves.items():
@@ -111,12 +121,16 @@ def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Pa
             run.requests[kind] = saved.requests
             if saved.note:
                 run.notes.append(f"{kind}: {saved.note}")
+        t = run.step("checkpoint_saves", t)
         loader = workloads.ColdLoader(["dcp", "torchsave"], cfg.model_size, cfg.tensors)
         try:
             target.unmount(mounted)
             mounted = None
+            t = run.step("unmount", t)
             mounted = target.mount(env, bucket, workdir, cold=True)
+            t = run.step("cold_mount", t)
             cold = loader.load(mounted, cfg.step_timeout)
+            t = run.step("cold_loads", t)
         finally:
             loader.close()
         for kind, seconds in cold.items():
@@ -127,11 +141,14 @@ def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Pa
             run.notes.append(f"cp -r small files skipped: {skip}")
         else:
             dest = mounted.path / "small"
-            seconds, note = workloads.copy_small_files(small_src, dest, cfg.small_files_timeout)
-            run.metrics["smallfiles_cp_s"] = seconds
+            cp_seconds, note = workloads.copy_small_files(small_src, dest,
+                                                          cfg.small_files_timeout)
+            run.metrics["smallfiles_cp_s"] = cp_seconds
             if note:
                 run.notes.append(note)
-            workloads.remove_tree(dest)
+            t = run.step("smallfiles_cp", t)
+            # No rm -rf through the mount: for rclone that is one DELETE per file at 35 ms.
+            # The copies go with the mount and the bucket.
     except Exception as exc:  # noqa: BLE001 - a failing target is reported, the batch goes on
         logger.error("%s rep %d failed: %s", target.name, rep, exc)
         logger.debug("%s", traceback.format_exc())
@@ -142,8 +159,10 @@ def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Pa
                 target.unmount(mounted)
             except Exception as exc:  # noqa: BLE001
                 logger.warning("%s: unmount failed: %s", target.name, exc)
+        t = run.step("final_unmount", t)
         env.delete_bucket(bucket)
         shutil.rmtree(workdir, ignore_errors=True)
+        run.step("cleanup", t)
     return run
 
 

@@ -18,9 +18,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cistern.testing.s3server import free_port
-
 from bench.s3env import TEST_CREDENTIALS, S3Env
+from cistern.testing.s3server import free_port
 
 logger = logging.getLogger(__name__)
 

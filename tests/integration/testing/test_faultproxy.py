@@ -17,6 +17,7 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionClosedError
+
 from cistern.testing.faultproxy import FaultProxy, FaultProxyProcess, ProxyControl, classify
 from cistern.testing.s3server import MotoServer
 
