@@ -126,6 +126,7 @@ class PassthroughFrontend:
         self._dir_fh = itertools.count(1)
         self._backings: dict[int, _Backing] = {}
         self._backing_lock = threading.Lock()
+        self._passthrough_fhs: set[int] = set()  # handles holding a reference on a backing
         self._fatal: BaseException | None = None
         # counters for status / metrics (plain ints, updated under the GIL); ``errors`` counts
         # requests answered EIO (lost data or a bug), not ordinary errno answers
@@ -516,19 +517,29 @@ class PassthroughFrontend:
         with self._backing_lock:
             backing = self._backings.get(ino)
             if backing is None:
-                backing = _Backing(kf.backing_open(self._devfd, handle.fd), handle.fd)
+                try:
+                    backing_id = kf.backing_open(self._devfd, handle.fd)
+                except OSError as exc:
+                    # Still correct, only slower: the daemon serves this open's data.
+                    log.warning("node %d on %s: registering the backing file failed (%s); "
+                                "serving it without passthrough", ino, self._mountpoint, exc)
+                    self.direct_io_opens += 1
+                    return kf.FOPEN_DIRECT_IO, 0
+                backing = _Backing(backing_id, handle.fd)
                 self._backings[ino] = backing
             elif backing.fd != handle.fd:
                 log.error("node %d on %s: data file changed while open (fd %d -> %d)",
                           ino, self._mountpoint, backing.fd, handle.fd)
                 raise OSError(errno.EIO, "data file changed while open")
             backing.opens += 1
+        self._passthrough_fhs.add(handle.fh)
         self.passthrough_opens += 1
         return kf.FOPEN_PASSTHROUGH | self._noflush, backing.backing_id
 
     def _drop_backing(self, handle: Any) -> None:
-        if handle.fd is None or handle.fd < 0:
+        if handle.fh not in self._passthrough_fhs:
             return
+        self._passthrough_fhs.discard(handle.fh)
         with self._backing_lock:
             backing = self._backings.get(handle.ino)
             if backing is None:
