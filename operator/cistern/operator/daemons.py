@@ -1,4 +1,4 @@
-"""Calls to the node daemons' control API (``GET /status``, ``POST /drain``) on the pod network."""
+"""Calls to the node daemons' control API (``GET /status``, ``POST /drain|/resume``)."""
 
 from __future__ import annotations
 
@@ -79,6 +79,11 @@ class DaemonClient:
 
     async def status(self, endpoint: DaemonEndpoint) -> dict[str, Any]:
         return await self._call("GET", endpoint, "/status")
+
+    async def resume(self, endpoint: DaemonEndpoint, token: str | None) -> dict[str, Any]:
+        logger.info("Asking the daemon on node %s (pod %s) to accept writes again",
+                    endpoint.node, endpoint.pod)
+        return await self._call("POST", endpoint, "/resume", token)
 
     async def drain(self, endpoint: DaemonEndpoint, token: str | None) -> dict[str, Any]:
         logger.info("Asking the daemon on node %s (pod %s) to drain", endpoint.node, endpoint.pod)

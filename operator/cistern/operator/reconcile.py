@@ -384,6 +384,18 @@ class Reconciler:
         if reason is None:
             if not meta.get("deletionTimestamp"):
                 await self._ensure_guard(body, endpoint.node)
+            state = str((daemon_status or {}).get("state") or "")
+            if state in DRAINING_STATES:  # the node came back (uncordoned): writes again
+                try:
+                    await self.daemons.resume(endpoint, await self.control_token(namespace,
+                                                                                  name))
+                except DaemonError as exc:
+                    logger.warning("WriteCache %s/%s: resume failed on node %s: %s",
+                                   namespace, name, endpoint.node, exc)
+                else:
+                    self.post_event(body, "Normal", "DrainCancelled",
+                                    f"node {endpoint.node} is schedulable again; the cache "
+                                    "accepts writes again")
             return {}
         started = previous.get("drainStartedAt")
         outcome = previous.get("drainOutcome")

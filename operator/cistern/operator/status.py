@@ -82,6 +82,9 @@ def node_summary(node: str, pod: str, status: Mapping[str, Any] | None,
         state = str(status.get("state") or "unknown")
         dirty = _int(status.get("dirty_bytes"))
         count, last_error = _error_info(status.get("errors"))
+        recent = status.get("recent_errors")
+        if isinstance(recent, list) and recent:
+            last_error = _error_info(recent)[1]
         entry.update(
             phase=state.capitalize(),
             dirtyBytes=dirty,

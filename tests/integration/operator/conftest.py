@@ -170,6 +170,8 @@ class DaemonStandIn:
             return web.json_response({"error": "unauthorized"}, status=401)
         if request.path == "/drain" and self.state["state"] == "running":
             self.state["state"] = "draining" if self.state["dirty_bytes"] else "drained"
+        if request.path == "/resume":
+            self.state["state"] = "running"
         return web.json_response(self.state)
 
     async def start(self) -> None:
@@ -177,6 +179,7 @@ class DaemonStandIn:
         app.router.add_get("/status", self._status)
         app.router.add_post("/drain", self._post)
         app.router.add_post("/flush", self._post)
+        app.router.add_post("/resume", self._post)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()

@@ -136,6 +136,17 @@ async def test_cordon_drains_and_holds_the_node_until_clean(
         assert not daemon_b.posts("/drain")
         assert await cluster.api.get(PDBS, GUARD_B, NAMESPACE) is not None
 
+        # Uncordoned: the daemon takes writes again and the node is guarded again.
+        await cluster.api.patch(NODES, "node-a", {"spec": {"unschedulable": None}})
+        await wait_for(lambda: daemon_a.posts("/resume"), what="POST /resume on node-a")
+        assert daemon_a.posts("/resume")[0][2] == f"Bearer {token}"
+        await wait_for(lambda: cluster.api.get(PDBS, GUARD_A, NAMESPACE), what="guard back")
+        assert await wait_for(lambda: cluster.events("DrainCancelled"))
+        await wait_for(lambda: "drainOutcome" not in (node_status(cluster, "node-a") or {}),
+                       what="node-a's drain record cleared")
+        draining = cluster.condition("ckpt", "Draining")
+        assert draining is not None and draining["reason"] == "NoDrain"
+
 
 async def _gone(cluster: Cluster, resource: Any, name: str) -> bool:
     return await cluster.api.get(resource, name, NAMESPACE) is None
