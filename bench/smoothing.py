@@ -17,6 +17,8 @@ The runs share one moto + proxy (a fresh bucket each):
 ``throttled-unlimited``  the 503 run without a byte limit, where only the request rate binds
 
 Writes ``--out`` (JSON), ``--png`` (rate and dirty bytes over time, the limit as a line).
+``--aimd-sim SECONDS`` only drives the daemon's ``AdaptiveRate`` with fixed 503 shares (no
+servers); ``--replot`` only redraws the PNG from the JSON. Findings: docs/smoothing.md.
 """
 
 from __future__ import annotations
@@ -365,6 +367,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
               "throttled-unlimited": "tab:purple"}
     fig, axes = plt.subplots(4, 1, figsize=(10, 13), sharex=True)
     rate_ax, cum_ax, dirty_ax, req_ax = axes
+    count_ax = req_ax.twinx()
     limit = data["config"]["limit"]
     for run in data["runs"]:
         name, color = run["name"], colors.get(run["name"], "gray")
@@ -388,12 +391,12 @@ def plot(data: dict[str, Any], path: Path) -> None:
                 ax.axvline(summary["durable_seconds"], color=color, ls="--", lw=0.6)
         if summary.get("error_rate"):
             req_ax.step(ts, [s["request_limit"] for s in samples], where="post", color=color,
-                        label=f"{name}: request-rate limit (0 = unlimited)")
-            req_ax.step(ts, [s["throttles"] for s in samples], where="post", color=color,
-                        ls=":", label=f"{name}: 503s the daemon saw (cumulative)")
+                        label=f"{name}: request-rate limit (req/s)")
+            count_ax.step(ts, [s["throttles"] for s in samples], where="post", color=color,
+                          ls=":", label=f"{name}: 503s the daemon saw")
             rt = [0.0] + [t for t, _kind in run.get("rejected", [])]
-            req_ax.step(rt, list(range(len(rt))), where="post", color=color, ls="-.", lw=0.8,
-                        label=f"{name}: 503s the proxy sent (cumulative)")
+            count_ax.step(rt, list(range(len(rt))), where="post", color=color, ls="-.",
+                          lw=0.8, label=f"{name}: 503s the proxy sent")
     rate_ax.axhline(limit / MiB, color="black", ls="--", lw=1,
                     label=f"maxBytesPerSecond = {limit / MiB:.0f} MiB/s")
     rate_ax.set_ylabel("MiB/s")
@@ -407,19 +410,73 @@ def plot(data: dict[str, Any], path: Path) -> None:
     dirty_ax.set_ylabel("MiB")
     dirty_ax.set_title("dirty bytes on the node (cistern_dirty_bytes)", fontsize=10)
     dirty_ax.legend(fontsize=8)
-    req_ax.set_ylabel("req/s  |  count")
+    req_ax.set_ylabel("request-rate limit (req/s, solid)")
+    count_ax.set_ylabel("503s, cumulative (dotted: daemon, dash-dot: proxy)")
     req_ax.set_xlabel("seconds since the writer started")
     req_ax.set_title(f"503 runs ({data['config']['error_rate'] * 100:.0f} % of requests answered "
-                     "503 SlowDown): cistern_upload_rate_limit_requests and "
-                     "cistern_s3_throttles_total", fontsize=10)
-    if req_ax.get_legend_handles_labels()[0]:
-        req_ax.legend(fontsize=8)
+                     "503 SlowDown): "
+                     "cistern_upload_rate_limit_requests, cistern_s3_throttles_total",
+                     fontsize=10)
+    handles = req_ax.get_legend_handles_labels()
+    more = count_ax.get_legend_handles_labels()
+    if handles[0] or more[0]:
+        req_ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="upper left")
     fig.suptitle(f"Cistern upload smoothing: checkpoint burst into the mount, "
                  f"S3 latency {data['config']['latency'] * 1000:.0f} ms", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def simulate_aimd(share: float, ceiling: float | None, seconds: float,
+                  latency: float = 0.035, seed: int = 1) -> dict[str, float | None]:
+    """Drive the daemon's own ``AdaptiveRate``/``TokenBucket`` (one sender, real time) with
+    a throttle share that does not depend on load; return sent and successful requests/s and
+    the request-rate limit over the second half."""
+    import random
+
+    from cistern.cachenode.ratelimit import AdaptiveRate, TokenBucket
+
+    bucket = TokenBucket(ceiling)
+    adaptive = AdaptiveRate(bucket, ceiling)
+    rng = random.Random(seed)
+    start = time.monotonic()
+    sent = ok = 0
+    trace: list[float | None] = []
+    while time.monotonic() - start < seconds:
+        bucket.acquire(1)
+        time.sleep(latency)
+        sent += 1
+        if rng.random() < share:
+            adaptive.on_throttle()
+        else:
+            adaptive.on_success()
+            ok += 1
+        trace.append(bucket.rate)
+    late = [r for r in trace[len(trace) // 2:] if r]
+    return {"share": share, "ceiling": ceiling, "sent_per_second": sent / seconds,
+            "ok_per_second": ok / seconds, "limit_min": min(late, default=None),
+            "limit_mean": sum(late) / len(late) if late else None}
+
+
+def _aimd_table(seconds: float) -> None:
+    cases = [(share, ceiling) for share in (0.09, 0.2, 0.3) for ceiling in (None, 20.0)]
+    out: list[dict[str, float | None]] = [{} for _ in cases]
+
+    def one(i: int) -> None:
+        out[i] = simulate_aimd(cases[i][0], cases[i][1], seconds)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print("share ceiling  sent/s  ok/s  limit min  limit mean (second half)")
+    for row in out:
+        print(f"{row['share']:5.2f} {row['ceiling']!s:>7} {row['sent_per_second']:7.2f} "
+              f"{row['ok_per_second']:5.2f} {row['limit_min'] or 0:10.2f} "
+              f"{row['limit_mean'] or 0:11.2f}")
 
 
 def _size(text: str) -> int:
@@ -456,6 +513,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", help="directory for mounts and caches (default /tmp)")
     parser.add_argument("--out", default="bench/results/smoothing.json")
     parser.add_argument("--png", default="docs/smoothing.png")
+    parser.add_argument("--aimd-sim", type=float, metavar="SECONDS", default=None,
+                        help="only drive the daemon's AdaptiveRate with fixed 503 shares "
+                        "(9, 20, 30 %%) for SECONDS and print the request rates")
     parser.add_argument("--replot", action="store_true",
                         help="only redraw --png from an existing --out JSON")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -464,6 +524,9 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.aimd_sim:
+        _aimd_table(args.aimd_sim)
+        return
     if args.replot:
         plot(json.loads(Path(args.out).read_text()), Path(args.png))
         print(f"wrote {args.png}")
