@@ -23,6 +23,7 @@ from cistern.cachenode.frontend import (
     select_frontend,
 )
 from cistern.cachenode.metrics import Metrics
+from cistern.cachenode.retry import RetryPolicy
 from cistern.cachenode.s3store import open_store
 from cistern.cachenode.store import StoreError
 from cistern.config import NodeConfig, parse_hostport
@@ -109,7 +110,8 @@ class NodeDaemon:
                 from None
         store = open_store(cfg.store, max_pool=cfg.flush.max_concurrent_uploads * 2 + 4)
         try:
-            store.check()
+            # Throttling or a blip at start-up is retried; a missing bucket is not.
+            RetryPolicy(deadline=10.0).call("check the object store", store.check)
         except StoreError as exc:
             raise StartupError(f"object store {store.description}: {exc}") from exc
         token = None

@@ -54,6 +54,7 @@ class Flusher:
         self.adaptive = AdaptiveRate(self.request_bucket, policy.max_requests_per_second)
         self.errors = _Errors()
         self.uploaded_bytes_total = 0
+        self._count_lock = threading.Lock()
         self.uploaded_objects_total = 0
         self.last_flush_time: float | None = None
         self._stop = threading.Event()
@@ -154,8 +155,19 @@ class Flusher:
             if waited:
                 self.metrics.rate_limited_seconds.inc(waited)
             self.metrics.requests.labels(op).inc()
-            result = fn()
+            try:
+                result = fn()
+            except StoreError:
+                if nbytes:
+                    self.bytes_bucket.refund(nbytes)
+                raise
             self.adaptive.on_success()
+            if nbytes:
+                # Counted per request (part), so rate() over the counter shows progress
+                # during a long multipart upload.
+                self.metrics.uploaded_bytes.inc(nbytes)
+                with self._count_lock:
+                    self.uploaded_bytes_total += nbytes
             return result
 
         return self.retry.call(op, attempt, on_error=self._on_error(op),  # type: ignore[arg-type]
@@ -182,9 +194,7 @@ class Flusher:
         self.core.finish_upload(work, etag, error)
         if error is None:
             self.metrics.upload_seconds.observe(time.monotonic() - started)
-            self.metrics.uploaded_bytes.inc(work.size)
             self.metrics.uploaded_objects.inc()
-            self.uploaded_bytes_total += work.size
             self.uploaded_objects_total += 1
             self.last_flush_time = time.time()
             log.debug("uploaded %s (%d bytes) in %.3fs", work.key, work.size,

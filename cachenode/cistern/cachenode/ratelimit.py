@@ -48,6 +48,12 @@ class TokenBucket:
             self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self._rate)
         self._stamp = now
 
+    def refund(self, amount: float) -> None:
+        """Give back tokens of a request that failed before it moved the bytes."""
+        with self._lock:
+            if self._rate is not None:
+                self._tokens = min(self.capacity, self._tokens + amount)
+
     def acquire(self, amount: float, stop: threading.Event | None = None) -> float:
         """Take ``amount`` tokens, sleeping as needed; return the seconds waited.
 
@@ -75,11 +81,14 @@ class AdaptiveRate:
     """Requests-per-second limit that backs off on throttling and recovers on success."""
 
     def __init__(self, bucket: TokenBucket, ceiling: float | None,
-                 decrease: float = 0.7, recovery_per_second: float = 0.1) -> None:
+                 decrease: float = 0.7, recovery_per_second: float = 0.5,
+                 floor: float = 1.0) -> None:
         self.bucket = bucket
         self.ceiling = ceiling
         self._decrease = decrease
         self._recovery = recovery_per_second
+        self._floor = floor
+        self.lift_after = 5.0
         self._lock = threading.Lock()
         self._recent: deque[float] = deque(maxlen=512)
         self._last_cut = 0.0
@@ -98,16 +107,20 @@ class AdaptiveRate:
         with self._lock:
             self._recent.append(now)
             rate = self.bucket.rate
-            if rate is None or now - self._last_raise < 0.5:
+            if rate is None or now - self._last_raise < 0.25:
                 return
+            # Multiplicative recovery (+50 %/s by default): one cut per congestion episode
+            # (at most one a second) is won back in about a second of success.
             self._last_raise = now
-            new = rate * (1 + self._recovery * 0.5)
-            if self.ceiling is not None and new >= self.ceiling:
-                new = self.ceiling
-            elif self.ceiling is None and new > 4 * max(self._observed_unlocked(now), 1.0):
+            new = rate * (1 + self._recovery * 0.25)
+            if self.ceiling is None and now - self._last_cut > self.lift_after:
+                # No configured ceiling: once the store has stopped throttling for a while,
+                # go back to unlimited (the limiter itself caps what we can observe).
                 self.bucket.set_rate(None)
                 self.throttled_now = False
                 return
+            if self.ceiling is not None and new >= self.ceiling:
+                new = self.ceiling
             self.bucket.set_rate(new)
             self.throttled_now = self.ceiling is None or new < self.ceiling
 
@@ -117,12 +130,12 @@ class AdaptiveRate:
     def on_throttle(self) -> None:
         now = time.monotonic()
         with self._lock:
-            if now - self._last_cut < 0.25:
+            if now - self._last_cut < 1.0:
                 return
             self._last_cut = now
             self._last_raise = now
             current = self.bucket.rate
             if current is None:
                 current = max(self._observed_unlocked(now), 2.0)
-            self.bucket.set_rate(max(0.5, current * self._decrease))
+            self.bucket.set_rate(max(self._floor, current * self._decrease))
             self.throttled_now = True

@@ -101,7 +101,9 @@ class S3Store:
             region_name=config.region or session.region_name or "us-east-1",
             config=Config(
                 s3={"addressing_style": "path" if config.path_style else "auto"},
-                retries={"max_attempts": 1, "mode": "standard"},
+                # total_max_attempts, not max_attempts (which botocore reads as retries):
+                # every retry must go through our policy, rate limiter and metrics.
+                retries={"total_max_attempts": 1, "mode": "standard"},
                 connect_timeout=5,
                 read_timeout=60,
                 max_pool_connections=max_pool,
