@@ -20,6 +20,7 @@ import re
 import shutil
 
 import grpc
+
 from cistern.csi.caches import CacheMounts, call_with_timeout
 from cistern.csi.errors import (
     FailedPrecondition,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 
 import grpc
+from google.protobuf import wrappers_pb2
+
 from cistern.csi.caches import CacheMounts
 from cistern.csi.errors import CSIError, grpc_boundary
 from cistern.csi.mounts import read_mount_table
 from cistern.csi.proto import csi_pb2, csi_pb2_grpc
 from cistern.csi.settings import DRIVER_NAME, DriverSettings
-from google.protobuf import wrappers_pb2
 
 __all__ = ["IdentityService"]
 

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from cistern.csi.proto import csi_pb2
 from google.protobuf import text_format
 from google.protobuf.message import Message
+
+from cistern.csi.proto import csi_pb2
 
 __all__ = ["LoggingInterceptor", "redact"]
 

@@ -14,6 +14,7 @@ import os
 import posixpath
 
 import grpc
+
 from cistern.csi.caches import CACHE_FSTYPE, CacheMounts, HealthyCache, call_with_timeout
 from cistern.csi.confine import ConfinementError, fd_path, open_beneath
 from cistern.csi.errors import (

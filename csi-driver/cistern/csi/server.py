@@ -8,6 +8,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+
 from cistern.csi.caches import CacheMounts
 from cistern.csi.controller import ControllerService
 from cistern.csi.identity import IdentityService

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from cistern.csi.mounts import read_mount_table, unmount
 from cistern.csi.proto import csi_pb2, csi_pb2_grpc
 from cistern.testing.s3server import free_port

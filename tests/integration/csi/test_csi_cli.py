@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import grpc
+
 from cistern.csi.proto import csi_pb2, csi_pb2_grpc
 
 from .conftest import CSI_COMMAND

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from cistern.csi.proto import csi_pb2
 
 from .conftest import CacheNode, Driver, block_cap, error_of, mount_cap, status_code

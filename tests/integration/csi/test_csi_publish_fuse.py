@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from cistern.csi.mounts import read_mount_table
 from cistern.csi.proto import csi_pb2
 

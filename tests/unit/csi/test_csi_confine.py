@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from cistern.csi.confine import ConfinementError, fd_path, open_beneath
 
 

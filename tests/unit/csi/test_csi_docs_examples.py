@@ -9,6 +9,7 @@ from typing import Any
 
 import kubernetes_validate
 import yaml
+
 from cistern.csi.volumes import VolumeRef, parse_volume_id, resolve_volume
 from cistern.writecache import CSI_DRIVER_NAME, WriteCacheSpec, storage_class_name
 

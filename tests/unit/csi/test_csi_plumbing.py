@@ -6,6 +6,7 @@ import threading
 
 import grpc
 import pytest
+
 from cistern.csi.errors import Aborted, CSIError, NotFound, grpc_boundary
 from cistern.csi.interceptor import redact
 from cistern.csi.locks import OperationLocks

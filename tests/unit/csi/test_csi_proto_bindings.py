@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from google.protobuf.descriptor import FieldDescriptor
+
 from cistern.csi import protogen
 from cistern.csi.proto import csi_pb2
-from google.protobuf.descriptor import FieldDescriptor
 
 # (message, field, number) pairs from the upstream csi.v1 spec: what a CO puts on the wire.
 UPSTREAM_FIELDS = [

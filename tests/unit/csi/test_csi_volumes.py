@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from cistern.csi.controller import volume_for
 from cistern.csi.errors import InvalidArgument
 from cistern.csi.proto import csi_pb2
