@@ -733,22 +733,25 @@ class CacheCore:
             entry = self._get(ino)
             if entry.is_dir:
                 raise _err(errno.EISDIR)
-            needs_fetch = not entry.local and not truncate
         if writable:
             self._admit(new_file=False)
-        if needs_fetch:
+        while True:
+            with self._lock:
+                if entry.unlinked:
+                    raise _err(errno.ENOENT)
+                # Re-checked under the lock: eviction may have dropped a copy fetched a
+                # moment ago, and an empty data file must never stand in for the object.
+                if entry.local or truncate or entry.fd >= 0:
+                    if entry.fd < 0:
+                        path = self._data_path(ino)
+                        path.parent.mkdir(exist_ok=True)
+                        entry.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                        entry.local = True
+                    handle = self._open_handle(entry, flags, writable)
+                    if truncate:
+                        self._truncate(entry, 0)
+                    return handle
             self._fetch(entry)
-        with self._lock:
-            if entry.fd < 0:
-                path = self._data_path(ino)
-                path.parent.mkdir(exist_ok=True)
-                entry.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-                if not entry.local:
-                    entry.local = True
-            handle = self._open_handle(entry, flags, writable)
-            if truncate:
-                self._truncate(entry, 0)
-            return handle
 
     def _fetch(self, entry: Entry) -> None:
         """Read-through: copy a REMOTE file into the cache (serialised per file)."""
@@ -778,6 +781,7 @@ class CacheCore:
                 os.replace(tmp, path)
                 entry.local = True
                 entry.state = CLEAN
+                entry.last_access = time.monotonic()
                 entry.size = entry.remote_size = info.size
                 self._apply_metadata(entry, info.metadata)
                 self.clean_bytes += info.size

@@ -39,7 +39,9 @@ def test_commit_marker_uploaded_last_with_real_dcp(make_node: Any, bucket: str, 
     import torch.distributed.checkpoint as dcp
 
     proxy.set(latency=0.035)
-    node = make_node(bucket, endpoint=proxy.endpoint, upload_delay=0.0,
+    # A short upload delay, as in production: with none, `.metadata.tmp` may be uploaded
+    # before DCP renames it, which is still ordered correctly but costs a COPY + DELETE.
+    node = make_node(bucket, endpoint=proxy.endpoint, upload_delay=0.5,
                      config={"flush": {"maxConcurrentUploads": 4}})
     state = {f"layer{i}": torch.randn(256, 256) for i in range(16)}
     path = node.mount / "run" / "step-10"
