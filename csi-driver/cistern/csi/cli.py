@@ -10,7 +10,8 @@ import sys
 import threading
 from types import FrameType
 
-from cistern.csi.settings import MODES, DriverSettings
+from cistern.csi.health import HealthServer, parse_address
+from cistern.csi.settings import MODES, DriverSettings, socket_path
 from cistern.writecache import DEFAULT_MOUNT_ROOT
 
 __all__ = ["main", "parse_settings"]
@@ -33,14 +34,26 @@ def _parser() -> argparse.ArgumentParser:
                              f"(default {DEFAULT_MOUNT_ROOT})")
     parser.add_argument("--health-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="how long a cache mount may take to answer (default 5)")
+    parser.add_argument("--health-address", default="", metavar="HOST:PORT",
+                        help="serve GET /healthz (liveness: the gRPC server answers) and "
+                             "/readyz (readiness: the Probe verdict) on this address, "
+                             "e.g. :9808 (default: off)")
     parser.add_argument("--log-level", default="INFO",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
 
 
-def parse_settings(argv: list[str] | None = None) -> tuple[DriverSettings, str]:
+def parse_settings(argv: list[str] | None = None
+                   ) -> tuple[DriverSettings, str, tuple[str, int] | None]:
+    """The driver settings, the log level and the health address (None: no endpoint)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    health = None
+    if args.health_address:
+        try:
+            health = parse_address(args.health_address)
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         version = importlib.metadata.version("cistern")
     except importlib.metadata.PackageNotFoundError:
@@ -51,11 +64,11 @@ def parse_settings(argv: list[str] | None = None) -> tuple[DriverSettings, str]:
                                   health_timeout=args.health_timeout, version=version)
     except ValueError as exc:
         parser.error(str(exc))
-    return settings, args.log_level
+    return settings, args.log_level, health
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings, level = parse_settings(argv)
+    settings, level, health_address = parse_settings(argv)
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%Y-%m-%dT%H:%M:%S")
@@ -75,9 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.start()
+    health = None
+    if health_address is not None:
+        try:
+            health = HealthServer(health_address, socket_path(settings.endpoint),
+                                  settings.health_timeout)
+        except OSError as exc:
+            log.error("cannot serve health endpoints on %s:%d: %s", *health_address, exc)
+            server.stop(grace=0).wait()
+            return 1
+        health.start()
     print(f"cistern-csi: serving {settings.mode} on {settings.endpoint}", file=sys.stderr,
           flush=True)
     stop.wait()
+    if health is not None:
+        health.stop()
     server.stop(grace=5).wait()
     return 0
 

@@ -234,6 +234,18 @@ def storage_class(body: Mapping[str, Any], spec: WriteCacheSpec) -> dict[str, An
     }
 
 
+def topology_label(name: str) -> str:
+    """The node label ``csi.cistern.dev/<writecache>``: the topology key the CSI node plugin
+    reports (value ``"true"``) for a WriteCache whose cache it finds on the node."""
+    return f"{CSI_DRIVER_NAME}/{name}"
+
+
+def node_matches(node: Mapping[str, Any], selector: Mapping[str, str]) -> bool:
+    """Whether a Node's labels satisfy a WriteCache's ``nodeSelector`` (empty: every node)."""
+    node_labels = (node.get("metadata") or {}).get("labels") or {}
+    return all(node_labels.get(key) == value for key, value in selector.items())
+
+
 def node_key(node: str) -> str:
     """A label-value-safe key for a node name (names longer than 40 characters are hashed)."""
     if len(node) <= 40 and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", node):

@@ -343,6 +343,7 @@ class Reconciler:
         # A daemon pod being replaced (rollout) or not yet running still keeps its node's guard.
         running_nodes |= await self.daemon_nodes(namespace, name)
         await self._remove_stale_guards(fresh, running_nodes)
+        await self._sync_node_labels(fresh, running_nodes, node_objects)
 
         ds = await self.api.get(DAEMONSETS, manifests.names(name).daemonset, namespace)
         desired = int(((ds or {}).get("status") or {}).get("desiredNumberScheduled") or 0)
@@ -459,6 +460,45 @@ class Reconciler:
             if node not in running:
                 await self._release_guard(body, node or pod["spec"].get("nodeName", ""))
 
+    # ---------------------------------------------------------------- node labels
+
+    async def _sync_node_labels(self, body: Mapping[str, Any], daemon_nodes: set[str],
+                                node_objects: Mapping[str, Mapping[str, Any]]) -> None:
+        """Label ``csi.cistern.dev/<name>=true`` exactly the nodes that run this cache.
+
+        The CSI node plugin reports that topology key only for caches mounted when the kubelet
+        registered it; the label is what the scheduler reads, so the operator keeps it true to
+        the daemon pods: set where a daemon pod is scheduled on a node that still matches the
+        WriteCache's ``nodeSelector``, removed everywhere else.
+        """
+        name = body["metadata"]["name"]
+        try:
+            selector = WriteCacheSpec.from_dict(body.get("spec") or {}).node_selector
+        except ConfigError:  # an invalid spec keeps the last good placement
+            return
+        key = manifests.topology_label(name)
+        for node_name, node in node_objects.items():
+            has = (node.get("metadata", {}).get("labels") or {}).get(key) == "true"
+            wants = node_name in daemon_nodes and manifests.node_matches(node, selector)
+            if wants != has:
+                await self._set_node_label(node_name, key, wants)
+
+    async def _set_node_label(self, node: str, key: str, present: bool) -> None:
+        patch = {"metadata": {"labels": {key: "true" if present else None}}}
+        try:
+            await self.api.patch(NODES, node, patch)
+        except ApiError as exc:
+            if exc.status != 404:  # a node deleted meanwhile needs no label
+                raise
+            return
+        logger.info("Node %s: %s label %s", node, "set" if present else "removed", key)
+
+    async def _remove_node_labels(self, name: str) -> None:
+        key = manifests.topology_label(name)
+        for node in await self.api.list(NODES):
+            if key in (node.get("metadata", {}).get("labels") or {}):
+                await self._set_node_label(node["metadata"]["name"], key, False)
+
     # ---------------------------------------------------------------- node events
 
     async def drain_node(self, node: Mapping[str, Any], namespaces: list[str] | None) -> int:
@@ -547,7 +587,9 @@ class Reconciler:
         await self.api.delete(CONFIGMAPS, n.configmap, namespace)
         await self.api.delete(SECRETS, n.secret, namespace)
         await self._delete_storage_classes(body, keep=None)
-        logger.info("WriteCache %s/%s: removed its daemons and StorageClass", namespace, name)
+        await self._remove_node_labels(name)
+        logger.info("WriteCache %s/%s: removed its daemons, StorageClass and node labels",
+                    namespace, name)
 
 
 def _drain_timeout(body: Mapping[str, Any]) -> float:
