@@ -53,3 +53,22 @@ imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end -}}
+
+
+{{/* The provisioner mode, checked: "distributed" (sidecar of the node plugin) or "central". */}}
+{{- define "cistern.provisionerMode" -}}
+{{- $mode := .Values.csi.provisioner.mode -}}
+{{- if not (has $mode (list "distributed" "central")) -}}
+{{- fail (printf "csi.provisioner.mode: expected distributed or central, got %q" $mode) -}}
+{{- end -}}
+{{- $mode -}}
+{{- end -}}
+
+{{/* The service account the external-provisioner runs as. */}}
+{{- define "cistern.provisionerServiceAccount" -}}
+{{- if eq (include "cistern.provisionerMode" .) "distributed" -}}
+{{- include "cistern.fullname" . }}-csi-node
+{{- else -}}
+{{- include "cistern.fullname" . }}-csi-controller
+{{- end -}}
+{{- end -}}

@@ -24,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from cistern.csi.cli import parse_settings
 from cistern.operator.cli import parse_args
 from cistern.operator.crdschema import crd_validator
 
@@ -44,7 +45,8 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
                  "statusInterval": 5, "logFormat": "plain", "verbose": True,
                  "checkBucket": False, "nodeSelector": {"node-role": "infra"},
                  "tolerations": [{"key": "infra", "operator": "Exists"}]},
-    "csi": {"node": {"nodeSelector": {"nvidia.com/gpu.present": "true"}},
+    "csi": {"provisioner": {"mode": "central"},
+            "node": {"nodeSelector": {"nvidia.com/gpu.present": "true"}, "healthPort": 9900},
             "controller": {"replicas": 2}},
     "exampleWriteCache": {"enabled": True, "name": "demo", "bucket": "demo-bucket",
                           "prefix": "runs", "endpoint": "http://minio.storage:9000",
@@ -150,21 +152,49 @@ def test_default_render_is_complete_and_valid(helm: Path, tmp_path: Path) -> Non
     assert driver["spec"] == {"attachRequired": False, "podInfoOnMount": True,
                               "volumeLifecycleModes": ["Persistent", "Ephemeral"]}
 
+    # Distributed provisioning (the default): the provisioner is a sidecar of the node plugin,
+    # which runs every CSI service, so DeleteVolume runs where the cache is mounted.
     node = find(docs, "DaemonSet", "-csi-node")["spec"]["template"]["spec"]
     containers = {c["name"]: c for c in node["containers"]}
-    assert set(containers) == {"csi-node", "node-driver-registrar", "liveness-probe"}
+    assert set(containers) == {"csi-node", "node-driver-registrar", "csi-provisioner"}
     plugin = containers["csi-node"]
     assert plugin["command"] == ["cistern-csi"]
-    assert "--mode=node" in plugin["args"] and "--node-id=$(NODE_NAME)" in plugin["args"]
-    assert "--mount-root=/var/lib/cistern/mounts" in plugin["args"]
+    settings, _, health = parse_settings(
+        [arg.replace("$(NODE_NAME)", "node-a") for arg in plugin["args"]])
+    assert (settings.mode, settings.node_id, settings.mount_root) == (
+        "all", "node-a", "/var/lib/cistern/mounts")
+    # Liveness asks cistern-csi's own /healthz (the server answers), never the CSI Probe.
+    assert health == ("0.0.0.0", 9808)
+    assert plugin["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert {p["name"]: p["containerPort"] for p in plugin["ports"]} == {"healthz": 9808}
     mounts = {m["name"]: m for m in plugin["volumeMounts"]}
     assert mounts["pods-dir"]["mountPropagation"] == "Bidirectional"
+    assert mounts["mount-root"]["mountPropagation"] == "HostToContainer"
+    assert mounts["mount-root"]["mountPath"] == "/var/lib/cistern/mounts"
     assert "--kubelet-registration-path=/var/lib/kubelet/plugins/csi.cistern.dev/csi.sock" \
         in containers["node-driver-registrar"]["args"]
 
-    controller = find(docs, "Deployment", "-csi-controller")["spec"]["template"]["spec"]
-    names = [c["name"] for c in controller["containers"]]
-    assert names == ["csi-controller", "csi-provisioner"]
+    provisioner = containers["csi-provisioner"]
+    assert {"--node-deployment=true", "--node-deployment-immediate-binding=false",
+            "--extra-create-metadata", "--csi-address=/csi/csi.sock",
+            "--leader-election=false"} <= set(provisioner["args"])
+    assert provisioner["env"] == [{"name": "NODE_NAME", "valueFrom": {
+        "fieldRef": {"fieldPath": "spec.nodeName"}}}]
+    # Only the provisioner gets an API token.
+    assert node["automountServiceAccountToken"] is False
+    token_mounts = {c["name"] for c in node["containers"] for m in c["volumeMounts"]
+                    if m["name"] == "provisioner-token"}
+    assert token_mounts == {"csi-provisioner"}
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-csi-controller")]
+
+    binding = find(docs, "ClusterRoleBinding", "-csi-provisioner")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cistern-csi-node",
+                                    "namespace": "cistern-system"}]
+    rules = find(docs, "ClusterRole", "-csi-provisioner")["rules"]
+    granted = {(group, resource): set(rule["verbs"]) for rule in rules
+               for group in rule["apiGroups"] for resource in rule["resources"]}
+    assert "get" in granted[("", "nodes")]
+    assert {"create", "delete"} <= granted[("", "persistentvolumes")]
 
     operator = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]
     container = operator["containers"][0]
@@ -212,13 +242,25 @@ def test_custom_values_render_and_validate(helm: Path, tmp_path: Path) -> None:
     assert operator["spec"]["replicas"] == 2
 
     node = find(docs, "DaemonSet", "-csi-node")["spec"]["template"]["spec"]
-    volumes = {v["name"]: v["hostPath"]["path"] for v in node["volumes"]}
+    volumes = {v["name"]: v["hostPath"]["path"] for v in node["volumes"] if "hostPath" in v}
     assert volumes["plugin-dir"] == "/var/lib/k0s/kubelet/plugins/csi.cistern.dev"
     assert volumes["mount-root"] == "/mnt/cistern/mounts"
     assert node["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    provisioner = find(docs, "Deployment", "-csi-controller")["spec"]["template"]["spec"][
-        "containers"][1]
-    assert "--leader-election=true" in provisioner["args"]
+    # Central provisioning: the controller Deployment, the node plugin without a provisioner.
+    containers = {c["name"]: c for c in node["containers"]}
+    assert set(containers) == {"csi-node", "node-driver-registrar"}
+    settings, _, health = parse_settings(
+        [arg.replace("$(NODE_NAME)", "node-a") for arg in containers["csi-node"]["args"]])
+    assert (settings.mode, settings.mount_root, health) == (
+        "node", "/mnt/cistern/mounts", ("0.0.0.0", 9900))
+    assert "provisioner-token" not in {v["name"] for v in node["volumes"]}
+    controller = find(docs, "Deployment", "-csi-controller")["spec"]["template"]["spec"]
+    assert [c["name"] for c in controller["containers"]] == ["csi-controller", "csi-provisioner"]
+    settings, _, _ = parse_settings(controller["containers"][0]["args"])
+    assert settings.mode == "controller"
+    assert "--leader-election=true" in controller["containers"][1]["args"]
+    binding = find(docs, "ClusterRoleBinding", "-csi-provisioner")
+    assert binding["subjects"][0]["name"] == "cistern-csi-controller"
 
     wc = find(docs, "WriteCache")
     assert wc["metadata"] == {**wc["metadata"], "name": "demo", "namespace": "cistern-system"}
@@ -227,3 +269,12 @@ def test_custom_values_render_and_validate(helm: Path, tmp_path: Path) -> None:
         "region": "us-east-1", "pathStyle": True,
         "credentialsSecretRef": {"name": "s3-credentials"}}
     assert wc["spec"]["cache"]["capacityBytes"] == "500Gi"
+
+
+def test_unknown_provisioner_mode_is_refused(helm: Path, tmp_path: Path) -> None:
+    file = tmp_path / "values.yaml"
+    file.write_text(yaml.safe_dump({"csi": {"provisioner": {"mode": "everywhere"}}}))
+    result = subprocess.run([str(helm), "template", "cistern", str(CHART), "-f", str(file)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "csi.provisioner.mode: expected distributed or central" in result.stderr
