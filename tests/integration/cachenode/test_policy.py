@@ -214,3 +214,31 @@ def test_drain_hold_holds_writers_until_resume(make_node: Any, bucket: str) -> N
     node._request("POST", "/resume")  # noqa: SLF001
     thread.join(30)
     assert done.is_set() and (node.mount / "held").read_text() == "x"
+
+
+@pytest.mark.parametrize("flush", [
+    {"maxBytesPerSecond": "4Mi"},
+    {"maxRequestsPerSecond": 4},
+])
+def test_rate_limits_pace_uploads(make_node: Any, bucket: str, s3: Any,
+                                  flush: dict[str, Any]) -> None:
+    node = make_node(bucket, upload_delay=0.0, config={"flush": flush})
+    files = {f"r{i}": os.urandom(2**20) for i in range(12)}
+    for name, data in files.items():
+        (node.mount / name).write_bytes(data)
+    node.flush()
+    assert list_keys(s3, bucket) == {k: len(v) for k, v in files.items()}
+    # The limiter made uploads wait (a counter of the daemon, not a wall-clock assertion).
+    assert node.metric("cistern_rate_limited_seconds_total") > 0.5
+
+
+def test_drain_uses_the_evacuation_rate(make_node: Any, bucket: str, s3: Any) -> None:
+    node = make_node(bucket, upload_delay=3600,
+                     config={"flush": {"evacuationBytesPerSecond": "4Mi"}})
+    for i in range(4):
+        (node.mount / f"e{i}").write_bytes(os.urandom(2 * 2**20))
+    assert node.metric("cistern_rate_limited_seconds_total") == 0
+    node.drain()
+    _wait(lambda: node.status()["state"] == "drained", timeout=60, what="drained")
+    assert len(list_keys(s3, bucket)) == 4
+    assert node.metric("cistern_rate_limited_seconds_total") > 0.5
