@@ -119,6 +119,18 @@ class ObjectStore(Protocol):
         """Write the whole object into ``fd`` from offset 0; return its info."""
 
 
+def _copy_range(key: str, fd: int, offset: int, length: int, out: Any, digest: Any) -> None:
+    """Copy ``fd[offset:offset+length]`` into ``out``, feeding ``digest`` on the way."""
+    end = offset + length
+    while offset < end:
+        chunk = os.pread(fd, min(_COPY_CHUNK, end - offset), offset)
+        if not chunk:
+            raise StoreError(f"{key}: local file shrank during upload", "ShortRead")
+        out.write(chunk)
+        digest.update(chunk)
+        offset += len(chunk)
+
+
 class LocalDirStore:
     """Objects as files under a directory; multipart parts staged in a hidden folder."""
 
@@ -168,17 +180,8 @@ class LocalDirStore:
         return digest.hexdigest()
 
     def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str]) -> str:
-        def writer(out: Any, digest: Any) -> None:
-            offset = 0
-            while offset < size:
-                chunk = os.pread(fd, min(_COPY_CHUNK, size - offset), offset)
-                if not chunk:
-                    raise StoreError(f"{key}: local file shrank during upload", "ShortRead")
-                out.write(chunk)
-                digest.update(chunk)
-                offset += len(chunk)
-
-        return self._write_atomically(key, writer, metadata)
+        return self._write_atomically(
+            key, lambda out, digest: _copy_range(key, fd, 0, size, out, digest), metadata)
 
     def _mpu_dir(self, upload_id: str) -> Path:
         if not upload_id.isalnum():
@@ -202,14 +205,7 @@ class LocalDirStore:
         digest = hashlib.md5()
         tmp = folder / f"{number}.tmp"
         with open(tmp, "wb") as out:
-            pos, end = offset, offset + length
-            while pos < end:
-                chunk = os.pread(fd, min(_COPY_CHUNK, end - pos), pos)
-                if not chunk:
-                    raise StoreError(f"{key}: local file shrank during upload", "ShortRead")
-                out.write(chunk)
-                digest.update(chunk)
-                pos += len(chunk)
+            _copy_range(key, fd, offset, length, out, digest)
             os.fsync(out.fileno())
         os.replace(tmp, folder / str(number))
         return digest.hexdigest()
