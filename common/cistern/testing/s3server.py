@@ -132,12 +132,14 @@ def _lock_etag_getter() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="moto S3 server on 127.0.0.1 for tests")
     parser.add_argument("--port", type=int, default=0, help="port (0: pick a free one)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (0.0.0.0 inside a pod, e.g. the kind e2e suite)")
     args = parser.parse_args(argv)
     os.environ.update({k: os.environ.get(k, v) for k, v in TEST_CREDENTIALS.items()})
     _lock_etag_getter()
     from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=args.port or free_port(),
+    server = ThreadedMotoServer(ip_address=args.host, port=args.port or free_port(),
                                 verbose=False)
     server.start()
     host, port = server.get_host_and_port()
