@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,11 +120,30 @@ class RunResult:
     rejected: list[tuple[float, str]] = field(default_factory=list)
     """(seconds since writer start, kind) of every request the proxy answered 503."""
     proxy_counts: dict[str, int] = field(default_factory=dict)
+    daemon_requests: dict[str, float] = field(default_factory=dict)
+    """``cistern_s3_requests_total`` by operation at the end of the run (attempts sent)."""
+    daemon_errors: dict[str, float] = field(default_factory=dict)
+    """``cistern_s3_errors_total`` by code at the end of the run."""
     objects_ok: bool = False
     error: str | None = None
 
 
 # ------------------------------------------------------------------ measuring one run
+
+
+def _labelled(node: NodeProcess, metric: str, label: str) -> dict[str, float]:
+    """Values of one labelled counter by the value of ``label``."""
+    out: dict[str, float] = {}
+    prefix = metric + "{"
+    for line in node.metrics().splitlines():
+        if not line.startswith(prefix):
+            continue
+        sample, _, value = line.rpartition(" ")
+        labels = dict(part.split("=", 1) for part in
+                      sample[len(prefix):].rstrip("}").split(",") if "=" in part)
+        key = labels.get(label, "").strip('"')
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
 
 
 def _metrics(node: NodeProcess) -> dict[str, float]:
@@ -267,6 +287,8 @@ def run_once(env: S3Env, cfg: SmoothingConfig, name: str, root: Path) -> RunResu
                                                                  cfg.part_size)
         result.durable_seconds = last if result.error is None else None
         result.proxy_counts = env.proxy.counts()
+        result.daemon_requests = _labelled(node, "cistern_s3_requests_total", "op")
+        result.daemon_errors = _labelled(node, "cistern_s3_errors_total", "code")
         listed = env.listing(bucket, "ckpt/")
         result.objects_ok = len(listed) == files and all(
             size == cfg.file_size for size in listed.values())
@@ -342,6 +364,10 @@ def summarize(result: RunResult) -> dict[str, Any]:
                                   if s.request_limit > 0), default=None),
         "rate_limited_seconds": last.rate_limited_seconds if last else 0.0,
         "proxy_counts": result.proxy_counts,
+        "proxy_503_by_kind": dict(sorted(Counter(kind for _t, kind in result.rejected).items())),
+        "daemon_requests": result.daemon_requests,
+        "daemon_errors": result.daemon_errors,
+        "metric_uploaded_bytes": last.uploaded if last else 0.0,
         "objects_ok": result.objects_ok,
         "error": result.error,
         "per_second_bins": bins,
@@ -410,7 +436,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     dirty_ax.set_ylabel("MiB")
     dirty_ax.set_title("dirty bytes on the node (cistern_dirty_bytes)", fontsize=10)
     dirty_ax.legend(fontsize=8)
-    req_ax.set_ylabel("request-rate limit (req/s, solid)")
+    req_ax.set_ylabel("request-rate limit (req/s, solid; 0: no limit)")
     count_ax.set_ylabel("503s, cumulative (dotted: daemon, dash-dot: proxy)")
     req_ax.set_xlabel("seconds since the writer started")
     req_ax.set_title(f"503 runs ({data['config']['error_rate'] * 100:.0f} % of requests answered "
@@ -454,10 +480,13 @@ def simulate_aimd(share: float, ceiling: float | None, seconds: float,
             adaptive.on_success()
             ok += 1
         trace.append(bucket.rate)
-    late = [r for r in trace[len(trace) // 2:] if r]
+    half = trace[len(trace) // 2:]
+    late = [r for r in half if r]
     return {"share": share, "ceiling": ceiling, "sent_per_second": sent / seconds,
             "ok_per_second": ok / seconds, "limit_min": min(late, default=None),
-            "limit_mean": sum(late) / len(late) if late else None}
+            "limit_mean": sum(late) / len(late) if late else None,
+            "limit_max": max(late, default=None),
+            "unlimited_share": (len(half) - len(late)) / len(half) if half else None}
 
 
 def _aimd_table(seconds: float) -> None:
@@ -472,11 +501,13 @@ def _aimd_table(seconds: float) -> None:
         t.start()
     for t in threads:
         t.join()
-    print("share ceiling  sent/s  ok/s  limit min  limit mean (second half)")
+    print("share ceiling  sent/s  ok/s  limit min  limit mean  limit max  unlimited "
+          "(second half; limit over the limited samples)")
     for row in out:
         print(f"{row['share']:5.2f} {row['ceiling']!s:>7} {row['sent_per_second']:7.2f} "
               f"{row['ok_per_second']:5.2f} {row['limit_min'] or 0:10.2f} "
-              f"{row['limit_mean'] or 0:11.2f}")
+              f"{row['limit_mean'] or 0:11.2f} {row['limit_max'] or 0:10.2f} "
+              f"{(row['unlimited_share'] or 0) * 100:8.0f} %")
 
 
 def _size(text: str) -> int:
