@@ -574,6 +574,7 @@ def main(argv: list[str] | None = None) -> None:
         max_concurrent_uploads=args.concurrency, interval=args.interval,
         run_timeout=args.run_timeout, runs=runs, workdir=args.workdir, frontend=args.frontend)
     started = time.time()
+    load_at_start = os.getloadavg()
     results: list[RunResult] = []
     with tempfile.TemporaryDirectory(prefix="cistern-smoothing-", dir=cfg.workdir) as tmp, \
             S3Env(cfg.latency, 0.0) as env:
@@ -584,10 +585,13 @@ def main(argv: list[str] | None = None) -> None:
                 logger.exception("run %s failed", name)
                 failed = RunResult(name, 0, 0, None, 0.0, error=str(exc))
                 results.append(failed)
+    machine = machine_info(cfg.workdir)
+    # machine_info() runs after the runs: its load average is the one at the end.
+    machine["load_average_at_start"] = load_at_start
     data: dict[str, Any] = {
         "load_average_at_end": os.getloadavg(),
         "command": "python -m bench.smoothing " + " ".join(argv or sys.argv[1:]),
-        "machine": machine_info(cfg.workdir),
+        "machine": machine,
         "config": asdict(cfg),
         "total_seconds": round(time.time() - started, 1),
         "runs": [{"name": r.name, "summary": summarize(r),
