@@ -307,3 +307,27 @@ def test_sigkilled_writer_is_released_and_uploaded(node_factory: Callable[..., N
     node.flush()
     body = s3.get_object(Bucket=bucket, Key="killed.bin")["Body"].read()
     assert body == b"k" * (3 << 20)
+
+
+
+def test_open_without_a_registrable_backing_file_is_served_by_the_daemon(
+        mounted: Mounted, tmp_path: Path) -> None:
+    # A cache directory on a FUSE mount cannot back passthrough files (stacking depth): a node
+    # whose cache lives on our mount must serve those opens itself (FOPEN_DIRECT_IO). The
+    # nested node is a separate process: a daemon must never be a client of its own mount.
+    workdir = tmp_path / "nested"
+    workdir.mkdir()
+    node = NodeProcess(workdir, f"file://{workdir / 'objects'}", frontend="passthrough",
+                       cache_dir=mounted.mount / "nested-cache")
+    node.start()
+    try:
+        data = os.urandom(3 << 20)
+        (node.mount / "f").write_bytes(data)
+        assert (node.mount / "f").read_bytes() == data
+        with open(node.mount / "f", "r+b") as f:
+            f.seek(1 << 20)
+            f.write(b"patched")
+        assert (node.mount / "f").read_bytes()[1 << 20:(1 << 20) + 7] == b"patched"
+        assert "serving it without passthrough" in node.log()
+    finally:
+        node.stop()
