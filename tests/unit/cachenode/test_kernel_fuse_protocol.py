@@ -7,6 +7,7 @@ import errno
 import os
 
 import pytest
+
 from cistern.cachenode import kernel_fuse as kf
 
 
