@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cistern.cachenode.journal import CLEAN, DIR, DIRTY, REMOTE, Entry, Journal
+from cistern.cachenode.retry import RetryPolicy
 from cistern.cachenode.store import ObjectInfo, ObjectStore, StoreError
 from cistern.config import CacheConfig, DrainPolicy, FlushPolicy
 
@@ -359,14 +360,17 @@ class CacheCore:
         prefix = self.key_of(entry)
         prefix = f"{prefix}/" if prefix else ""
         try:
-            files, dirs = self.store.list_dir(prefix)
+            # Throttling and blips are retried briefly (a restarted job must not get ENOENT
+            # for its checkpoint because of one 503), but an outage must not block writers.
+            files, dirs = RetryPolicy(deadline=5.0).call(
+                f"list {prefix or '/'}", lambda: self.store.list_dir(prefix),
+                on_error=lambda exc: self._on_event(f"store_error:{exc.code}", 1))
         except StoreError as exc:
             # Writers must not fail because the store is down: serve what is known locally
             # and list again later. The local entries win over the store's when it returns.
-            self._list_retry_at[entry.ino] = time.monotonic() + 5.0
+            self._list_retry_at[entry.ino] = time.monotonic() + 15.0
             log.warning("cannot list %s/ in the object store (%s); showing local entries "
                         "only for now", prefix.rstrip("/") or "", exc)
-            self._on_event("list_error", 1)
             return
         self._list_retry_at.pop(entry.ino, None)
         with self._lock, self.journal.transaction():
@@ -795,8 +799,6 @@ class CacheCore:
                 self.changed.notify_all()
 
     def _fetch_retrying(self, key: str, fd: int) -> ObjectInfo:
-        from cistern.cachenode.retry import RetryPolicy
-
         return RetryPolicy(deadline=60.0).call(f"fetch {key}", lambda: self.store.download(key, fd))
 
     @staticmethod

@@ -9,7 +9,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics"]
+__all__ = ["THROTTLE_CODES", "Metrics"]
+
+THROTTLE_CODES = frozenset({"SlowDown", "503", "Throttling", "ThrottlingException",
+                            "RequestLimitExceeded", "ServiceUnavailable"})
 
 
 class _StateCollector(Collector):
@@ -107,8 +110,10 @@ class Metrics:
             self.evicted_bytes.inc(value)
         elif kind == "retention":
             self.retention_deletions.labels(label).inc(value)
-        elif kind == "list_error":
-            self.errors.labels("ListFailed").inc(value)
+        elif kind == "store_error":
+            self.errors.labels(label).inc(value)
+            if label in THROTTLE_CODES:
+                self.throttles.inc(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -109,10 +109,12 @@ class AdaptiveRate:
             rate = self.bucket.rate
             if rate is None or now - self._last_raise < 0.25:
                 return
-            # Multiplicative recovery (+50 %/s by default): one cut per congestion episode
-            # (at most one a second) is won back in about a second of success.
+            # Time-based multiplicative recovery (+50 %/s by default, whatever the request
+            # rate): one cut per congestion episode (at most one a second) is won back in
+            # about a second of success.
+            elapsed = min(now - self._last_raise, 1.0)
             self._last_raise = now
-            new = rate * (1 + self._recovery * 0.25)
+            new = rate * (1 + self._recovery) ** elapsed
             if self.ceiling is None and now - self._last_cut > self.lift_after:
                 # No configured ceiling: once the store has stopped throttling for a while,
                 # go back to unlimited (the limiter itself caps what we can observe).
@@ -134,8 +136,10 @@ class AdaptiveRate:
                 return
             self._last_cut = now
             self._last_raise = now
+            # Cut from what is actually sent: a limit far above the send rate would make a
+            # cut meaningless.
+            observed = max(self._observed_unlocked(now), 2.0)
             current = self.bucket.rate
-            if current is None:
-                current = max(self._observed_unlocked(now), 2.0)
+            current = observed if current is None else min(current, observed)
             self.bucket.set_rate(max(self._floor, current * self._decrease))
             self.throttled_now = True

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from typing import Any
 
 from cistern.testing.s3server import list_keys
@@ -47,3 +49,20 @@ def test_rename_of_remote_directory_moves_every_object(make_node: Any, bucket: s
     assert (node.mount / "run-old" / "sub" / "deeper" / "c").read_text() == "run/sub/deeper/c"
     node.flush()
     assert set(list_keys(s3, bucket)) == {"run-old/a", "run-old/sub/b", "run-old/sub/deeper/c"}
+
+
+def test_a_throttled_listing_is_retried_not_hidden(make_node: Any, bucket: str, s3: Any,
+                                                   proxy: Any) -> None:
+    s3.put_object(Bucket=bucket, Key="ckpt/shard-000.bin", Body=b"shard")
+    node = make_node(bucket, endpoint=proxy.endpoint)
+    proxy.set(error_rate=1.0, error_kinds=["LIST"])
+    lookups: list[bool] = []
+
+    def clear_soon() -> None:
+        time.sleep(0.3)
+        proxy.set(error_rate=0.0)
+
+    threading.Thread(target=clear_soon).start()
+    lookups.append((node.mount / "ckpt" / "shard-000.bin").exists())
+    assert lookups == [True], "one throttled LIST must not hide an existing checkpoint"
+    assert node.metric("cistern_s3_throttles_total") >= 1

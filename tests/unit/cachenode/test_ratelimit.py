@@ -28,6 +28,8 @@ def test_refund_returns_tokens_of_failed_requests() -> None:
 def test_throttle_cuts_the_rate_and_success_restores_it() -> None:
     bucket = TokenBucket(100.0)
     adaptive = AdaptiveRate(bucket, ceiling=100.0)
+    for _ in range(300):  # ~150 requests/s observed over the 2 s window
+        adaptive.on_success()
     adaptive.on_throttle()
     assert bucket.rate == 70.0 and adaptive.throttled_now
     adaptive.on_throttle()  # same congestion episode: no second cut
@@ -50,3 +52,12 @@ def test_without_a_ceiling_throttling_installs_a_limit_then_lifts_it() -> None:
         adaptive.on_success()
         time.sleep(0.02)
     assert bucket.rate is None
+
+
+def test_the_cut_starts_from_what_is_actually_sent() -> None:
+    bucket = TokenBucket(1000.0)
+    adaptive = AdaptiveRate(bucket, ceiling=1000.0)
+    for _ in range(20):  # ~10 requests/s observed, far below the limit
+        adaptive.on_success()
+    adaptive.on_throttle()
+    assert bucket.rate is not None and bucket.rate <= 10.0
