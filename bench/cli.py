@@ -49,7 +49,10 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         "workdir": args.workdir,
     }
     known = {f.name for f in fields(BenchConfig)}
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None and k in known})
+    given = {k: v for k, v in overrides.items() if v is not None and k in known}
+    if set(given) - {"workdir"}:  # the figures no longer are the named profile's
+        given["profile"] = f"{cfg.profile} with overrides"
+    return replace(cfg, **given)
 
 
 def main(argv: list[str] | None = None) -> None:
