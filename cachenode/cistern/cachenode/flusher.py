@@ -93,8 +93,9 @@ class Flusher:
             free = self.policy.max_concurrent_uploads - self._busy
             work = self.core.collect_work(free) if free > 0 else []
             if not work:
-                with self.core.changed:
-                    self.core.changed.wait(0.1)
+                # Poll rather than wake on every change: a burst of thousands of creates
+                # would otherwise rescan the pending set once per file.
+                self._stop.wait(0.05)
                 continue
             with self.core.changed:
                 self._busy += len(work)

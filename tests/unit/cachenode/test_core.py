@@ -138,3 +138,17 @@ def test_flush_waits_for_files_whose_release_arrives_late(core: CacheCore) -> No
     assert not core.idle(seq), "a flush must not forget a file released after it started"
     _run_all(core)
     assert core.idle(seq)
+
+
+def test_directory_link_counts_follow_mkdir_rmdir_rename(core: CacheCore) -> None:
+    a = core.mkdir(ROOT_INO, "a", 0o755, 0, 0).ino
+    core.mkdir(a, "x", 0o755, 0, 0)
+    core.mkdir(a, "y", 0o755, 0, 0)
+    _write(core, a, "file", b"f")
+    assert core.getattr(a).nlink == 4
+    b = core.mkdir(ROOT_INO, "b", 0o755, 0, 0).ino
+    core.rename(a, "x", b, "x")
+    assert (core.getattr(a).nlink, core.getattr(b).nlink) == (3, 3)
+    core.rmdir(a, "y")
+    assert core.getattr(a).nlink == 2
+    assert core.getattr(ROOT_INO).nlink == 4
