@@ -52,7 +52,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, NamedTuple
 
-from cistern.testing.s3server import free_port, wait_for_port
+from cistern.testing.s3server import free_port, stop_child, wait_for_port
 
 __all__ = [
     "KINDS",
@@ -681,14 +681,8 @@ class FaultProxyProcess:
         return self
 
     def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
+        stop_child(self._proc)
+        self._proc = None
 
     def __enter__(self) -> FaultProxyProcess:
         return self.start()

@@ -20,7 +20,10 @@ import time
 from types import TracebackType
 from typing import Any
 
-__all__ = ["MotoServer", "free_port", "list_keys", "read_object", "s3_client", "wait_for_port"]
+__all__ = [
+    "MotoServer", "free_port", "list_keys", "read_object", "s3_client", "stop_child",
+    "wait_for_port",
+]
 
 TEST_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -61,6 +64,18 @@ def s3_client(endpoint_url: str) -> Any:
     )
 
 
+def stop_child(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """Terminate a helper server process, killing it if it does not exit in time."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def read_object(s3: Any, bucket: str, key: str) -> bytes:
     return bytes(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
 
@@ -99,14 +114,8 @@ class MotoServer:
         return s3_client(self.endpoint)
 
     def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
+        stop_child(self._proc)
+        self._proc = None
 
     def __enter__(self) -> MotoServer:
         return self.start()
