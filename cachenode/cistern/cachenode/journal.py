@@ -52,6 +52,12 @@ _COLUMNS = ("ino", "parent", "name", "is_dir", "mode", "uid", "gid", "size", "mt
 
 DIRTY, CLEAN, REMOTE, DIR = "dirty", "clean", "remote", "dir"
 
+_INSERT_WITH_INO = (f"INSERT INTO entries ({', '.join(_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(_COLUMNS))})")
+_INSERT_NEW_INO = (f"INSERT INTO entries ({', '.join(_COLUMNS[1:])}) "
+                   f"VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})")
+_UPDATE = f"UPDATE entries SET {', '.join(f'{c}=?' for c in _COLUMNS[1:])} WHERE ino=?"
+
 
 @dataclass(slots=True, eq=False)
 class Entry:
@@ -102,7 +108,11 @@ class UploadIntent:
 
 
 class Journal:
-    """A thin, thread-safe wrapper over one SQLite connection."""
+    """A thin, thread-safe wrapper over one SQLite connection.
+
+    The connection is in autocommit mode: a single statement is its own transaction (or
+    joins the one ``transaction()`` has open), so it costs one SQLite call, not three.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -158,22 +168,38 @@ class Journal:
 
     def insert(self, entry: Entry) -> int:
         """Insert a new entry (``entry.ino`` 0 lets the journal pick one); return its ino."""
-        cols = _COLUMNS[1:] if entry.ino == 0 else _COLUMNS
-        values = entry.row()[1:] if entry.ino == 0 else entry.row()
+        row = entry.row()
+        with self._lock:
+            if entry.ino == 0:
+                cursor = self._db.execute(_INSERT_NEW_INO, row[1:])
+                return int(cursor.lastrowid or 0)
+            self._db.execute(_INSERT_WITH_INO, row)
+        return entry.ino
+
+    def reserve_inos(self, count: int) -> int:
+        """Reserve ``count`` consecutive inode numbers; return the first.
+
+        No entry has them and AUTOINCREMENT never hands them out (the reservation moves the
+        sequence past them), so they can name data files before their entries exist.
+        """
         with self.transaction():
-            cursor = self._db.execute(
-                f"INSERT INTO entries ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                values)
-        return int(cursor.lastrowid or entry.ino)
+            row = self._db.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name='entries'").fetchone()
+            first = (int(row[0]) if row else 0) + 1
+            if row:
+                self._db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='entries'",
+                                 (first + count - 1,))
+            else:
+                self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('entries', ?)",
+                                 (first + count - 1,))
+        return first
 
     def update(self, entry: Entry) -> None:
-        with self.transaction():
-            self._db.execute(
-                f"UPDATE entries SET {', '.join(f'{c}=?' for c in _COLUMNS[1:])} WHERE ino=?",
-                (*entry.row()[1:], entry.ino))
+        with self._lock:
+            self._db.execute(_UPDATE, (*entry.row()[1:], entry.ino))
 
     def delete(self, ino: int) -> None:
-        with self.transaction():
+        with self._lock:
             self._db.execute("DELETE FROM entries WHERE ino=?", (ino,))
 
     def tombstones(self) -> set[str]:
@@ -181,25 +207,25 @@ class Journal:
             return {r[0] for r in self._db.execute("SELECT key FROM tombstones")}
 
     def add_tombstone(self, key: str) -> None:
-        with self.transaction():
+        with self._lock:
             self._db.execute("INSERT OR IGNORE INTO tombstones (key) VALUES (?)", (key,))
 
     def remove_tombstone(self, key: str) -> None:
-        with self.transaction():
+        with self._lock:
             self._db.execute("DELETE FROM tombstones WHERE key=?", (key,))
 
     def add_upload(self, ino: int, key: str) -> None:
-        with self.transaction():
+        with self._lock:
             self._db.execute("INSERT OR REPLACE INTO uploads (ino, key, upload_id) "
                              "VALUES (?, ?, NULL)", (ino, key))
 
     def set_upload_id(self, ino: int, key: str, upload_id: str) -> None:
-        with self.transaction():
+        with self._lock:
             self._db.execute("UPDATE uploads SET upload_id=? WHERE ino=? AND key=?",
                              (upload_id, ino, key))
 
     def remove_upload(self, ino: int, key: str) -> None:
-        with self.transaction():
+        with self._lock:
             self._db.execute("DELETE FROM uploads WHERE ino=? AND key=?", (ino, key))
 
     def uploads(self) -> list[UploadIntent]:
