@@ -17,6 +17,7 @@ A file is written to its desired key only when it owns the key or nobody does.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -53,6 +54,11 @@ RENAME_EXCHANGE = 2
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 NAME_MAX = 255
 _ADMIT_EVERY = 16 * 2**20
+#: Empty data files kept ready for new files (``make_spares``), so that a create costs a
+#: journal insert and no file system create on the request path.
+SPARE_FILES = 64
+#: Inode numbers reserved in the journal per commit for spare data files.
+SPARE_INO_BLOCK = 1024
 
 
 def _err(code: int, detail: str = "") -> OSError:
@@ -158,12 +164,64 @@ class CacheCore:
         self.clean_bytes = 0
         self._writing: set[int] = set()
         self.capacity_bytes = self._capacity()
+        self._data_root = str(self.data_dir)
+        self._shards: set[int] = set()
+        self._spares: list[tuple[int, int]] = []
+        self._spare_inos: Iterator[int] = iter(())
+        self.spares_wanted = threading.Event()
+        """Set when the pool of spare data files runs low (see ``make_spares``)."""
+        self._closed = False
         self._recover()
+        self.spares_wanted.set()
 
     # ------------------------------------------------------------------ recovery
 
     def _data_path(self, ino: int) -> Path:
         return self.data_dir / f"{ino % 256:02x}" / str(ino)
+
+    def _data_file(self, ino: int) -> str:
+        """The data file's path as a string, its shard directory made if needed (hot path)."""
+        shard = ino % 256
+        if shard not in self._shards:
+            os.makedirs(f"{self._data_root}/{shard:02x}", exist_ok=True)
+            self._shards.add(shard)
+        return f"{self._data_root}/{shard:02x}/{ino}"
+
+    def make_spares(self, target: int = SPARE_FILES) -> int:
+        """Create empty data files ahead of need, up to ``target``; return how many were made.
+
+        Called from a background thread (the daemon's); the file system creates happen
+        outside the lock. A spare's inode number is reserved in the journal first, so no
+        entry can ever get it; spares left by a crash have no entry and are removed by
+        recovery like any other stray data file.
+        """
+        made = 0
+        self.spares_wanted.clear()
+        while True:
+            with self._lock:
+                if self._closed or len(self._spares) >= target:
+                    return made
+                ino = next(self._spare_inos, None)
+                if ino is None:
+                    first = self.journal.reserve_inos(SPARE_INO_BLOCK)
+                    self._spare_inos = iter(range(first, first + SPARE_INO_BLOCK))
+                    ino = next(self._spare_inos)
+            path = self._data_file(ino)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            with self._lock:
+                if self._closed:
+                    os.close(fd)
+                    os.unlink(path)
+                    return made
+                self._spares.append((ino, fd))
+            made += 1
+
+    def _take_spare(self) -> tuple[int, int] | None:
+        """A ready (ino, fd) for a new file, or None (the caller creates one inline)."""
+        spares = self._spares
+        if len(spares) <= SPARE_FILES // 2:
+            self.spares_wanted.set()
+        return spares.pop() if spares else None
 
     def _recover(self) -> None:
         """Rebuild the in-memory state from the journal and the data files (see dev note)."""
@@ -427,6 +485,13 @@ class CacheCore:
     # ------------------------------------------------------------------ namespace
 
     def lookup(self, parent: int, name: str) -> Attr:
+        attr = self.find(parent, name)
+        if attr is None:
+            raise _err(errno.ENOENT)
+        return attr
+
+    def find(self, parent: int, name: str) -> Attr | None:
+        """``lookup`` that answers None for a missing name (no exception on the hot path)."""
         with self._lock:
             directory = self._dir(parent)
         self._ensure_listed(directory)
@@ -436,9 +501,28 @@ class CacheCore:
             if name == "..":
                 return self._attr(self._get(directory.parent))
             ino = self._children.get(parent, {}).get(name)
-            if ino is None:
-                raise _err(errno.ENOENT)
-            return self._attr(self._entries[ino])
+            return None if ino is None else self._attr(self._entries[ino])
+
+    # Hints for front ends that answer quick requests on the thread that read them: each says
+    # whether a call will run without waiting for the object store or for backpressure. A
+    # stale answer costs only latency, never correctness.
+
+    def listing_ready(self, ino: int) -> bool:
+        """Lookups and creates in directory ``ino`` need no listing from the store."""
+        entry = self._entries.get(ino)
+        return entry is not None and entry.listed
+
+    def is_local(self, ino: int) -> bool:
+        """Opening file ``ino`` needs no fetch from the store."""
+        entry = self._entries.get(ino)
+        return entry is not None and (entry.local or entry.fd >= 0)
+
+    def admits_now(self) -> bool:
+        """A new writer would be admitted at once (no drain hold, below the high watermark)."""
+        if self._draining:
+            return False
+        soft = self.capacity_bytes * self.cache_config.high_watermark
+        return self.dirty_bytes < soft and (not self._writing or self.live_dirty_bytes() < soft)
 
     def getattr(self, ino: int) -> Attr:
         with self._lock:
@@ -496,14 +580,22 @@ class CacheCore:
         self._admit(new_file=True)
         with self._lock:
             entry = self._new_entry(directory, name, is_dir=False, mode=mode, uid=uid, gid=gid)
-            entry.ino = self.journal.insert(entry)
-            path = self._data_path(entry.ino)
-            path.parent.mkdir(exist_ok=True)
-            try:
-                entry.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            except OSError:
-                self.journal.delete(entry.ino)
-                raise
+            spare = self._take_spare()
+            if spare is not None:
+                entry.ino, entry.fd = spare
+                try:
+                    self.journal.insert(entry)
+                except BaseException:
+                    self._spares.append(spare)
+                    raise
+            else:
+                entry.ino = self.journal.insert(entry)
+                try:
+                    entry.fd = os.open(self._data_file(entry.ino),
+                                       os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                except OSError:
+                    self.journal.delete(entry.ino)
+                    raise
             self._entries[entry.ino] = entry
             self._children[parent][name] = entry.ino
             self._claim_tombstone(entry)
@@ -1357,10 +1449,16 @@ class CacheCore:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             for entry in self._entries.values():
                 if entry.fd >= 0:
                     os.close(entry.fd)
                     entry.fd = -1
+            for ino, fd in self._spares:
+                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._data_file(ino))
+            self._spares.clear()
             self.journal.close()
 
     def entry_count(self) -> int:

@@ -149,6 +149,7 @@ class NodeDaemon:
         self.flusher.start()
         self.control.start()
         threading.Thread(target=self._maintain, name="maintenance", daemon=True).start()
+        threading.Thread(target=self._keep_spares, name="spares", daemon=True).start()
         self.state = "running"
         signal.signal(signal.SIGINT, self._on_sigint)
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -172,6 +173,18 @@ class NodeDaemon:
                 self.core.maintain()
             except Exception:  # housekeeping must never take the daemon down
                 log.exception("cache maintenance failed")
+
+    def _keep_spares(self) -> None:
+        """Keep empty data files ready so that creating a file skips the file system create."""
+        assert self.core
+        while not self._stopping.is_set():
+            if not self.core.spares_wanted.wait(1.0):
+                continue
+            try:
+                self.core.make_spares()
+            except OSError as exc:  # e.g. a full cache disk: creates then fail and say so
+                log.warning("could not prepare spare data files: %s", exc)
+                self._stopping.wait(5.0)
 
     def _shutdown(self) -> None:
         self.state = "stopping"

@@ -152,3 +152,69 @@ def test_directory_link_counts_follow_mkdir_rmdir_rename(core: CacheCore) -> Non
     core.rmdir(a, "y")
     assert core.getattr(a).nlink == 2
     assert core.getattr(ROOT_INO).nlink == 4
+
+
+def _data_files(cache_dir: Path) -> set[str]:
+    return {p.name for p in (cache_dir / "data").glob("*/*")}
+
+
+def test_creates_take_spare_data_files_whose_inodes_nobody_else_gets(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    core = CacheCore(cache_dir, LocalDirStore(tmp_path / "objects"))
+    try:
+        assert core.make_spares(8) == 8
+        spares = _data_files(cache_dir)
+        assert len(spares) == 8
+        inos = [_write(core, ROOT_INO, f"f{i}", f"data {i}".encode()) for i in range(3)]
+        assert {str(i) for i in inos} <= spares  # no file system create on the request path
+        assert len(core._spares) == 5
+        # Inodes made later (a directory, a file once the spares run out) never collide.
+        later = core.mkdir(ROOT_INO, "d", 0o755, 0, 0).ino
+        for i in range(6):
+            inos.append(_write(core, ROOT_INO, f"g{i}", b"x"))
+        assert later not in inos and len(set(inos)) == len(inos)
+        assert later > max(int(s) for s in spares)
+    finally:
+        core.close()
+    # A clean stop removes the unused spares; the files keep their data.
+    assert _data_files(cache_dir) == {str(i) for i in inos}
+    again = CacheCore(cache_dir, LocalDirStore(tmp_path / "objects"))
+    try:
+        attr = again.lookup(ROOT_INO, "f1")
+        handle = again.open(attr.ino, os.O_RDONLY)
+        assert again.read(handle, 0, 100) == b"data 1"
+        again.release(handle)
+    finally:
+        again.close()
+
+
+def test_spares_left_by_a_crash_are_removed_and_their_inodes_stay_reserved(
+        tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    crashed = CacheCore(cache_dir, LocalDirStore(tmp_path / "objects"))
+    crashed.make_spares(4)
+    kept = _write(crashed, ROOT_INO, "kept", b"kept")
+    reserved = {int(s) for s in _data_files(cache_dir)}
+    # No close(): the process "died" with 3 spares on disk and their inodes reserved.
+    restarted = CacheCore(cache_dir, LocalDirStore(tmp_path / "objects"))
+    try:
+        assert _data_files(cache_dir) == {str(kept)}
+        assert restarted.lookup(ROOT_INO, "kept").size == 4
+        new = _write(restarted, ROOT_INO, "new", b"n")
+        assert new > max(reserved)
+        restarted.make_spares(2)
+        assert all(ino > max(reserved) for ino, _ in restarted._spares)
+    finally:
+        restarted.close()
+        crashed.close()
+
+
+def test_hints_say_when_a_request_can_be_answered_inline(core: CacheCore) -> None:
+    ino = _write(core, ROOT_INO, "f", b"abc")
+    assert core.listing_ready(ROOT_INO) and core.is_local(ino) and core.admits_now()
+    assert not core.listing_ready(12345) and not core.is_local(12345)
+    core.set_draining(True)
+    assert not core.admits_now()  # a drain may hold new writers
+    core.set_draining(False)
+    core.capacity_bytes = 2  # 3 dirty bytes: above the high watermark, writers get slowed
+    assert not core.admits_now()
