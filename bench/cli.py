@@ -10,7 +10,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from bench.report import machine_info, to_json, write_outputs
-from bench.runner import FULL, SMOKE, BenchConfig, run_bench
+from bench.runner import FULL, SMOKE, WORKLOADS, BenchConfig, run_bench
 
 MiB = 1 << 20
 
@@ -37,6 +37,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     overrides = {
         "targets": _list(args.targets) if args.targets else None,
         "frontends": _list(args.frontends) if args.frontends else None,
+        "workloads": _list(args.workloads) if args.workloads else None,
         "reps": args.reps,
         "fio_size": _size(args.fio_size) if args.fio_size else None,
         "fio_jobs": [int(j) for j in _list(args.fio_jobs)] if args.fio_jobs else None,
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="bench/results", help="output directory")
     parser.add_argument("--targets", help="comma list of raw,cistern,juicefs,rclone,s3fs")
     parser.add_argument("--frontends", help="Cistern front ends (default pyfuse3,passthrough)")
+    parser.add_argument("--workloads",
+                        help="comma list of fio,checkpoints,smallfiles (default: all)")
     parser.add_argument("--reps", type=int, help="repetitions (default 3)")
     parser.add_argument("--fio-size", help="bytes per fio run, e.g. 2G")
     parser.add_argument("--fio-jobs", help="fio job counts, e.g. 1,4 (default 1,4)")
@@ -85,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = build_config(args)
+    unknown = set(cfg.workloads) - set(WORKLOADS)
+    if unknown or not cfg.workloads:
+        parser.error(f"--workloads: choose from {','.join(WORKLOADS)} "
+                     f"(unknown: {','.join(sorted(unknown)) or 'none given'})")
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     machine = machine_info(cfg.workdir)
     run = run_bench(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -20,6 +21,10 @@ logger = logging.getLogger(__name__)
 GiB = 1 << 30
 MiB = 1 << 20
 
+#: fio: bandwidth and latency; checkpoints: DCP and torch.save saves, then cold loads after a
+#: remount; smallfiles: cp -r of many small files (a phase of its own, see _small_files_phase).
+WORKLOADS = ("fio", "checkpoints", "smallfiles")
+
 
 @dataclass
 class BenchConfig:
@@ -31,6 +36,8 @@ class BenchConfig:
     """raw, cistern, juicefs, rclone, s3fs (cistern expands to one target per front end)."""
     frontends: list[str] = field(default_factory=lambda: ["pyfuse3", "passthrough"])
     """Cistern FUSE front ends to measure (``--fuse-frontend``)."""
+    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    """Which of ``WORKLOADS`` to run."""
     reps: int = 3
     fio_size: int = 512 * MiB
     """Bytes written by each fio run (split across jobs)."""
@@ -92,8 +99,7 @@ class BenchRun:
     finished: float = 0.0
 
 
-def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Path,
-                small_src: Path) -> TargetRun:
+def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Path) -> TargetRun:
     run = TargetRun()
     bucket = f"bench-{target.name}-r{rep}".lower()
     workdir = root / f"{target.name}-r{rep}"
@@ -104,7 +110,7 @@ def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Pa
     try:
         mounted = target.mount(env, bucket, workdir)
         t = run.step("mount", t)
-        for jobs in cfg.fio_jobs:
+        for jobs in cfg.fio_jobs if "fio" in cfg.workloads else ():
             fio_dir = mounted.path / f"fio-{jobs}j"
             result = workloads.run_fio(fio_dir, cfg.fio_size, jobs,
                                        workdir / f"fio-{jobs}j.json", cfg.step_timeout)
@@ -112,6 +118,8 @@ def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Pa
                 run.metrics[f"fio{jobs}j_{name}"] = value
             workloads.remove_tree(fio_dir)
             t = run.step(f"fio{jobs}j", t)
+        if "checkpoints" not in cfg.workloads:
+            return run
         saves = workloads.checkpoint_saves(env, mounted, ["dcp", "torchsave"], cfg.model_size,
                                            cfg.tensors, cfg.durable_timeout, cfg.quiet_settle)
         for kind, saved in saves.items():
@@ -135,20 +143,6 @@ def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Pa
             loader.close()
         for kind, seconds in cold.items():
             run.metrics[f"{kind}_cold_read_s"] = seconds
-        skip = cfg.small_files_skip.get(target.name.split("-")[0])
-        if skip:
-            run.metrics["smallfiles_cp_s"] = None
-            run.notes.append(f"cp -r small files skipped: {skip}")
-        else:
-            dest = mounted.path / "small"
-            cp_seconds, note = workloads.copy_small_files(small_src, dest,
-                                                          cfg.small_files_timeout)
-            run.metrics["smallfiles_cp_s"] = cp_seconds
-            if note:
-                run.notes.append(note)
-            t = run.step("smallfiles_cp", t)
-            # No rm -rf through the mount: for rclone that is one DELETE per file at 35 ms.
-            # The copies go with the mount and the bucket.
     except Exception as exc:  # noqa: BLE001 - a failing target is reported, the batch goes on
         logger.error("%s rep %d failed: %s", target.name, rep, exc)
         logger.debug("%s", traceback.format_exc())
@@ -192,21 +186,89 @@ def run_bench(cfg: BenchConfig) -> BenchRun:
         with S3Env(cfg.latency_ms / 1000.0, cfg.error_rate) as env:
             for rep in range(cfg.reps):
                 for target in available:
+                    run = TargetRun()
+                    result.runs[target.name].append(run)
+                    if not {"fio", "checkpoints"} & set(cfg.workloads):
+                        continue
                     logger.info("rep %d/%d: %s", rep + 1, cfg.reps, target.name)
                     started = time.monotonic()
-                    run = _run_target(cfg, env, target, rep, root, small_src)
+                    run = result.runs[target.name][-1] = _run_target(cfg, env, target, rep, root)
                     logger.info("rep %d/%d: %s done in %.1fs%s", rep + 1, cfg.reps,
                                 target.name, time.monotonic() - started,
                                 f" (error: {run.error})" if run.error else "")
-                    result.runs[target.name].append(run)
                     if run.error and _rejected_frontend(target, run.error):
                         result.targets[target.name].update(
                             available=False, reason=f"cistern-node rejected it: {run.error}")
                         available = [t for t in available if t is not target]
+            if "smallfiles" in cfg.workloads:
+                _small_files_phase(cfg, env, available, root, small_src, result)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     result.finished = time.time()
     return result
+
+
+def _small_files_phase(cfg: BenchConfig, env: S3Env, targets: list[Target], root: Path,
+                       small_src: Path, result: BenchRun) -> None:
+    """``cp -r`` of the small files into every target, repetitions interleaved.
+
+    A phase of its own so that every copy starts from the same disk state: a fresh mount
+    and bucket, no dirty pages left by an earlier step (sync first), and no deletions in
+    between. The copies are deleted only after the phase. That matters on ext4 without a
+    journal (as on the benchmark machine): for about a minute after many files are deleted,
+    every create in their block group scans past the recently deleted inodes, which made
+    whichever target came right after a cleanup look several times slower.
+    """
+    phase_dir = root / "smallfiles"
+    phase_dir.mkdir()
+    try:
+        for rep in range(cfg.reps):
+            for target in targets:
+                run = result.runs[target.name][rep]
+                skip = cfg.small_files_skip.get(target.name.split("-")[0])
+                if skip:
+                    run.metrics["smallfiles_cp_s"] = None
+                    run.notes.append(f"cp -r small files skipped: {skip}")
+                    continue
+                logger.info("rep %d/%d: %s: cp -r of %d files", rep + 1, cfg.reps,
+                            target.name, cfg.small_files)
+                _copy_small_files(cfg, env, target, rep, phase_dir, small_src, run)
+    finally:
+        workloads.remove_tree(phase_dir)
+
+
+def _copy_small_files(cfg: BenchConfig, env: S3Env, target: Target, rep: int, phase_dir: Path,
+                      small_src: Path, run: TargetRun) -> None:
+    bucket = f"bench-sf-{target.name}-r{rep}".lower()
+    workdir = phase_dir / f"{target.name}-r{rep}"
+    workdir.mkdir()
+    env.create_bucket(bucket)
+    mounted: Mounted | None = None
+    t = time.monotonic()
+    try:
+        mounted = target.mount(env, bucket, workdir)
+        os.sync()
+        t = run.step("smallfiles_mount", t)
+        cp_seconds, note = workloads.copy_small_files(small_src, mounted.path / "small",
+                                                      cfg.small_files_timeout)
+        run.metrics["smallfiles_cp_s"] = cp_seconds
+        if note:
+            run.notes.append(note)
+        t = run.step("smallfiles_cp", t)
+    except Exception as exc:  # noqa: BLE001 - reported with the figures, the batch goes on
+        logger.error("%s rep %d: small files failed: %s", target.name, rep, exc)
+        run.metrics["smallfiles_cp_s"] = None
+        run.notes.append(f"cp -r small files failed: {str(exc)[-300:]}")
+    finally:
+        # No rm -rf through the mount (for rclone that is one DELETE per file at 35 ms): the
+        # copies stay on disk until the phase ends, the bucket goes now.
+        if mounted is not None:
+            try:
+                target.unmount(mounted)
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("%s: unmount failed: %s", target.name, exc)
+        env.delete_bucket(bucket)
+        run.step("smallfiles_unmount", t)
 
 
 def _rejected_frontend(target: Target, error: str) -> bool:

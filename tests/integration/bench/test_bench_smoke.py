@@ -73,3 +73,37 @@ def test_bench_smoke_writes_well_formed_results(tmp_path: Path) -> None:
     png = out / "results.png"
     if png.exists():
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(200)
+def test_bench_small_files_phase_alone(tmp_path: Path) -> None:
+    """``--workloads smallfiles``: only the cp -r phase, every repetition measured, nothing
+    left behind in the work directory."""
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    out, work = tmp_path / "results", tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--targets", "raw,cistern", "--frontends",
+         "passthrough,pyfuse3", "--workloads", "smallfiles", "--small-files", "150",
+         "--reps", "2", "--out", str(out), "--workdir", str(work)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["workloads"] == ["smallfiles"]
+    for name, target in data["targets"].items():
+        if not target["available"]:
+            continue
+        assert not data["errors"][name], data["errors"][name]
+        assert set(data["summary"][name]) == {"smallfiles_cp_s"}, name
+        runs = data["summary"][name]["smallfiles_cp_s"]["runs"]
+        assert len(runs) == 2 and all(r > 0 for r in runs), (name, runs)
+    assert data["summary"]["raw"]["smallfiles_cp_s"]["ratio_to_raw"] == pytest.approx(1.0)
+    assert list(work.iterdir()) == []  # copies, caches and mounts are all gone
+
+
+def test_bench_rejects_unknown_workloads() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "--workloads", "fio,nope"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "unknown: nope" in proc.stderr
