@@ -3,7 +3,7 @@ PYTHON ?= python3
 BENCH_OUT ?= bench/results
 SMOKE_OUT ?= /tmp/cistern-bench-smoke
 
-.PHONY: bench bench-full bench-smoke smoothing
+.PHONY: bench bench-full bench-smoke bench-smallfiles fuse-floor smoothing
 
 # The batch: raw disk, Cistern (pyfuse3 and passthrough front ends), JuiceFS, rclone, s3fs;
 # 3 repetitions; JSON, Markdown and PNG in $(BENCH_OUT). Under 20 minutes on 2 cores.
@@ -17,6 +17,16 @@ bench-full:
 # Tiny sizes, one repetition, raw + Cistern: checks the harness end to end in seconds.
 bench-smoke:
 	$(PYTHON) -m bench --smoke --out $(SMOKE_OUT) $(BENCH_ARGS)
+
+# cp -r of 10,000 small files only: raw disk and both Cistern front ends, 5 interleaved rounds.
+bench-smallfiles:
+	$(PYTHON) -m bench --targets raw,cistern --workloads smallfiles --small-files 10000 \
+		--reps 5 --out $(BENCH_OUT)/smallfiles $(BENCH_ARGS)
+
+# The FUSE round trip of a minimal C libfuse server vs cistern-node, and the floor it puts
+# under cp -r of small files through any FUSE file system (see docs/benchmarks.md).
+fuse-floor:
+	$(PYTHON) -m bench.fuse_floor --out $(BENCH_OUT)/fuse-floor.json $(FLOOR_ARGS)
 
 # Upload smoothing: a checkpoint burst with and without maxBytesPerSecond, and under 503 SlowDown
 # (see docs/smoothing.md). Writes bench/results/smoothing.json and docs/smoothing.png.

@@ -164,12 +164,17 @@ def to_markdown(data: dict[str, Any]) -> str:
             if metric not in metrics:
                 metrics.append(metric)
     cfg = data["config"]
+    ran = cfg.get("workloads", ["fio", "checkpoints", "smallfiles"])
+    sizes = {
+        "fio": f"fio {cfg['fio_size'] / (1 << 20):g} MiB per run",
+        "checkpoints": f"checkpoints of {cfg['model_size'] / (1 << 20):g} MiB "
+                       f"({cfg['tensors']} tensors)",
+        "smallfiles": f"{cfg['small_files']} small files of {cfg['small_file_size']} B",
+    }
     lines = [
         f"Profile `{cfg['profile']}`, {cfg['reps']} repetition(s), medians; "
         f"S3 latency {cfg['latency_ms']:g} ms per request, 503 rate {cfg['error_rate']:g}; "
-        f"fio {cfg['fio_size'] / (1 << 20):g} MiB per run; checkpoints of "
-        f"{cfg['model_size'] / (1 << 20):g} MiB ({cfg['tensors']} tensors); "
-        f"{cfg['small_files']} small files of {cfg['small_file_size']} B. "
+        + "; ".join(sizes[w] for w in ran if w in sizes) + ". "
         "In parentheses: ratio to raw disk in the same batch (for bandwidth higher is "
         "better, for everything else lower is better). Run took "
         f"{data['duration_s'] / 60:.1f} min.",
@@ -191,9 +196,10 @@ def to_markdown(data: dict[str, Any]) -> str:
                 cell += f" ({ratio:.2f}×)"
             cells.append(cell)
         lines.append(f"| {label} [{unit}] | " + " | ".join(cells) + " |")
-    lines += ["", "S3 requests per checkpoint save (median, through the proxy):", "",
-              "| target | save | " + " | ".join(KINDS) + " | THROTTLED |",
-              "|---|---|" + "---|" * (len(KINDS) + 1)]
+    if any(data["requests"].get(name) for name in names):
+        lines += ["", "S3 requests per checkpoint save (median, through the proxy):", "",
+                  "| target | save | " + " | ".join(KINDS) + " | THROTTLED |",
+                  "|---|---|" + "---|" * (len(KINDS) + 1)]
     for name in names:
         for workload, counts in data["requests"].get(name, {}).items():
             lines.append(f"| {name} | {_WORKLOADS.get(workload, workload)} | "
