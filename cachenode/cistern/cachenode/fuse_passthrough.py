@@ -320,7 +320,11 @@ class PassthroughFrontend:
                 body = view[kf.IN_HEADER.size:length - extlen * 8]
                 if may_block[opcode]:
                     hint = quick[opcode]
-                    if hint is None or not hint(nodeid):
+                    try:
+                        inline = hint is not None and hint(nodeid)
+                    except Exception:  # a hint must never cost the reading thread
+                        inline = False
+                    if not inline:
                         # Copy the request out of the buffer the next reader will overwrite.
                         body = memoryview(bytes(body))
                         token.release()
