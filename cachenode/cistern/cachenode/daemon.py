@@ -241,6 +241,7 @@ class NodeDaemon:
         out: dict[str, Any] = {
             "state": state,
             "frontend": self.frontend.name if self.frontend else None,
+            "fuse": self.frontend.status() if self.frontend else {},
             "mount": os.path.abspath(self.config.mount),
             "store": self.config.store.url,
             "dirty_bytes": core.dirty_bytes,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 from cistern.cachenode.core import CacheCore
 
@@ -33,6 +33,10 @@ class FuseFrontend(Protocol):
     def request_stop(self) -> None: ...
 
     def close(self) -> None: ...
+
+    def status(self) -> dict[str, Any]:
+        """What /status reports under ``fuse`` (and /metrics as cistern_fuse_*)."""
+        ...
 
 
 def is_mountpoint(path: str) -> bool:

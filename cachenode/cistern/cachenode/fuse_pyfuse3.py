@@ -249,6 +249,9 @@ class Pyfuse3Frontend:
 
         trio.run(main)
 
+    def status(self) -> dict[str, Any]:
+        return {"frontend": self.name, "passthrough": False}
+
     def request_stop(self) -> None:
         self._stop_requested = True
         if self._token is not None:

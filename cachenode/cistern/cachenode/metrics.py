@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = ["THROTTLE_CODES", "Metrics"]
@@ -19,7 +19,7 @@ class _StateCollector(Collector):
     def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
         self._read = read
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         state = self._read()
         for name, doc in (("dirty_bytes", "Bytes written locally and not yet in the store"),
                           ("dirty_files", "Files written locally and not yet in the store"),
@@ -32,6 +32,21 @@ class _StateCollector(Collector):
                            "(0: unlimited)")):
             if name in state:
                 yield GaugeMetricFamily(f"cistern_{name}", doc, value=float(state[name] or 0))
+        fuse = state.get("fuse") or {}
+        for key, name, doc in (
+                ("requests", "cistern_fuse_requests", "FUSE requests read from the kernel"),
+                ("errors", "cistern_fuse_eio_replies",
+                 "FUSE requests answered EIO (lost data or a bug; ordinary errnos not counted)"),
+                ("passthroughOpens", "cistern_fuse_passthrough_opens",
+                 "Opens served by kernel passthrough to the local data file"),
+                ("directIoOpens", "cistern_fuse_direct_io_opens",
+                 "Opens served by the daemon (data not local yet, or no backing file)")):
+            if key in fuse:
+                yield CounterMetricFamily(name, doc, value=float(fuse[key]))
+        if "openBackingFiles" in fuse:
+            yield GaugeMetricFamily("cistern_fuse_open_backing_files",
+                                    "Backing files registered with the kernel now",
+                                    value=float(fuse["openBackingFiles"]))
         yield GaugeMetricFamily("cistern_draining", "1 while the node drains",
                                 value=1.0 if state.get("state") in ("draining", "drained")
                                 else 0.0)

@@ -279,6 +279,17 @@ def test_auto_selects_passthrough_and_reports_it(node_factory: Callable[..., Nod
     assert node.metric("cistern_fuse_frontend", 'frontend="passthrough"') == 1
     (node.mount / "f").write_bytes(b"through auto")
     assert (node.mount / "f").read_bytes() == b"through auto"
+    fuse = node.status()["fuse"]
+    assert fuse["passthrough"] is True and fuse["kernelProtocol"].startswith("7.")
+    assert fuse["requests"] > 0 and fuse["passthroughOpens"] >= 2 and fuse["errors"] == 0
+    assert node.metric("cistern_fuse_requests_total") >= fuse["requests"]
+    assert node.metric("cistern_fuse_passthrough_opens_total") >= 2
+    assert node.metric("cistern_fuse_eio_replies_total") == 0
+    # The files above are closed: RELEASE (asynchronous) gives their backing files back.
+    deadline = time.monotonic() + 10
+    while node.metric("cistern_fuse_open_backing_files") != 0:
+        assert time.monotonic() < deadline, node.status()["fuse"]
+        time.sleep(0.05)
 
 
 def test_sigkilled_writer_is_released_and_uploaded(node_factory: Callable[..., NodeProcess],
