@@ -148,11 +148,7 @@ def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Pa
         logger.debug("%s", traceback.format_exc())
         run.error = str(exc)[-1000:]
     finally:
-        if mounted is not None:
-            try:
-                target.unmount(mounted)
-            except Exception as exc:  # noqa: BLE001
-                logger.warning("%s: unmount failed: %s", target.name, exc)
+        _unmount_quietly(target, mounted)
         t = run.step("final_unmount", t)
         env.delete_bucket(bucket)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -184,15 +180,16 @@ def run_bench(cfg: BenchConfig) -> BenchRun:
         small_src = root / "small-src"
         workloads.make_small_files(small_src, cfg.small_files, cfg.small_file_size)
         with S3Env(cfg.latency_ms / 1000.0, cfg.error_rate) as env:
+            main_phase = bool({"fio", "checkpoints"} & set(cfg.workloads))
             for rep in range(cfg.reps):
                 for target in available:
-                    run = TargetRun()
-                    result.runs[target.name].append(run)
-                    if not {"fio", "checkpoints"} & set(cfg.workloads):
+                    if not main_phase:  # the small-files phase fills in this repetition
+                        result.runs[target.name].append(TargetRun())
                         continue
                     logger.info("rep %d/%d: %s", rep + 1, cfg.reps, target.name)
                     started = time.monotonic()
-                    run = result.runs[target.name][-1] = _run_target(cfg, env, target, rep, root)
+                    run = _run_target(cfg, env, target, rep, root)
+                    result.runs[target.name].append(run)
                     logger.info("rep %d/%d: %s done in %.1fs%s", rep + 1, cfg.reps,
                                 target.name, time.monotonic() - started,
                                 f" (error: {run.error})" if run.error else "")
@@ -266,13 +263,19 @@ def _copy_small_files(cfg: BenchConfig, env: S3Env, target: Target, rep: int, ph
     finally:
         # No rm -rf through the mount (for rclone that is one DELETE per file at 35 ms): the
         # copies stay on disk until the phase ends, the bucket goes now.
-        if mounted is not None:
-            try:
-                target.unmount(mounted)
-            except Exception as exc:  # noqa: BLE001
-                logger.warning("%s: unmount failed: %s", target.name, exc)
+        _unmount_quietly(target, mounted)
         env.delete_bucket(bucket)
         run.step("smallfiles_unmount", t)
+
+
+def _unmount_quietly(target: Target, mounted: Mounted | None) -> None:
+    """Unmount at the end of a step; a failure is logged, the batch goes on."""
+    if mounted is None:
+        return
+    try:
+        target.unmount(mounted)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("%s: unmount failed: %s", target.name, exc)
 
 
 def _rejected_frontend(target: Target, error: str) -> bool:

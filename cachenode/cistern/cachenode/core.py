@@ -17,7 +17,6 @@ A file is written to its desired key only when it owns the key or nobody does.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import logging
@@ -180,7 +179,8 @@ class CacheCore:
         return self.data_dir / f"{ino % 256:02x}" / str(ino)
 
     def _data_file(self, ino: int) -> str:
-        """The data file's path as a string, its shard directory made if needed (hot path)."""
+        """The data file's path for creating it: its shard directory is made once, not on
+        every call (the create path is hot)."""
         shard = ino % 256
         if shard not in self._shards:
             os.makedirs(f"{self._data_root}/{shard:02x}", exist_ok=True)
@@ -519,10 +519,11 @@ class CacheCore:
 
     def admits_now(self) -> bool:
         """A new writer would be admitted at once (no drain hold, below the high watermark)."""
-        if self._draining:
-            return False
-        soft = self.capacity_bytes * self.cache_config.high_watermark
-        return self.dirty_bytes < soft and (not self._writing or self.live_dirty_bytes() < soft)
+        return not self._draining and self.live_dirty_bytes() < self._soft_limit()
+
+    def _soft_limit(self) -> float:
+        """Dirty bytes above which new writers are slowed (the high watermark)."""
+        return self.capacity_bytes * self.cache_config.high_watermark
 
     def getattr(self, ino: int) -> Attr:
         with self._lock:
@@ -639,7 +640,7 @@ class CacheCore:
             with self._lock:
                 self._wait_for_drain_end()
         cap = self.capacity_bytes
-        soft = cap * self.cache_config.high_watermark
+        soft = self._soft_limit()
         dirty = self.live_dirty_bytes()
         if dirty < soft:
             return
@@ -848,9 +849,7 @@ class CacheCore:
                 # moment ago, and an empty data file must never stand in for the object.
                 if entry.local or truncate or entry.fd >= 0:
                     if entry.fd < 0:
-                        path = self._data_path(ino)
-                        path.parent.mkdir(exist_ok=True)
-                        entry.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                        entry.fd = os.open(self._data_file(ino), os.O_RDWR | os.O_CREAT, 0o600)
                         entry.local = True
                     handle = self._open_handle(entry, flags, writable)
                     if truncate:
@@ -881,9 +880,7 @@ class CacheCore:
                 raise _err(errno.EIO, str(exc)) from exc
             os.fsync(fd)
             with self._lock:
-                path = self._data_path(entry.ino)
-                path.parent.mkdir(exist_ok=True)
-                os.replace(tmp, path)
+                os.replace(tmp, self._data_file(entry.ino))
                 entry.local = True
                 entry.state = CLEAN
                 entry.last_access = time.monotonic()
@@ -1067,9 +1064,7 @@ class CacheCore:
         if entry.fd >= 0:
             os.ftruncate(entry.fd, size)
         else:
-            path = self._data_path(entry.ino)
-            path.parent.mkdir(exist_ok=True)
-            with open(path, "ab") as f:
+            with open(self._data_file(entry.ino), "ab") as f:
                 f.truncate(size)
             entry.local = True
         self.dirty_bytes += size - entry.size
@@ -1456,8 +1451,7 @@ class CacheCore:
                     entry.fd = -1
             for ino, fd in self._spares:
                 os.close(fd)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._data_file(ino))
+                self._data_path(ino).unlink(missing_ok=True)
             self._spares.clear()
             self.journal.close()
 
