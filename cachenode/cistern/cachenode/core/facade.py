@@ -26,13 +26,12 @@ from cistern.cachenode.core.model import (
 )
 from cistern.cachenode.core.namespace import Namespace
 from cistern.cachenode.core.openfiles import OpenFiles
-from cistern.cachenode.core.readthrough import ReadThrough
+from cistern.cachenode.core.readthrough import ReadThrough, ReadThroughStore
 from cistern.cachenode.core.recovery import recover
 from cistern.cachenode.core.retention import Retention
 from cistern.cachenode.core.tree import EventSink, Tree
 from cistern.cachenode.core.workqueue import WorkQueue
 from cistern.cachenode.journal import Journal
-from cistern.cachenode.store import ObjectStore
 from cistern.config import CacheConfig, DrainPolicy, FlushPolicy
 
 __all__ = ["CacheCore"]
@@ -41,7 +40,7 @@ __all__ = ["CacheCore"]
 class CacheCore:
     """Thread-safe cache state. Every public method may raise ``OSError`` with an errno."""
 
-    def __init__(self, cache_dir: Path, store: ObjectStore, *,
+    def __init__(self, cache_dir: Path, store: ReadThroughStore, *,
                  flush: FlushPolicy | None = None, cache: CacheConfig | None = None,
                  drain: DrainPolicy | None = None, store_keep_last: int | None = None,
                  on_event: EventSink | None = None) -> None:
@@ -186,8 +185,17 @@ class CacheCore:
         """close(2) on one descriptor (waits for the store only in write-through mode)."""
         self._files.flush(handle)
 
+    def write_may_wait(self, handle: Handle, size: int) -> bool:
+        """Hint: ``write(handle, ..., size bytes)`` may wait in admission (backpressure)."""
+        return self._files.write_may_wait(handle, size)
+
     def fsync(self, handle: Handle, datasync: bool = False) -> None:
         self._files.fsync(handle, datasync)
+
+    def sync_namespace(self) -> None:
+        """fsync on a directory: every namespace change so far survives a power loss (the
+        namespace lives in the journal, so this syncs the journal's WAL)."""
+        self.journal.sync()
 
     def release(self, handle: Handle) -> None:
         self._files.release(handle)
@@ -241,6 +249,10 @@ class CacheCore:
     def idle(self, upto_seq: int | None = None) -> bool:
         """True when nothing (or nothing changed before ``upto_seq``) waits for the store."""
         return self._queue.idle(upto_seq)
+
+    def wait_idle(self, timeout: float, upto_seq: int | None = None) -> bool:
+        """Wait until ``idle(upto_seq)``; False if ``timeout`` seconds pass first."""
+        return self._queue.wait_idle(timeout, upto_seq)
 
     def collect_work(self, limit: int, force: bool = False) -> list[Work]:
         """Hand the flusher up to ``limit`` operations that are due and safe to run now."""

@@ -119,6 +119,18 @@ class WorkQueue:
                     return False
             return True
 
+    def wait_idle(self, timeout: float, upto_seq: int | None = None) -> bool:
+        """Wait until ``idle(upto_seq)``; False if ``timeout`` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        changed = self._tree.changed
+        with changed:
+            while not self.idle(upto_seq):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                changed.wait(min(left, 0.2))
+        return True
+
     # ------------------------------------------------------------------ handing out work
 
     def _marker_blocked(self, entry: Entry) -> bool:
