@@ -89,6 +89,11 @@ class OpenFiles:
     def read(handle: Handle, offset: int, size: int) -> bytes:
         return os.pread(handle.fd, size, offset)
 
+    @staticmethod
+    def write_may_wait(handle: Handle, size: int) -> bool:
+        """This write of ``size`` bytes passes admission (and may wait for space)."""
+        return handle.written + size >= ADMIT_EVERY
+
     def write(self, handle: Handle, offset: int, data: bytes) -> int:
         if not handle.writable:
             raise err(errno.EBADF)
