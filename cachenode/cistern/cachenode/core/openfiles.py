@@ -47,6 +47,7 @@ class OpenFiles:
             if entry.writers == 0 or entry.state != DIRTY:
                 self._queue.mark_dirty(entry)
             entry.writers += 1
+            self._queue.recount(entry)
             entry.gen += 1
             self._admission.writing.add(entry.ino)
         if entry.opens == 0 and entry.state == CLEAN:
@@ -162,6 +163,7 @@ class OpenFiles:
             entry.opens -= 1
             if handle.writable:
                 entry.writers -= 1
+                self._queue.recount(entry)
                 if entry.writers == 0:
                     self._admission.writing.discard(entry.ino)
                 if self.write_through and entry.durable_gen == entry.gen \

@@ -20,6 +20,7 @@ from cistern.cachenode.core.datafiles import DataFiles
 from cistern.cachenode.core.keys import Keys
 from cistern.cachenode.core.model import err
 from cistern.cachenode.core.tree import Tree
+from cistern.cachenode.core.workqueue import WorkQueue
 from cistern.cachenode.journal import CLEAN, DIR, REMOTE, Entry
 from cistern.cachenode.store import ObjectInfo, StoreError
 
@@ -42,9 +43,10 @@ class ReadThroughStore(Protocol):
 
 
 class ReadThrough:
-    def __init__(self, tree: Tree, keys: Keys, datafiles: DataFiles,
+    def __init__(self, tree: Tree, keys: Keys, datafiles: DataFiles, queue: WorkQueue,
                  store: ReadThroughStore) -> None:
         self._tree = tree
+        self._queue = queue
         self._keys = keys
         self._files = datafiles
         self.store = store
@@ -129,6 +131,7 @@ class ReadThrough:
             if key is None:
                 raise err(errno.EIO, f"{tree.path_of(entry)} has neither data nor object")
             entry.in_flight = True
+            self._queue.recount(entry)
         tmp = self._files.tmp_dir / f"fetch-{entry.ino}-{threading.get_ident()}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -155,6 +158,7 @@ class ReadThrough:
             tmp.unlink(missing_ok=True)
             with tree.lock:
                 entry.in_flight = False
+                self._queue.recount(entry)
                 tree.changed.notify_all()
 
 
