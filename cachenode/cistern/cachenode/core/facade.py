@@ -49,8 +49,7 @@ class CacheCore:
         self.flush_policy = flush or FlushPolicy()
         self.cache_config = cache or CacheConfig()
         self.drain_policy = drain or DrainPolicy()
-        self.data_dir = cache_dir / "data"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(cache_dir / "journal.sqlite")
         self._tree = tree = Tree(self.journal,
                                  checkpoint_pattern=self.cache_config.checkpoint_pattern,
@@ -58,6 +57,7 @@ class CacheCore:
                                  on_event=on_event or (lambda name, value: None))
         self.changed: threading.Condition = tree.changed
         self._data = DataFiles(cache_dir, tree)
+        self.data_dir = self._data.data_dir
         self._keys = Keys(tree)
         self._queue = WorkQueue(tree, self._keys, self._data, self.flush_policy)
         self._admission = Admission(cache_dir, tree, self._queue, self.cache_config,
