@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 __all__ = [
     "DEFAULT_COMMIT_MARKERS",
+    "DEFAULT_STREAM_EXCLUDE",
     "DEFAULT_CONTROL",
     "CacheConfig",
     "ConfigError",
@@ -40,6 +41,9 @@ DEFAULT_COMMIT_MARKERS: tuple[str, ...] = (
     "commit_success.txt",
     "latest_checkpointed_iteration.txt",
 )
+#: Names that look temporary (the file's or a directory's): not streamed, they wait for the
+#: rename (torch.save to x.tmp then rename, DCP's .metadata.tmp, staging directories).
+DEFAULT_STREAM_EXCLUDE: tuple[str, ...] = ("*.tmp", "*.partial", "*.tmp.*", "*~")
 
 _SIZE_UNITS = {
     "": 1,
@@ -113,6 +117,12 @@ def _enum(value: Any, allowed: tuple[str, ...], where: str) -> str:
     if value not in allowed:
         raise ConfigError(f"{where}: expected one of {', '.join(allowed)}, got {value!r}")
     return str(value)
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
 
 
 def _globs(value: Any, where: str) -> tuple[str, ...]:
@@ -240,6 +250,14 @@ class FlushPolicy:
     """File-name globs uploaded only after every other file written before them in the same
     directory (or, for Megatron's tracker file, below its directory) is durable."""
 
+    streaming: bool = True
+    """Upload large files while they are written (parts as they fill), in write-back mode."""
+    stream_exclude: tuple[str, ...] = DEFAULT_STREAM_EXCLUDE
+    """Name globs (of the file or of a directory above it) never streamed: temporary names
+    wait for their rename, so the object is written once, at its final key."""
+    max_concurrent_parts: int = 8
+    """Multipart parts in flight at once for the whole node (streams and closed files)."""
+
     def is_commit_marker(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.commit_markers)
 
@@ -247,7 +265,8 @@ class FlushPolicy:
     def from_dict(cls, data: Mapping[str, Any]) -> FlushPolicy:
         _check_keys(data, {"mode", "uploadDelay", "maxConcurrentUploads", "partSize",
                            "multipartThreshold", "maxBytesPerSecond", "maxRequestsPerSecond",
-                           "evacuationBytesPerSecond", "commitMarkers"}, "flush")
+                           "evacuationBytesPerSecond", "commitMarkers", "streaming",
+                           "streamExclude", "maxConcurrentParts"}, "flush")
         d = cls()
         part_size = parse_size(data.get("partSize", d.part_size), "flush.partSize")
         if not 5 * 2**20 <= part_size <= 5 * 2**30:
@@ -270,6 +289,12 @@ class FlushPolicy:
                                                        "flush.evacuationBytesPerSecond"),
             commit_markers=_globs(data.get("commitMarkers", list(d.commit_markers)),
                                   "flush.commitMarkers"),
+            streaming=_bool(data.get("streaming", d.streaming), "flush.streaming"),
+            stream_exclude=_globs(data.get("streamExclude", list(d.stream_exclude)),
+                                  "flush.streamExclude"),
+            max_concurrent_parts=_positive_int(
+                data.get("maxConcurrentParts", d.max_concurrent_parts),
+                "flush.maxConcurrentParts"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -280,6 +305,9 @@ class FlushPolicy:
             "partSize": self.part_size,
             "multipartThreshold": self.multipart_threshold,
             "commitMarkers": list(self.commit_markers),
+            "streaming": self.streaming,
+            "streamExclude": list(self.stream_exclude),
+            "maxConcurrentParts": self.max_concurrent_parts,
         }
         for key, value in (("maxBytesPerSecond", self.max_bytes_per_second),
                            ("maxRequestsPerSecond", self.max_requests_per_second),
