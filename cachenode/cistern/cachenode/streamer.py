@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from cistern.cachenode.core import CacheCore, StreamWork
@@ -75,6 +76,8 @@ class Streamer:
         self.streams_abandoned = 0
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(self.max_streams, thread_name_prefix="stream")
+        self._checks = ThreadPoolExecutor(2, thread_name_prefix="stream-check")
+        """MD5 of parts sent early, against the final content (hashlib releases the GIL)."""
 
     @property
     def active(self) -> int:
@@ -96,6 +99,7 @@ class Streamer:
     def stop(self) -> None:
         self._stop.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._checks.shutdown(wait=True, cancel_futures=True)
 
     def _run(self, work: StreamWork) -> None:
         try:
@@ -196,25 +200,33 @@ class Streamer:
                       gen: int, size: int) -> str:
         """Send the tail, check every early part against the final content, complete."""
         part = self.policy.part_size
+        started = time.monotonic()
         os.fsync(work.fd)
         early = set(sent)
+        log.debug("%s closed: %d bytes, %d parts sent early (%d acknowledged)", work.path,
+                  size, len(early), sum(1 for f in sent.values() if f.done()))
         count = max(1, -(-size // part))
         if count > MAX_PARTS:
             raise StreamAbandoned(f"{size} bytes need more than {MAX_PARTS} parts")
+        if len(sent) > count:
+            raise StreamAbandoned("shrank below a part already sent")
+        # Parts sent while the file was open: their bytes must be the final bytes. Their
+        # MD5s are computed now, while the tail and the last early parts are still uploading.
+        final_md5 = {n: self._checks.submit(_md5_hex, work.fd, *self._part_range(n, size))
+                     for n in sorted(early)}
         for number in range(1, count + 1):
             if number not in sent:
                 self._send(work, upload_id, number, size, sent)
-        if len(sent) > count:
-            raise StreamAbandoned("shrank below a part already sent")
         etags = {n: f.result() for n, f in sent.items()}
-        # Parts sent while the file was open: their bytes must be the final bytes.
+        sent_at = time.monotonic()
         for number in sorted(early):
-            offset, length = self._part_range(number, size)
-            if etags[number].strip('"') != _md5_hex(work.fd, offset, length):
+            if etags[number].strip('"') != final_md5[number].result():
                 log.info("part %d of %s changed after it was sent: sending it again",
                          number, work.path)
                 self._send(work, upload_id, number, size, sent)
                 etags[number] = sent[number].result()
+        log.debug("%s: parts acknowledged after %.2fs, checked after %.2fs", work.path,
+                  sent_at - started, time.monotonic() - started)
         state = self.core.stream_state(work, size)
         if state.gone or state.gen != gen or not state.closed or state.size != size:
             raise StreamAbandoned("written again while its parts were checked")
