@@ -201,3 +201,43 @@ def test_torch_save_rename_streams_nothing_twice(make_node: Any, bucket: str, s3
     assert counts.get("COPY", 0) == 0 and counts.get("DELETE", 0) == 0
     assert counts.get("ABORT_MPU", 0) == 0
     _no_uploads_left(s3, bucket)
+
+
+def test_streams_under_throttling(make_node: Any, bucket: str, s3: Any, proxy: Any) -> None:
+    """503 SlowDown on parts: retried through the store client's adaptive rate, never mixed."""
+    node = make_node(bucket, endpoint=proxy.endpoint, config=STREAM)
+    proxy.set(error_rate=0.3, error_kinds=["PART"])
+    first = os.urandom(16 * MiB)
+    f = _write_open(node.mount / "slow.bin", first)
+    try:
+        _wait(lambda: _parts_sent(s3, bucket, "slow.bin") >= 1, "a part sent while open", node)
+        rest = os.urandom(6 * MiB)
+        f.write(rest)
+    finally:
+        f.close()
+    node.flush()
+    assert proxy.counts().get("THROTTLED", 0) > 0
+    _same(read_object(s3, bucket, "slow.bin"), first + rest)
+    _no_uploads_left(s3, bucket)
+
+
+def test_dcp_shards_stream_and_the_marker_comes_last(make_node: Any, bucket: str, s3: Any,
+                                                     proxy: Any) -> None:
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    import torch.distributed.checkpoint as dcp
+
+    node = make_node(bucket, endpoint=proxy.endpoint, upload_delay=0.5, config=STREAM)
+    state = {f"layer{i}": torch.randn(1024, 1024) for i in range(16)}  # 64 MiB
+    path = node.mount / "run" / "step-1"
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path), thread_count=4))
+    node.flush()
+    done = [e for e in proxy.log() if e.kind in ("PUT", "COMPLETE_MPU") and e.status == 200]
+    names = [e.key.rsplit("/", 1)[-1] for e in done]
+    assert names[-1] == ".metadata", names
+    assert sorted(names) == sorted(os.listdir(path))
+    for name in os.listdir(path):
+        assert read_object(s3, bucket, f"run/step-1/{name}") == (path / name).read_bytes()
+    counts = proxy.counts()
+    assert counts.get("COPY", 0) == 0 and counts.get("DELETE", 0) == 0
+    assert counts.get("CREATE_MPU", 0) >= 1
+    _no_uploads_left(s3, bucket)
