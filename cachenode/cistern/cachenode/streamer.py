@@ -175,7 +175,7 @@ class Streamer:
                                       f"{front}")
             if state.closed:
                 return state.gen, state.size
-            ready = (state.size - front) // part
+            ready = (state.written - front) // part
             in_flight = sum(1 for f in sent.values() if not f.done())
             room = PARTS_PER_STREAM - in_flight
             if ready > 0 and room > 0 and len(sent) + 1 < MAX_PARTS:

@@ -241,3 +241,21 @@ def test_dcp_shards_stream_and_the_marker_comes_last(make_node: Any, bucket: str
     assert counts.get("COPY", 0) == 0 and counts.get("DELETE", 0) == 0
     assert counts.get("CREATE_MPU", 0) >= 1
     _no_uploads_left(s3, bucket)
+
+
+def test_a_file_extended_first_and_filled_later(make_node: Any, bucket: str, s3: Any,
+                                                proxy: Any) -> None:
+    """ftruncate to the full size, then fill: holes are not streamed as parts of zeros, and
+    whatever was sent early is checked against the final content."""
+    node = make_node(bucket, endpoint=proxy.endpoint, config=STREAM)
+    data = os.urandom(16 * MiB)
+    with open(node.mount / "holes.bin", "wb") as f:
+        f.truncate(len(data))
+        f.flush()
+        for offset in range(len(data) - MiB, -1, -MiB):  # back to front
+            f.seek(offset)
+            f.write(data[offset:offset + MiB])
+            f.flush()
+    node.flush()
+    _same(read_object(s3, bucket, "holes.bin"), data)
+    _no_uploads_left(s3, bucket)

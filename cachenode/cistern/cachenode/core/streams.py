@@ -38,6 +38,9 @@ class StreamState:
     """Where a streamed file is now, read under the core lock."""
 
     size: int
+    written: int
+    """The allocated prefix of ``size`` (what a sequential writer has written; see
+    ``_written``): parts are sent only below it while the file is open."""
     closed: bool
     """No writer has it open and it is due (``uploadDelay`` passed, or a flush asked)."""
     gen: int
@@ -81,7 +84,7 @@ class Streams:
                         or entry.state != DIRTY or entry.fd < 0
                         or self._policy.is_commit_marker(entry.name)):
                     continue
-                if os.fstat(entry.fd).st_size < self._policy.multipart_threshold:
+                if _written(os.fstat(entry.fd)) < self._policy.multipart_threshold:
                     continue
                 if self.looks_temporary(entry):
                     continue
@@ -116,14 +119,24 @@ class Streams:
             entry = tree.entries.get(work.ino)
             if entry is None or entry.unlinked or entry.state != DIRTY \
                     or tree.key_of(entry) != work.key:
-                return StreamState(0, False, 0, True)
+                return StreamState(0, 0, False, 0, True)
             entry.streamed = streamed
-            size = os.fstat(work.fd).st_size
+            st = os.fstat(work.fd)
             closed = entry.writers == 0 and self._queue.is_due(entry, time.monotonic())
-            return StreamState(size, closed, entry.gen, False)
+            return StreamState(st.st_size, _written(st), closed, entry.gen, False)
 
     @staticmethod
     def as_upload(work: StreamWork, gen: int, size: int) -> UploadWork:
         """The finished stream as the upload it amounts to (for ``finish_upload``)."""
         return UploadWork(ino=work.ino, key=work.key, gen=gen, fd=work.fd, size=size,
                           metadata=work.metadata, path=work.path)
+
+
+def _written(st: os.stat_result) -> int:
+    """Bytes a sequential writer has written: the size, unless the file has holes.
+
+    A file extended by ``ftruncate`` (or ``lseek`` + write) and filled later is not written
+    sequentially: its allocated blocks lag its size, and streaming waits for them. Wrong
+    guesses cost bandwidth only — parts are checked against the final content anyway.
+    """
+    return min(st.st_size, st.st_blocks * 512)
