@@ -41,7 +41,24 @@ def test_defaults_and_round_trip() -> None:
     ({"store": {"url": "s3://ok-bucket"}, "drain": {"newWrites": "maybe"}}, "drain.newWrites"),
     ({"store": {"url": "s3://ok-bucket"}, "control": "nowhere"}, "HOST:PORT"),
     ({"store": {"url": "s3://ok-bucket"}, "fuseFrontend": "fast"}, "fuseFrontend"),
+    ({"store": {"url": "s3://ok-bucket"}, "flush": {"streaming": "yes"}}, "flush.streaming"),
+    ({"store": {"url": "s3://ok-bucket"}, "flush": {"streamExclude": "*.tmp"}},
+     "flush.streamExclude"),
+    ({"store": {"url": "s3://ok-bucket"}, "flush": {"maxConcurrentParts": 0}},
+     "flush.maxConcurrentParts"),
 ])
 def test_invalid_values_name_the_field(data: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         NodeConfig.from_dict(data)
+
+
+def test_streaming_keys() -> None:
+    flush = NodeConfig.from_dict({"store": {"url": "s3://ok-bucket"}}).flush
+    assert flush.streaming and flush.max_concurrent_parts == 8
+    assert {"*.tmp", "*.partial"} <= set(flush.stream_exclude)
+    custom = NodeConfig.from_dict({"store": {"url": "s3://ok-bucket"}, "flush": {
+        "streaming": False, "streamExclude": ["*.staging"], "maxConcurrentParts": 3}}).flush
+    assert (custom.streaming, custom.stream_exclude, custom.max_concurrent_parts) == (
+        False, ("*.staging",), 3)
+    assert NodeConfig.from_dict({"store": {"url": "s3://ok-bucket"},
+                                 "flush": custom.to_dict()}).flush == custom
