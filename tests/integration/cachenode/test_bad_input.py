@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cistern.testing.s3server import TEST_CREDENTIALS, free_port, list_keys, read_object
+from support.s3server import TEST_CREDENTIALS, free_port, list_keys, read_object
 
 
 def _run_node(tmp_path: Path, *args: str, env: dict[str, str] | None = None,

@@ -28,7 +28,7 @@ from cistern.cachenode import kernel_fuse as kf
 from cistern.cachenode.core import CacheCore
 from cistern.cachenode.fuse_passthrough import PassthroughFrontend, probe_passthrough
 from cistern.cachenode.store import LocalDirStore
-from cistern.testing.node import NodeProcess, is_mounted
+from support.node import NodeProcess, is_mounted
 
 _PROBE: tuple[bool, str] | None = None
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cistern.testing.s3server import list_keys, read_object
+from support.s3server import list_keys, read_object
 
 
 def _wait(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cistern.testing.s3server import list_keys, read_object
+from support.s3server import list_keys, read_object
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from cistern.testing.s3server import list_keys
+from support.s3server import list_keys
 
 
 def test_fresh_node_lists_stats_and_reads_existing_objects(make_node: Any, bucket: str,

@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any
 
-from cistern.testing.s3server import list_keys, read_object
+from support.s3server import list_keys, read_object
 
 
 def _restart(make_node: Any, bucket: str, old: Any, **kwargs: Any) -> Any:

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from cistern.testing.s3server import list_keys, read_object
+from support.s3server import list_keys, read_object
 
 
 def test_close_and_fsync_do_not_wait_for_s3(make_node: Any, bucket: str, s3: Any,

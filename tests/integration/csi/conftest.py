@@ -22,7 +22,7 @@ import pytest
 
 from cistern.csi.mounts import read_mount_table, unmount
 from cistern.csi.proto import csi_pb2, csi_pb2_grpc
-from cistern.testing.s3server import free_port
+from support.s3server import free_port
 
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
 CACHE_NODE = shutil.which("cistern-node")

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from cistern.csi.proto import csi_pb2, csi_pb2_grpc
-from cistern.testing.s3server import free_port
+from support.s3server import free_port
 
 from .conftest import CSI_COMMAND
 

@@ -39,7 +39,7 @@ from cistern.operator.handlers import build_registry
 from cistern.operator.kubeapi import DAEMONSETS, PODS, Credentials, KubeApi
 from cistern.operator.kubeapi import NODES as NODE_RESOURCE
 from cistern.operator.settings import OperatorSettings
-from cistern.testing.s3server import free_port
+from support.s3server import free_port
 
 NAMESPACE = "ml"
 NODES = ("node-a", "node-b")

@@ -10,7 +10,7 @@ import yaml
 
 from cistern.config import NodeConfig
 from cistern.operator.kubeapi import CONFIGMAPS, DAEMONSETS, SECRETS, WRITECACHES
-from cistern.testing.s3server import MotoServer, free_port
+from support.s3server import MotoServer, free_port
 
 from .conftest import NAMESPACE, Cluster, operator_settings, running_operator, wait_for
 

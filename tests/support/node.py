@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from cistern.testing.s3server import TEST_CREDENTIALS, free_port
+from .s3server import TEST_CREDENTIALS, free_port
 
 __all__ = ["NodeProcess", "is_mounted", "unmount"]
 
