@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from cistern.nodestatus import NodeStatus
+
 from .s3server import TEST_CREDENTIALS, free_port
 
 __all__ = ["NodeProcess", "is_mounted", "unmount"]
@@ -92,7 +94,7 @@ class NodeProcess:
                 raise RuntimeError(f"cistern-node exited with {self.proc.returncode}:\n"
                                    f"{self.log()}")
             try:
-                if is_mounted(self.mount) and self.status()["state"] == "running":
+                if is_mounted(self.mount) and self.status().state == "running":
                     return self
             except (OSError, urllib.error.URLError, ValueError):
                 pass
@@ -115,8 +117,8 @@ class NodeProcess:
         except urllib.error.HTTPError as exc:
             return dict(json.loads(exc.read())) | {"http_status": exc.code}
 
-    def status(self) -> dict[str, Any]:
-        return self._request("GET", "/status", timeout=5)
+    def status(self) -> NodeStatus:
+        return NodeStatus.from_json(self._request("GET", "/status", timeout=5))
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://{self.control}/metrics", timeout=5) as response:
@@ -134,14 +136,16 @@ class NodeProcess:
                 total += float(value)
         return total
 
-    def flush(self, timeout: float = 120.0) -> dict[str, Any]:
+    def flush(self, timeout: float = 120.0) -> NodeStatus:
         result = self._request("POST", f"/flush?timeout={timeout}", timeout=timeout + 10)
-        if not result.get("flushed"):
+        status = NodeStatus.from_json(result)
+        if not status.flushed:
             raise AssertionError(f"flush did not finish: {result}\n{self.log()}")
-        return result
+        return status
 
-    def drain(self, wait: float = 0.0) -> dict[str, Any]:
-        return self._request("POST", f"/drain?wait={wait}", timeout=wait + 10)
+    def drain(self, wait: float = 0.0) -> NodeStatus:
+        return NodeStatus.from_json(self._request("POST", f"/drain?wait={wait}",
+                                                  timeout=wait + 10))
 
     def kill(self) -> None:
         """``kill -9``: no chance to persist anything beyond what is already journaled."""

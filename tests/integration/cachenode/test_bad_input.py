@@ -118,12 +118,12 @@ def test_s3_outage_while_running_loses_nothing(make_node: Any, bucket: str, s3: 
     data = os.urandom(64_000)
     (node.mount / "during-outage.bin").write_bytes(data)
     deadline = time.monotonic() + 30
-    while node.status()["errors"] == 0:
+    while node.status().errors == 0:
         assert time.monotonic() < deadline, node.log()
         time.sleep(0.1)
     status = node.status()
-    assert status["dirty_files"] == 1
-    assert status["recent_errors"], status
+    assert status.dirty_files == 1
+    assert status.recent_errors, status
     assert node.metric("cistern_s3_errors_total") > 0
     assert (node.mount / "during-outage.bin").read_bytes() == data
     proxy.set(outage=False)

@@ -275,20 +275,21 @@ def node_factory(tmp_path: Path, moto: Any) -> Iterator[Callable[..., NodeProces
 def test_auto_selects_passthrough_and_reports_it(node_factory: Callable[..., NodeProcess],
                                                  bucket: str) -> None:
     node = node_factory(bucket, "auto")
-    assert node.status()["frontend"] == "passthrough"
+    assert node.status().frontend == "passthrough"
     assert node.metric("cistern_fuse_frontend", 'frontend="passthrough"') == 1
     (node.mount / "f").write_bytes(b"through auto")
     assert (node.mount / "f").read_bytes() == b"through auto"
-    fuse = node.status()["fuse"]
-    assert fuse["passthrough"] is True and fuse["kernelProtocol"].startswith("7.")
-    assert fuse["requests"] > 0 and fuse["passthroughOpens"] >= 2 and fuse["errors"] == 0
-    assert node.metric("cistern_fuse_requests_total") >= fuse["requests"]
+    fuse = node.status().fuse
+    assert fuse.passthrough is True and (fuse.kernel_protocol or "").startswith("7.")
+    assert fuse.requests and fuse.passthrough_opens and fuse.passthrough_opens >= 2
+    assert fuse.errors == 0
+    assert node.metric("cistern_fuse_requests_total") >= fuse.requests
     assert node.metric("cistern_fuse_passthrough_opens_total") >= 2
     assert node.metric("cistern_fuse_eio_replies_total") == 0
     # The files above are closed: RELEASE (asynchronous) gives their backing files back.
     deadline = time.monotonic() + 10
     while node.metric("cistern_fuse_open_backing_files") != 0:
-        assert time.monotonic() < deadline, node.status()["fuse"]
+        assert time.monotonic() < deadline, node.status().fuse
         time.sleep(0.05)
 
 
@@ -307,14 +308,14 @@ def test_sigkilled_writer_is_released_and_uploaded(node_factory: Callable[..., N
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        assert node.status()["open_writers"] == 1
+        assert node.status().open_writers == 1
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()
     # The kernel sends RELEASE for the killed writer; the last release schedules the upload.
-    _wait_for(lambda: node.status()["open_writers"] == 0, what="release after SIGKILL")
+    _wait_for(lambda: node.status().open_writers == 0, what="release after SIGKILL")
     node.flush()
     body = s3.get_object(Bucket=bucket, Key="killed.bin")["Body"].read()
     assert body == b"k" * (3 << 20)

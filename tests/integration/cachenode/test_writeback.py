@@ -27,10 +27,10 @@ def test_close_and_fsync_do_not_wait_for_s3(make_node: Any, bucket: str, s3: Any
     assert "fast.bin" not in list_keys(s3, bucket)
     assert proxy.counts().get("PUT", 0) == 0, f"close waited for a PUT ({elapsed:.2f}s)"
     status = node.status()
-    assert status["dirty_files"] == 1 and status["dirty_bytes"] == 1 << 20
+    assert status.dirty_files == 1 and status.dirty_bytes == 1 << 20
     node.flush()
     assert list_keys(s3, bucket) == {"fast.bin": 1 << 20}
-    assert node.status()["dirty_bytes"] == 0
+    assert node.status().dirty_bytes == 0
 
 
 def test_upload_after_delay_without_flush(make_node: Any, bucket: str, s3: Any) -> None:
@@ -78,7 +78,7 @@ def test_modified_while_uploading_is_uploaded_again(make_node: Any, bucket: str,
     path = node.mount / "moving.bin"
     path.write_bytes(os.urandom(12 * 2**20))
     deadline = time.monotonic() + 20
-    while node.status()["uploading_files"] == 0:
+    while node.status().uploading_files == 0:
         assert time.monotonic() < deadline, "upload never started"
         time.sleep(0.02)
     final = os.urandom(7 * 2**20)

@@ -22,6 +22,7 @@ import pytest
 
 from cistern.csi.mounts import read_mount_table, unmount
 from cistern.csi.proto import csi_pb2, csi_pb2_grpc
+from cistern.nodestatus import NodeStatus
 from support.s3server import free_port
 
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
@@ -115,14 +116,14 @@ class CacheNode:
     command: list[str]
     log_path: Path
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> NodeStatus:
         with urllib.request.urlopen(f"http://{self.control}/status", timeout=10) as resp:
-            return dict(json.load(resp))
+            return NodeStatus.from_json(json.load(resp))
 
-    def flush(self) -> dict[str, Any]:
+    def flush(self) -> NodeStatus:
         request = urllib.request.Request(f"http://{self.control}/flush", method="POST", data=b"")
         with urllib.request.urlopen(request, timeout=60) as resp:
-            return dict(json.load(resp))
+            return NodeStatus.from_json(json.load(resp))
 
     def flush_until(self, relative: str, present: bool = True, timeout: float = 15.0) -> Path:
         """Flush until ``relative`` is (or is no longer) in the object store; return its path.

@@ -35,6 +35,7 @@ import pytest_asyncio
 from aiohttp import web
 from kmock import Request
 
+from cistern.nodestatus import NodeStatus
 from cistern.operator.handlers import build_registry
 from cistern.operator.kubeapi import DAEMONSETS, PODS, Credentials, KubeApi
 from cistern.operator.kubeapi import NODES as NODE_RESOURCE
@@ -150,9 +151,7 @@ class DaemonStandIn:
     node: str
     host: str
     port: int
-    state: dict[str, Any] = field(default_factory=lambda: {
-        "state": "running", "dirty_bytes": 0, "dirty_files": 0, "uploading_files": 0,
-        "clean_bytes": 0, "uploaded_bytes_total": 0, "errors": 0, "last_flush_time": None})
+    state: NodeStatus = field(default_factory=lambda: NodeStatus(state="running"))
     calls: list[tuple[str, str, str | None]] = field(default_factory=list)
     """(method, path, Authorization header) of every call."""
     token: str | None = None
@@ -161,18 +160,22 @@ class DaemonStandIn:
 
     async def _status(self, request: web.Request) -> web.Response:
         self.calls.append(("GET", "/status", request.headers.get("Authorization")))
-        return web.json_response(self.state)
+        return web.json_response(self.state.to_json())
+
+    def update(self, **changes: Any) -> None:
+        """Change what /status reports (``NodeStatus`` fields)."""
+        self.state = self.state.replace(**changes)
 
     async def _post(self, request: web.Request) -> web.Response:
         auth = request.headers.get("Authorization")
         self.calls.append(("POST", request.path, auth))
         if self.token is not None and auth != f"Bearer {self.token}":
             return web.json_response({"error": "unauthorized"}, status=401)
-        if request.path == "/drain" and self.state["state"] == "running":
-            self.state["state"] = "draining" if self.state["dirty_bytes"] else "drained"
+        if request.path == "/drain" and self.state.state == "running":
+            self.update(state="draining" if self.state.dirty_bytes else "drained")
         if request.path == "/resume":
-            self.state["state"] = "running"
-        return web.json_response(self.state)
+            self.update(state="running")
+        return web.json_response(self.state.to_json())
 
     async def start(self) -> None:
         app = web.Application()
