@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,6 +19,7 @@ import yaml
 from cistern.nodestatus import NodeStatus
 
 from .s3server import TEST_CREDENTIALS, free_port
+from .wait import WaitTimeout, wait_until
 
 __all__ = ["NodeProcess", "is_mounted", "unmount"]
 
@@ -88,19 +88,21 @@ class NodeProcess:
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.command(), env=env, stdout=self._log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"cistern-node exited with {self.proc.returncode}:\n"
-                                   f"{self.log()}")
-            try:
-                if is_mounted(self.mount) and self.status().state == "running":
-                    return self
-            except (OSError, urllib.error.URLError, ValueError):
-                pass
-            time.sleep(0.05)
-        self.kill()
-        raise TimeoutError(f"cistern-node did not come up in {timeout}s:\n{self.log()}")
+        proc = self.proc
+
+        def running() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"cistern-node exited with {proc.returncode}:\n{self.log()}")
+            return is_mounted(self.mount) and self.status().state == "running"
+
+        try:
+            wait_until(running, timeout=timeout, what="cistern-node to mount and run",
+                       ignore=(OSError, urllib.error.URLError, ValueError))
+        except WaitTimeout:
+            self.kill()
+            raise TimeoutError(f"cistern-node did not come up in {timeout}s:\n"
+                               f"{self.log()}") from None
+        return self
 
     def log(self) -> str:
         try:

@@ -11,13 +11,7 @@ from typing import Any
 import pytest
 
 from support.s3server import list_keys, read_object
-
-
-def _wait(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+from support.wait import wait_until
 
 
 def test_write_through_close_returns_after_the_object_is_durable(make_node: Any, bucket: str,
@@ -30,7 +24,7 @@ def test_write_through_close_returns_after_the_object_is_durable(make_node: Any,
     assert read_object(s3, bucket, "wt.bin") == data
     status = node.status()
     assert status.mode == "writeThrough"
-    _wait(lambda: node.status().dirty_bytes == 0, what="clean after close")
+    wait_until(lambda: node.status().dirty_bytes == 0, what="clean after close")
 
 
 def test_commit_marker_uploaded_last_with_real_dcp(make_node: Any, bucket: str, s3: Any,
@@ -138,7 +132,7 @@ def test_clean_data_is_evicted_lru_and_fetched_again(make_node: Any, bucket: str
     for name, data in files.items():
         (node.mount / name).write_bytes(data)
     node.flush()
-    _wait(lambda: node.status().clean_bytes <= 3 * 2**20, what="eviction to low watermark")
+    wait_until(lambda: node.status().clean_bytes <= 3 * 2**20, what="eviction to low watermark")
     assert node.metric("cistern_evictions_total", 'reason="capacity"') >= 2
     assert (node.mount / "e0").read_bytes() == files["e0"]
     assert node.metric("cistern_cache_miss_bytes_total") >= 2 * 2**20
@@ -148,7 +142,7 @@ def test_cache_ttl_drops_clean_copies(make_node: Any, bucket: str) -> None:
     node = make_node(bucket, upload_delay=0.0, config={"cache": {"cacheTTL": "1s"}})
     (node.mount / "ttl").write_bytes(b"t" * 1000)
     node.flush()
-    _wait(lambda: node.status().clean_bytes == 0, what="TTL eviction")
+    wait_until(lambda: node.status().clean_bytes == 0, what="TTL eviction")
     assert (node.mount / "ttl").read_bytes() == b"t" * 1000
 
 
@@ -166,7 +160,7 @@ def test_cache_retention_keeps_the_newest_checkpoints_local(make_node: Any, buck
                      config={"cache": {"keepLastCheckpoints": 2, "checkpointPattern": "step-*"}})
     _checkpoints(node, range(8, 12))  # step-8 .. step-11: numeric, not lexical, order
     node.flush()
-    _wait(lambda: node.metric("cistern_retention_deletions_total", 'where="cache"') >= 2,
+    wait_until(lambda: node.metric("cistern_retention_deletions_total", 'where="cache"') >= 2,
           what="cache retention")
     assert node.status().clean_bytes == 2 * 100_001
     assert len(list_keys(s3, bucket)) == 8, "cache retention must never delete from S3"
@@ -179,7 +173,7 @@ def test_store_retention_is_opt_in_and_deletes_old_checkpoints(make_node: Any, b
                      config={"store": {"keepLastCheckpoints": 2}})
     _checkpoints(node, range(1, 5))
     node.flush()
-    _wait(lambda: {k.split("/")[1] for k in list_keys(s3, bucket)} == {"step-3", "step-4"},
+    wait_until(lambda: {k.split("/")[1] for k in list_keys(s3, bucket)} == {"step-3", "step-4"},
           what="store retention")
     assert sorted(os.listdir(node.mount / "run")) == ["step-3", "step-4"]
 
@@ -200,7 +194,7 @@ def test_drain_reject_refuses_new_writes_and_reports_progress(make_node: Any, bu
     with pytest.raises(OSError) as info:
         (node.mount / "new").write_bytes(b"x")
     assert info.value.errno == errno.EROFS
-    _wait(lambda: node.status().state == "drained", timeout=60, what="drained")
+    wait_until(lambda: node.status().state == "drained", timeout=60, what="drained")
     done = node.status().drain
     assert done is not None and (done.bytes_left, done.files_left, done.timed_out) == (
         0, 0, False)
@@ -211,7 +205,7 @@ def test_drain_reject_refuses_new_writes_and_reports_progress(make_node: Any, bu
 def test_drain_hold_holds_writers_until_resume(make_node: Any, bucket: str) -> None:
     node = make_node(bucket, upload_delay=0.0, config={"drain": {"newWrites": "hold"}})
     node.drain()
-    _wait(lambda: node.status().state == "drained", what="drained")
+    wait_until(lambda: node.status().state == "drained", what="drained")
     done = threading.Event()
     thread = threading.Thread(target=lambda: ((node.mount / "held").write_text("x"),
                                               done.set()))
@@ -245,6 +239,6 @@ def test_drain_uses_the_evacuation_rate(make_node: Any, bucket: str, s3: Any) ->
         (node.mount / f"e{i}").write_bytes(os.urandom(2 * 2**20))
     assert node.metric("cistern_rate_limited_seconds_total") == 0
     node.drain()
-    _wait(lambda: node.status().state == "drained", timeout=60, what="drained")
+    wait_until(lambda: node.status().state == "drained", timeout=60, what="drained")
     assert len(list_keys(s3, bucket)) == 4
     assert node.metric("cistern_rate_limited_seconds_total") > 0.5

@@ -18,10 +18,8 @@ import base64
 import contextlib
 import copy
 import datetime
-import inspect
 import itertools
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from cistern.operator.kubeapi import DAEMONSETS, PODS, Credentials, KubeApi
 from cistern.operator.kubeapi import NODES as NODE_RESOURCE
 from cistern.operator.settings import OperatorSettings
 from support.s3server import free_port
+from support.wait import async_wait_until
 
 NAMESPACE = "ml"
 NODES = ("node-a", "node-b")
@@ -191,23 +190,26 @@ class DaemonStandIn:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    def polls(self) -> int:
+        """GET /status calls so far (the operator reads every daemon on each refresh)."""
+        return sum(1 for call in self.calls if call[:2] == ("GET", "/status"))
+
+    async def polled(self, times: int) -> None:
+        """Until the operator has read this daemon's status ``times`` more times: what it does
+        between those reads is what it does for a steady state, without a fixed sleep."""
+        target = self.polls() + times
+        await async_wait_until(lambda: self.polls() >= target, timeout=15.0,
+                               what=f"{times} status reads of the daemon on {self.node}")
+
     def posts(self, path: str) -> list[tuple[str, str, str | None]]:
         return [c for c in self.calls if c[0] == "POST" and c[1] == path]
 
 
 async def wait_for(predicate: Callable[[], Awaitable[Any] | Any], timeout: float = 15.0,
                    what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(KeyError, IndexError, TypeError):
-            last = predicate()
-            if inspect.isawaitable(last):
-                last = await last
-            if last:
-                return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    """``async_wait_until``, with a half-built object (a missing key) counting as 'not yet'."""
+    return await async_wait_until(predicate, timeout=timeout, what=what,
+                                  ignore=(KeyError, IndexError, TypeError))
 
 
 @dataclass

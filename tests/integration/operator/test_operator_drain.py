@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from typing import Any
 
@@ -120,13 +119,13 @@ async def test_cordon_drains_and_holds_the_node_until_clean(
         assert await wait_for(lambda: cluster.events("DrainStarted"))
 
         # While dirty bytes remain, the guard holds the node through several status polls.
-        await asyncio.sleep(1.2)
+        await daemon_a.polled(3)
         assert await cluster.api.get(PDBS, GUARD_A, NAMESPACE) is not None
         assert await cluster.api.get(PODS, GUARD_A, NAMESPACE) is not None
         assert not (node_status(cluster, "node-a") or {}).get("drainOutcome")
 
         daemon_a.update(dirty_bytes=32 * 2**20)
-        await asyncio.sleep(0.8)
+        await daemon_a.polled(2)
         assert await cluster.api.get(PDBS, GUARD_A, NAMESPACE) is not None
 
         daemon_a.update(dirty_bytes=0, state="drained")
@@ -169,7 +168,7 @@ async def test_removal_taint_drain_times_out_and_releases(cluster: Cluster) -> N
         await cluster.api.patch(NODES, "node-b", {"spec": {"taints": [
             {"key": "karpenter.sh/disrupted", "effect": "NoSchedule"}]}})
         await wait_for(lambda: daemon_b.posts("/drain"), what="POST /drain on node-b")
-        await asyncio.sleep(1.0)
+        await daemon_b.polled(1)  # the next refresh, well inside the 2 s drain timeout
         assert await cluster.api.get(PDBS, GUARD_B, NAMESPACE) is not None
         await wait_for(lambda: _gone(cluster, PDBS, GUARD_B), timeout=10,
                        what="release after the drain timeout")
@@ -187,11 +186,12 @@ async def test_delete_waits_for_every_node_to_flush(cluster: Cluster) -> None:
         await deploy(cluster)
         daemon_a, daemon_b = cluster.daemons["node-a"], cluster.daemons["node-b"]
         daemon_a.update(dirty_bytes=2**20)
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: ((cluster.writecache("ckpt") or {}).get("status") or {})
+                       .get("totals", {}).get("dirtyBytes") == 2**20, what="dirty bytes seen")
         await cluster.api.delete(WRITECACHES, "ckpt", NAMESPACE)
         await wait_for(lambda: daemon_a.posts("/drain") and daemon_b.posts("/drain"),
                        what="drain calls to both daemons")
-        await asyncio.sleep(1.0)
+        await daemon_a.polled(2)  # the finalizer looks again and still waits
         wc = cluster.writecache("ckpt")
         assert wc is not None and wc["metadata"].get("deletionTimestamp")
         assert "cistern.dev/finalizer" in wc["metadata"]["finalizers"]
@@ -230,7 +230,7 @@ async def test_guard_follows_the_daemon_pods(cluster: Cluster) -> None:
         await cluster.api.delete(PODS, "cistern-ckpt-node-b", NAMESPACE)
         terminating = await cluster.api.get(PODS, "cistern-ckpt-node-b", NAMESPACE)
         assert terminating is not None and terminating["metadata"]["deletionTimestamp"]
-        await asyncio.sleep(1.0)
+        await cluster.daemons["node-a"].polled(3)  # refreshes that see the terminating pod
         assert await cluster.api.get(PDBS, GUARD_B, NAMESPACE) is not None
         # ... a node that no longer runs a daemon (nodeSelector changed) loses it.
         await cluster.api.patch(PODS, "cistern-ckpt-node-b", {"metadata": {"finalizers": []}},
