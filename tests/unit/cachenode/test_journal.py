@@ -1,4 +1,4 @@
-"""The metadata journal on its own: what is committed is what a restart loads."""
+"""The journal: what it stores survives a reopen, transactions are all or nothing."""
 
 from __future__ import annotations
 
@@ -10,103 +10,95 @@ from pathlib import Path
 
 import pytest
 
-from cistern.cachenode.journal import CLEAN, DIR, DIRTY, Entry, Journal, UploadIntent
+from cistern.cachenode.journal import CLEAN, DIRTY, Entry, Journal
 
 
-def _file(name: str, parent: int = 1, ino: int = 0, size: int = 5) -> Entry:
-    return Entry(ino=ino, parent=parent, name=name, is_dir=False, mode=0o100644, uid=1,
-                 gid=2, size=size, mtime_ns=10, ctime_ns=11, state=DIRTY, local=True)
+def _file(name: str, parent: int = 1, **fields: object) -> Entry:
+    values: dict[str, object] = dict(ino=0, parent=parent, name=name, is_dir=False,
+                                     mode=0o100644, uid=1, gid=2, size=3, mtime_ns=4,
+                                     ctime_ns=5, state=DIRTY, local=True)
+    values.update(fields)
+    return Entry(**values)  # type: ignore[arg-type]
 
 
-def _persistent(entry: Entry) -> tuple[object, ...]:
-    return entry.row()
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "journal.sqlite"
-
-
-def test_entries_survive_close_and_reopen(path: Path) -> None:
-    journal = Journal(path)
-    root = Entry(ino=1, parent=0, name="", is_dir=True, mode=0o40755, uid=0, gid=0, size=0,
-                 mtime_ns=1, ctime_ns=1, state=DIR, local=True)
-    assert journal.insert(root) == 1
-    entry = _file("a.bin")
-    entry.ino = journal.insert(entry)
-    assert entry.ino > 1
-    entry.state, entry.remote_key, entry.remote_size = CLEAN, "prefix/a.bin", 5
-    entry.writers = 3  # runtime only: never journaled
+def test_entries_round_trip_through_a_reopen(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    ino = journal.insert(_file("a", remote_key="a", remote_size=3, meta_dirty=True))
+    entry = _file("a", ino=ino, state=CLEAN, remote_key="a", remote_size=3, meta_dirty=True)
+    entry.size, entry.gen, entry.writers = 9, 7, 1  # runtime fields are not persisted
     journal.update(entry)
     journal.close()
-
-    loaded = {e.ino: e for e in Journal(path).load()}
-    assert set(loaded) == {1, entry.ino}
-    assert _persistent(loaded[entry.ino]) == _persistent(entry)
-    assert loaded[entry.ino].writers == 0 and loaded[1].is_dir
-
-
-def test_delete_and_the_unique_name_per_directory(path: Path) -> None:
-    journal = Journal(path)
-    ino = journal.insert(_file("x"))
-    with pytest.raises(sqlite3.IntegrityError):
-        journal.insert(_file("x"))
-    assert journal.insert(_file("x", parent=7)) != ino  # same name, another directory
-    journal.delete(ino)
-    assert [e.name for e in journal.load()] == ["x"]
-    assert journal.insert(_file("x")) != ino  # AUTOINCREMENT: a deleted ino is not reused
+    (loaded,) = Journal(tmp_path / "j.sqlite").load()
+    assert (loaded.ino, loaded.name, loaded.state, loaded.size, loaded.remote_key,
+            loaded.meta_dirty) == (ino, "a", CLEAN, 9, "a", True)
+    assert (loaded.gen, loaded.writers, loaded.fd) == (0, 0, -1)
 
 
-def test_a_failed_transaction_leaves_nothing(path: Path) -> None:
-    journal = Journal(path)
+def test_a_failed_transaction_leaves_nothing_behind(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.insert(_file("kept"))
     with pytest.raises(RuntimeError), journal.transaction():
-        journal.insert(_file("one"))
-        with journal.transaction():  # nested: joins the outer transaction
-            journal.insert(_file("two"))
-            journal.add_tombstone("k")
+        journal.insert(_file("lost"))
+        journal.add_tombstone("lost-key")
+        with journal.transaction():  # nested: joins the outer one
+            journal.add_upload(5, "lost-key")
         raise RuntimeError("crash in the middle")
-    assert journal.load() == [] and journal.tombstones() == set()
-    with journal.transaction():
-        journal.insert(_file("one"))
-        with journal.transaction():
-            journal.insert(_file("two"))
-    assert sorted(e.name for e in Journal(path).load()) == ["one", "two"]
+    assert [e.name for e in journal.load()] == ["kept"]
+    assert journal.tombstones() == set() and journal.uploads() == []
 
 
-def test_reserved_inos_are_consecutive_and_never_handed_out_again(path: Path) -> None:
-    journal = Journal(path)
-    before = journal.insert(_file("before"))
-    first = journal.reserve_inos(4)
-    assert first == before + 1
-    assert journal.insert(_file("after")) == first + 4
+def test_names_are_unique_per_directory(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.insert(_file("same"))
+    journal.insert(_file("same", parent=2))
+    with pytest.raises(sqlite3.IntegrityError):
+        journal.insert(_file("same"))
+
+
+def test_reserved_inodes_are_never_handed_out_again(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    first = journal.reserve_inos(10)
+    before = journal.insert(_file("x"))
+    assert before >= first + 10
+    journal.delete(before)
     journal.close()
-    again = Journal(path)
-    assert again.reserve_inos(1) == first + 5  # the sequence is journaled too
-    assert Journal(path.with_name("fresh.sqlite")).reserve_inos(2) == 1
+    reopened = Journal(tmp_path / "j.sqlite")
+    again = reopened.reserve_inos(5)
+    after = reopened.insert(_file("y"))
+    assert again > before and after >= again + 5
 
 
-def test_tombstones_and_upload_intents_persist(path: Path) -> None:
-    journal = Journal(path)
-    journal.add_tombstone("a/b")
-    journal.add_tombstone("a/b")  # idempotent
-    journal.add_tombstone("c")
-    journal.remove_tombstone("c")
-    journal.add_upload(5, "k1")
-    journal.set_upload_id(5, "k1", "mpu-1")
-    journal.add_upload(6, "k2")
-    journal.add_upload(7, "k3")
-    journal.remove_upload(7, "k3")
+def test_tombstones_and_upload_intents(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.add_tombstone("old")
+    journal.add_tombstone("old")  # idempotent
+    journal.add_upload(7, "k")
+    journal.set_upload_id(7, "k", "upload-1")
     journal.close()
-    reopened = Journal(path)
-    assert reopened.tombstones() == {"a/b"}
-    assert sorted(reopened.uploads(), key=lambda u: u.ino) == [
-        UploadIntent(5, "k1", "mpu-1"), UploadIntent(6, "k2", None)]
-    reopened.add_upload(5, "k1")  # a new attempt forgets the old multipart id
-    assert UploadIntent(5, "k1", None) in reopened.uploads()
+    journal = Journal(tmp_path / "j.sqlite")
+    assert journal.tombstones() == {"old"}
+    (intent,) = journal.uploads()
+    assert (intent.ino, intent.key, intent.upload_id) == (7, "k", "upload-1")
+    journal.remove_upload(7, "k")
+    journal.remove_tombstone("old")
+    assert journal.uploads() == [] and journal.tombstones() == set()
 
 
-def test_committed_changes_survive_a_process_that_dies_without_closing(path: Path) -> None:
-    """kill -9 of the daemon: no close(), no checkpoint; the WAL holds the commits."""
+def test_commits_go_to_the_wal_and_a_new_connection_sees_them(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.insert(_file("a"))
+    wal = tmp_path / "j.sqlite-wal"
+    assert wal.stat().st_size > 0  # WAL mode: the commit went to the log
+    journal.sync()  # fsyncs the WAL; the row stays committed
+    # A second connection (another process after a crash) sees the committed row.
+    other = sqlite3.connect(tmp_path / "j.sqlite")
+    assert other.execute("SELECT name FROM entries").fetchall() == [("a",)]
+    other.close()
+
+
+def test_committed_changes_survive_a_process_that_dies_without_closing(tmp_path: Path) -> None:
+    """kill -9 of the daemon: no close(), no checkpoint; recovery reads the WAL."""
+    path = tmp_path / "j.sqlite"
     script = (
         "import os, sys\n"
         "from pathlib import Path\n"
@@ -121,14 +113,16 @@ def test_committed_changes_survive_a_process_that_dies_without_closing(path: Pat
     )
     subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=60,
                    env=os.environ)
-    assert Path(f"{path}-wal").exists()  # nothing checkpointed it: recovery reads the WAL
+    assert Path(f"{path}-wal").exists()  # nothing checkpointed it
     journal = Journal(path)
     assert sorted(e.name for e in journal.load()) == ["a", "b"]
     assert journal.tombstones() == {"gone"}
 
 
-def test_sync_without_a_wal_is_a_no_op(path: Path) -> None:
-    journal = Journal(path)
-    journal.close()  # checkpoint(TRUNCATE): the WAL is empty or gone
-    Path(f"{path}-wal").unlink(missing_ok=True)
-    Journal.sync(journal)  # must not raise on a missing WAL
+def test_a_new_upload_attempt_forgets_the_old_multipart_id(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.add_upload(7, "k")
+    journal.set_upload_id(7, "k", "upload-1")
+    journal.add_upload(7, "k")
+    (intent,) = journal.uploads()
+    assert intent.upload_id is None
