@@ -17,17 +17,18 @@ from typing import Any
 
 import pytest
 
-from cistern.testing.s3server import list_keys, read_object
+from support.s3server import list_keys, read_object
+from support.wait import wait_until
 
 MiB = 2**20
 STREAM = {"flush": {"partSize": "5Mi", "multipartThreshold": "5Mi"}}
 
 
 def _wait(condition: Callable[[], bool], what: str, node: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{node.log()}"
-        time.sleep(0.05)
+    try:
+        wait_until(condition, timeout=timeout, what=what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{node.log()}") from None
 
 
 def _parts_sent(s3: Any, bucket: str, key: str) -> int:
