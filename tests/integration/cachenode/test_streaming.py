@@ -165,24 +165,22 @@ def test_checkpoint_progress_in_status(make_node: Any, bucket: str, s3: Any,
     data = os.urandom(12 * MiB)
     f = _write_open(node.mount / "step-1" / "shard.bin", data)
 
-    def progress() -> dict[str, Any]:
-        return next(c for c in node.status()["checkpoints"] if c["path"] == "step-1")
+    def progress() -> Any:
+        return next(c for c in node.status().checkpoints if c.path == "step-1")
 
     try:
-        _wait(lambda: progress()["bytes_uploaded"] >= 5 * MiB, "streamed bytes in /status",
-              node)
+        _wait(lambda: progress().bytes_uploaded >= 5 * MiB, "streamed bytes in /status", node)
         now = progress()
-        assert now["bytes_written"] == 12 * MiB and now["durable_at"] is None
+        assert now.bytes_written == 12 * MiB and now.durable_at is None
     finally:
         f.close()
     (node.mount / "step-1" / "commit_success.txt").write_text("ok")
     before = time.time()
     node.flush()
     done = progress()
-    assert done["state"] == "durable"
-    assert done["bytes_uploaded"] == done["bytes_written"] == 12 * MiB + 2
-    assert done["durable_at"] is not None and done["durable_at"] <= time.time()
-    assert done["durable_at"] >= before - 60
+    assert done.state == "durable"
+    assert done.bytes_uploaded == done.bytes_written == 12 * MiB + 2
+    assert done.durable_at is not None and before - 60 <= done.durable_at <= time.time()
 
 
 def test_torch_save_rename_streams_nothing_twice(make_node: Any, bucket: str, s3: Any,
