@@ -205,7 +205,9 @@ class Streamer:
         early = set(sent)
         log.debug("%s closed: %d bytes, %d parts sent early (%d acknowledged)", work.path,
                   size, len(early), sum(1 for f in sent.values() if f.done()))
-        count = max(1, -(-size // part))
+        count = -(-size // part)
+        if count == 0:
+            raise StreamAbandoned("truncated to nothing")  # uploaded again as an empty PUT
         if count > MAX_PARTS:
             raise StreamAbandoned(f"{size} bytes need more than {MAX_PARTS} parts")
         if len(sent) > count:
