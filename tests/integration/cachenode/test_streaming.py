@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from cistern.config import FlushPolicy
 from support.s3server import list_keys, read_object
 from support.wait import wait_until
 
@@ -186,7 +187,8 @@ def test_checkpoint_progress_in_status(make_node: Any, bucket: str, s3: Any,
 def test_torch_save_rename_streams_nothing_twice(make_node: Any, bucket: str, s3: Any,
                                                  proxy: Any) -> None:
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
-    node = make_node(bucket, endpoint=proxy.endpoint)  # default flush settings
+    # The node's default flush settings (the test harness otherwise shortens uploadDelay).
+    node = make_node(bucket, endpoint=proxy.endpoint, upload_delay=FlushPolicy().upload_delay)
     state = {"w": torch.randn(12 * MiB)}  # 48 MiB: above the default multipart threshold
     tmp, final = node.mount / "model.pt.tmp", node.mount / "model.pt"
     torch.save(state, tmp)
