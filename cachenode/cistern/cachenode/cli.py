@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -38,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                          "foreground. Logs go to stderr. SIGINT unmounts at once (dirty data "
                          "stays journaled and uploads on the next start); SIGTERM drains "
                          "first.")
-    run.add_argument("--mount", help="mount point (default ./mnt, created if missing "
-                     "when it is the default)")
+    run.add_argument("--mount", help="mount point (default ./mnt; ./mnt, and a config "
+                     "file's mount point whose parent exists, are created if missing)")
     run.add_argument("--cache-dir", help="local cache directory on fast disk "
                      "(default ./.cistern/cache)")
     run.add_argument("--store", help="s3://bucket[/prefix] or file:///path "
@@ -112,9 +113,27 @@ def _build_config(args: argparse.Namespace) -> NodeConfig:
     if args.fuse_frontend:
         data["fuseFrontend"] = args.fuse_frontend
     config = NodeConfig.from_dict(data)
+    if args.config and not args.mount:
+        _create_configured_mount(config.mount)
     if config.store.scheme == "file":
         os.makedirs(config.store.local_path, exist_ok=True) if not args.store else None
     return config
+
+
+def _create_configured_mount(path: str) -> None:
+    """Create a config file's mount point (one level) if it is missing.
+
+    The operator's config names ``<mountRoot>/<writecache>`` while the DaemonSet's hostPath
+    volume is the mount *root*, so on a fresh node only the root exists. Only the last
+    component is created: a missing root is still the error ``prepare()`` reports, so a
+    mistyped path never grows a tree of directories. A dead FUSE mount left at ``path`` by a
+    killed daemon exists (EEXIST, or ENOTCONN on the stat); ``prepare()`` detaches it.
+    """
+    try:
+        os.mkdir(path, 0o755)
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOENT, errno.ENOTCONN):
+            raise
 
 
 def _run(args: argparse.Namespace) -> int:

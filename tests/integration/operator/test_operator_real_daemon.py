@@ -78,7 +78,8 @@ async def test_cordon_drains_a_real_daemon_to_s3(cluster: Cluster, tmp_path: Pat
             (tmp_path / "node.yaml").write_text(yaml.safe_dump(local.to_dict()))
             mount = Path(rendered.mount)
             assert mount == mount_root / "ckpt"
-            mount.mkdir(parents=True, exist_ok=True)
+            # Only the DaemonSet's hostPath volume (the root) exists; the daemon makes the rest.
+            mount_root.mkdir()
             env = {**os.environ, **TEST_CREDENTIALS}
             daemon = await asyncio.create_subprocess_exec(
                 "cistern-node", "run", "--config", str(tmp_path / "node.yaml"),
