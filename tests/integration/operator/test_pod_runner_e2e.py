@@ -350,3 +350,68 @@ def verify_checkpoint(h: Harness, keys: list[str]) -> None:
     assert torch.equal(loaded["model"]["w"], expected["model"]["w"])
     assert torch.equal(loaded["model"]["b"], expected["model"]["b"])
     assert int(loaded["step"]) == 1
+
+
+# ------------------------------------------------------------------ broken manifests
+
+
+def pod_problem(h: Harness, labels: dict[str, str]) -> str:
+    """What the API shows for a pod that does not run: its reason and message, or the
+    last termination of a crash-looping container."""
+    for pod in h.api.list("pods", labels=labels):
+        status = pod.get("status") or {}
+        if status.get("reason"):
+            return f"{status['reason']}: {status.get('message')}"
+        for container in status.get("containerStatuses") or []:
+            last = (container.get("lastState") or {}).get("terminated")
+            if container.get("restartCount") and last:
+                return f"{container['name']} restarted {container['restartCount']}x, " \
+                       f"exit {last['exitCode']}: {last['message']}"
+    return ""
+
+
+async def test_chart_without_the_mount_root_volume_names_it(harness: Harness) -> None:
+    h = harness
+    csi = next(d for d in h.chart if d["kind"] == "DaemonSet")
+    pod_spec = csi["spec"]["template"]["spec"]
+    mount_root = next(m for c in pod_spec["containers"] for m in c.get("volumeMounts") or []
+                      if m.get("mountPropagation") == "HostToContainer")
+    pod_spec["volumes"] = [v for v in pod_spec["volumes"] if v["name"] != mount_root["name"]]
+    await asyncio.to_thread(apply_chart, h.api, [csi])
+    labels = csi["spec"]["selector"]["matchLabels"]
+    problem = await until(lambda: pod_problem(h, labels), 30, "the pod's problem", h.describe)
+    assert problem.startswith("CreateContainerConfigError"), problem
+    assert f"volumeMount {mount_root['name']!r} names no volume" in problem, problem
+
+
+async def test_misspelled_config_key_and_missing_secret_are_named(harness: Harness) -> None:
+    h = harness
+    api = h.api
+    await asyncio.to_thread(apply_chart, api, [d for d in h.chart if d["kind"] == "Deployment"])
+    wc, secret = example_writecache(h.s3.endpoint)
+    await asyncio.to_thread(api.create, "secrets", secret, NAMESPACE)
+    await asyncio.to_thread(api.create, "writecaches", wc, NAMESPACE)
+    daemon = await until(h.cache_daemon, 60, "the cache daemon pod", h.describe)
+    await until(lambda: daemon.ready, 60, "the cache daemon ready", h.describe)
+    labels = {**MANAGED, "cistern.dev/role": "cache-node"}
+    (namespace, pod_name) = daemon.key
+
+    # A misspelled key in the node config the daemon reads: a crash loop naming the key.
+    config_volume = next(v for v in daemon.ctx.spec["volumes"] if "configMap" in v)
+    cm_name = config_volume["configMap"]["name"]
+    cm = await asyncio.to_thread(api.get, "configmaps", cm_name, namespace)
+    key, text = next(iter(cm["data"].items()))
+    assert "\nmount: " in "\n" + text
+    broken = ("\n" + text).replace("\nmount: ", "\nmountt: ")[1:]
+    await asyncio.to_thread(api.patch, "configmaps", cm_name, {"data": {key: broken}}, namespace)
+    await asyncio.to_thread(api.delete, "pods", pod_name, namespace)
+    problem = await until(lambda: pod_problem(h, labels), 60, "the crash loop", h.describe)
+    assert "mountt" in problem, problem
+    await asyncio.to_thread(api.patch, "configmaps", cm_name, {"data": {key: text}}, namespace)
+
+    # The credentials Secret gone: the daemon pod cannot be created, and says which Secret.
+    await asyncio.to_thread(api.delete, "secrets", secret["metadata"]["name"], NAMESPACE)
+    await asyncio.to_thread(api.delete, "pods", pod_name, namespace)
+    problem = await until(lambda: "CreateContainerConfigError" in pod_problem(h, labels)
+                          and pod_problem(h, labels), 60, "the missing Secret", h.describe)
+    assert f"secret {secret['metadata']['name']!r} not found" in problem, problem

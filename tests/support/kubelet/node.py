@@ -138,9 +138,10 @@ class Node:
         while not self._stop.is_set():
             try:
                 self._sync()
-            except (ApiError, OSError) as exc:
+            except Exception as exc:  # the node keeps running; describe() shows the error
                 if not self._stop.is_set():
                     self.errors.append(f"{type(exc).__name__}: {exc}")
+                    log.exception("pod runner node %s: sync failed", self.name)
             self._stop.wait(self.poll)
 
     def _node_object(self) -> dict[str, Any]:
@@ -167,16 +168,20 @@ class Node:
                 wanted[meta["namespace"], f"{meta['name']}-0"] = (
                     template, f"Deployment/{meta['name']}", _template_hash(template))
             self._deploy_status(deploy)
-        # Controller-owned pods: stop what is no longer wanted or whose template changed.
+        api_pods = {(p["metadata"]["namespace"], p["metadata"]["name"]): p
+                    for p in self.api.list("pods")}
+        # Controller-owned pods: stop what is no longer wanted or whose template changed; a
+        # deleted pod object is stopped and created anew (a new pod: volumes, env and
+        # ConfigMap files are read again).
         for key, pod in list(self.pods.items()):
-            if pod.owner and (key not in wanted or wanted[key][2] != pod.template_hash):
-                self._stop_pod(key, delete_object=True)
+            if pod.owner and (key not in wanted or wanted[key][2] != pod.template_hash
+                              or key not in api_pods):
+                self._stop_pod(key, delete_object=key in api_pods)
         for key, (template, owner, digest) in wanted.items():
             if key not in self.pods:
                 self._create_owned_pod(key, template, owner, digest)
         # Bare pods: bound here, or schedulable here.
-        bare = {(p["metadata"]["namespace"], p["metadata"]["name"]): p
-                for p in self.api.list("pods")
+        bare = {key: p for key, p in api_pods.items()
                 if not (p["metadata"].get("labels") or {}).get("pod-runner/owner")}
         for key, pod in list(self.pods.items()):
             if not pod.owner and key not in bare:

@@ -265,7 +265,8 @@ class Translator:
             cp = re.escape(container_path.rstrip("/"))
             # A whole path component, after a delimiter ("=", ":", space, "unix://", ...).
             pattern = rf"(?:(?<=^)|(?<=[\s=:\"',\[(])|(?<=://)){cp}(?=/|$|[^\w.-])"
-            value = re.sub(pattern, lambda _m, h=str(host): h, value, flags=re.MULTILINE)
+            replacement = str(host).replace("\\", "\\\\")
+            value = re.sub(pattern, replacement, value, flags=re.MULTILINE)
         value = re.sub(r"(?<![\d.])0\.0\.0\.0(?![\d.])", self.pod_ip, value)
         return value
 
@@ -335,8 +336,9 @@ def plan_containers(ctx: PodContext, volumes: Mapping[str, Path], base_env: Mapp
     all_mounts: dict[str, Path] = {}
     for container in ctx.spec.get("containers") or []:
         for mount in container.get("volumeMounts") or []:
-            all_mounts.setdefault(mount["mountPath"], volumes[mount["name"]]
-                                  / mount.get("subPath", ""))
+            if mount["name"] in volumes:  # a dangling mount is reported per container below
+                all_mounts.setdefault(mount["mountPath"], volumes[mount["name"]]
+                                      / mount.get("subPath", ""))
     # ConfigMap files are read by the programs; translate them with the pod's mounts.
     translate_files = Translator(all_mounts, ctx.pod_ip)
     for volume in ctx.spec.get("volumes") or []:
