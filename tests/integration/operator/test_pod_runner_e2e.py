@@ -37,6 +37,7 @@ import pytest_asyncio
 import yaml
 from support.kubelet import ApiClient, Node, helm_template, tool
 
+from cistern.operator.manifests import LABEL_ROLE
 from cistern.testing.node import is_mounted, unmount
 from cistern.testing.s3server import TEST_CREDENTIALS, MotoServer
 
@@ -118,7 +119,7 @@ class Harness:
                 + yaml.safe_dump([w.get("status") for w in wcs])[:3000])
 
     def cache_daemon(self) -> Any:
-        pods = self.node.pods_with({**MANAGED, "cistern.dev/role": "cache-node"})
+        pods = self.node.pods_with({**MANAGED, LABEL_ROLE: "cache-node"})
         return pods[0] if len(pods) == 1 else None
 
     def kubectl(self, *args: str) -> str:
@@ -136,15 +137,20 @@ def apply_chart(api: ApiClient, docs: list[dict[str, Any]]) -> None:
 
 
 @pytest_asyncio.fixture()
-async def harness(kmock: Any, tmp_path: Path) -> AsyncIterator[Harness]:
+async def harness(kmock: Any, tmp_path: Path, request: pytest.FixtureRequest
+                  ) -> AsyncIterator[Harness]:
+    """KMock, the chart rendered (with ``request.param``'s extra values) and one node whose
+    kubelet directory is the chart's ``kubeletDir``."""
     for key, info in RESOURCES.items():
         kmock.resources[key] = kmock_lib.ResourceInfo(verbs=VERBS, **info)
-    values = {"operator": {"statusInterval": 1, "logFormat": "plain"}}
+    values: dict[str, Any] = {"operator": {"statusInterval": 1, "logFormat": "plain"},
+                              **getattr(request, "param", {})}
     chart = await asyncio.to_thread(helm_template, values, tmp_path)
     api = ApiClient(str(kmock.url))
     # Short: unix socket paths under it must stay within 107 characters.
     root = Path(tempfile.mkdtemp(prefix="pod-runner-", dir="/tmp"))
-    node = Node(api, NODE, root, time_scale=0.1)
+    node = Node(api, NODE, root, time_scale=0.1,
+                kubelet_dir=values.get("kubeletDir", "/var/lib/kubelet"))
     with MotoServer() as s3:
         await asyncio.to_thread(s3.client().create_bucket, Bucket=BUCKET)
         await asyncio.to_thread(node.start)
@@ -199,7 +205,6 @@ async def test_chart_operator_daemon_csi_and_a_checkpoint(harness: Harness) -> N
     h = harness
     api = h.api
     await asyncio.to_thread(apply_chart, api, h.chart)
-    storage_class_of = {}
     # The chart's pods come up: the operator, and the CSI node plugin with its sidecars.
     for doc in h.chart:
         if doc["kind"] in ("Deployment", "DaemonSet"):
@@ -215,19 +220,17 @@ async def test_chart_operator_daemon_csi_and_a_checkpoint(harness: Harness) -> N
     # The operator's DaemonSet, wherever it puts it, runs the cache daemon exactly as written.
     daemon = await until(h.cache_daemon, 60, "the cache daemon pod", h.describe)
     await until(lambda: daemon.ready, 60, "the cache daemon ready", h.describe)
-    config = next(p for p in daemon.ctx.pod_dir.joinpath("volumes").rglob("*.yaml"))
+    argv = next(iter(daemon.containers.values())).plan.argv
+    config = Path(argv[argv.index("--config") + 1])  # as the runner translated it
     mount = Path(yaml.safe_load(config.read_text())["mount"])
     assert mount.is_relative_to(h.root) and is_mounted(mount), mount
-    sc = await until(lambda: api.list("storageclasses", labels={
-        **MANAGED, "cistern.dev/writecache": name}), 30, "the StorageClass", h.describe)
-    storage_class_of[name] = sc[0]["metadata"]["name"]
-    await until(lambda: (api.get("nodes", NODE) or {}).get("metadata", {}).get(
-        "labels", {}).get(f"csi.cistern.dev/{name}") == "true", 30, "the topology label",
-        h.describe)
+    storage_class = await until(lambda: ((api.get("writecaches", name, NAMESPACE) or {}).get(
+        "status") or {}).get("storageClassName"), 30, "the StorageClass in status", h.describe)
+    assert await asyncio.to_thread(api.get, "storageclasses", storage_class)
 
     # A PVC of the operator's StorageClass and a trainer pod writing a DCP checkpoint.
     pvc, pod = trainer_pod("checkpoints")
-    pvc["spec"]["storageClassName"] = storage_class_of[name]
+    pvc["spec"]["storageClassName"] = storage_class
     await asyncio.to_thread(api.create, "persistentvolumeclaims", pvc, NAMESPACE)
     await asyncio.to_thread(api.create, "pods", pod, NAMESPACE)
     done = await until(lambda: ((api.get("pods", "trainer", NAMESPACE) or {}).get(
@@ -263,7 +266,7 @@ async def test_chart_operator_daemon_csi_and_a_checkpoint(harness: Harness) -> N
     assert sorted(step1.values()) == sorted(written.values()), (step1, written)
     await asyncio.to_thread(verify_checkpoint, h, list(step1))
     await until(lambda: node_status().get("dirtyBytes") == 0, 30, "dirty 0", h.describe)
-    columns = await until(lambda: wc_columns(h, ("True", "1/1", "0")), 30,
+    columns = await until(lambda: wc_columns(h, name, ("True", "1/1", "0")), 30,
                           "kubectl get wc: Ready, 1/1, 0 dirty", h.describe)
 
     # New dirty data through the restarted daemon's mount; cordon: the drain guard holds the
@@ -273,7 +276,7 @@ async def test_chart_operator_daemon_csi_and_a_checkpoint(harness: Harness) -> N
     await asyncio.to_thread(write_synced, volume_dir / "step-2" / "shard-0.bin", payload)
     await until(lambda: node_status().get("dirtyBytes") == len(payload), 30,
                 "the new dirty bytes in status", h.describe)
-    guard_labels = {**MANAGED, "cistern.dev/role": "drain-guard"}
+    guard_labels = {**MANAGED, LABEL_ROLE: "drain-guard"}
     assert await asyncio.to_thread(api.list, "poddisruptionbudgets", None, guard_labels)
     await asyncio.to_thread(api.patch, "nodes", NODE, {"spec": {"unschedulable": True}})
     await until(lambda: not api.list("poddisruptionbudgets", labels=guard_labels), 60,
@@ -306,8 +309,7 @@ async def test_chart_operator_daemon_csi_and_a_checkpoint(harness: Harness) -> N
                 "the WriteCache's finalizer", h.describe)
     await until(lambda: h.cache_daemon() is None and not is_mounted(mount), 60,
                 "the cache daemon gone and unmounted", h.describe)
-    assert not await asyncio.to_thread(api.list, "storageclasses", None, {
-        **MANAGED, "cistern.dev/writecache": name})
+    assert await asyncio.to_thread(api.get, "storageclasses", storage_class) is None
 
 
 def bucket_keys(h: Harness, part: str) -> dict[str, int]:
@@ -315,10 +317,11 @@ def bucket_keys(h: Harness, part: str) -> dict[str, int]:
     return {o["Key"]: o["Size"] for o in listing.get("Contents", []) if part in o["Key"]}
 
 
-def wc_columns(h: Harness, expected: tuple[str, str, str]) -> dict[str, str] | None:
+def wc_columns(h: Harness, name: str, expected: tuple[str, str, str]
+               ) -> dict[str, str] | None:
     """``kubectl get wc`` with the CRD's printer columns; the row when it shows ``expected``
     as READY, NODES, DIRTY."""
-    table = h.kubectl("get", "wc", "checkpoints", "-n", NAMESPACE,
+    table = h.kubectl("get", "wc", name, "-n", NAMESPACE,
                       "-o", f"custom-columns={printer_columns()}")
     header, row = table.splitlines()[:2]
     columns = dict(zip(header.split(), row.split(), strict=False))
@@ -397,7 +400,7 @@ async def test_misspelled_config_key_and_missing_secret_are_named(harness: Harne
     await asyncio.to_thread(api.create, "writecaches", wc, NAMESPACE)
     daemon = await until(h.cache_daemon, 60, "the cache daemon pod", h.describe)
     await until(lambda: daemon.ready, 60, "the cache daemon ready", h.describe)
-    labels = {**MANAGED, "cistern.dev/role": "cache-node"}
+    labels = {**MANAGED, LABEL_ROLE: "cache-node"}
     (namespace, pod_name) = daemon.key
 
     # A misspelled key in the node config the daemon reads: a crash loop naming the key.
@@ -419,3 +422,24 @@ async def test_misspelled_config_key_and_missing_secret_are_named(harness: Harne
     problem = await until(lambda: "CreateContainerConfigError" in pod_problem(h, labels)
                           and pod_problem(h, labels), 60, "the missing Secret", h.describe)
     assert f"secret {secret['metadata']['name']!r} not found" in problem, problem
+
+
+@pytest.mark.parametrize("harness", [{"kubeletDir": "/var/lib/k0s/kubelet",
+                                      "mountRoot": "/mnt/cistern/mounts"}], indirect=True)
+async def test_chart_kubelet_dir_and_mount_root_reach_every_process(harness: Harness) -> None:
+    """Moved kubelet and mount directories: the plugin registers where that kubelet looks, and
+    finds the cache the operator's daemon mounts (its Probe turns ready)."""
+    h = harness
+    await asyncio.to_thread(apply_chart, h.api, h.chart)
+    registration = await until(lambda: h.node.csi.registered("csi.cistern.dev"), 30,
+                               "the plugin registered with the kubelet", h.describe)
+    assert registration["endpoint"].startswith("/var/lib/k0s/kubelet/plugins/"), registration
+    wc, secret = example_writecache(h.s3.endpoint)
+    await asyncio.to_thread(h.api.create, "secrets", secret, NAMESPACE)
+    await asyncio.to_thread(h.api.create, "writecaches", wc, NAMESPACE)
+    daemon = await until(h.cache_daemon, 60, "the cache daemon pod", h.describe)
+    await until(lambda: daemon.ready, 60, "the cache daemon ready", h.describe)
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    assert str(h.root / "host" / "mnt/cistern/mounts" / wc["metadata"]["name"]) in mounts
+    await until(lambda: h.node.csi.probe("csi.cistern.dev"), 30, "the CSI Probe ready",
+                h.describe)

@@ -72,6 +72,19 @@ class CsiKubelet:
         channel = grpc.insecure_channel(f"unix://{endpoint}")
         return channel, csi_pb2_grpc.NodeStub(channel)
 
+    def probe(self, driver: str) -> bool:
+        """The registered driver's CSI Probe verdict (False while it cannot be asked)."""
+        if self.registered(driver) is None:
+            return False
+        channel, _ = self._stub(driver)
+        with channel:
+            try:
+                answer = csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest(),
+                                                                  timeout=self.timeout)
+            except grpc.RpcError:
+                return False
+        return not answer.HasField("ready") or answer.ready.value
+
     def _pod_info(self, driver: str, pod: dict[str, Any], ephemeral: bool) -> dict[str, str]:
         obj = self.api.get("csidrivers", driver)
         if obj is None:
