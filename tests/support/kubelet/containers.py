@@ -15,7 +15,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,14 +43,12 @@ class ContainerState:
 
 class Container:
     def __init__(self, plan: ContainerPlan, pod_ip: str, log_path: Path, restart_policy: str,
-                 time_scale: float, on_change: Callable[[], None],
-                 grace_seconds: float = 30.0) -> None:
+                 time_scale: float, grace_seconds: float = 30.0) -> None:
         self.plan = plan
         self.pod_ip = pod_ip
         self.log_path = log_path
         self.restart_policy = restart_policy
         self.scale = time_scale
-        self.on_change = on_change
         self.grace = grace_seconds
         self.state = ContainerState()
         self._stop = threading.Event()
@@ -125,7 +122,6 @@ class Container:
                 with self._lock:
                     self._process = process
                 self.state.running = True
-                self.on_change()
                 reason = self._watch(process)
                 code = process.wait()
             else:
@@ -140,13 +136,11 @@ class Container:
             if self.restart_policy == "Never" or (self.restart_policy == "OnFailure"
                                                   and code == 0):
                 self.state.finished = True
-                self.on_change()
                 break
             self.state.restarts += 1
             log.info("container %s exited (%s, code %s); restart %d in %.1fs; last lines:\n%s",
                         self.plan.name, self.state.last_reason, code, self.state.restarts,
                         backoff * self.scale, self.state.last_log)
-            self.on_change()
             if time.monotonic() - started > 600:
                 backoff = BACKOFF_START
             if self._stop.wait(backoff * self.scale):
@@ -168,18 +162,15 @@ class Container:
             if not startup_done and startup is not None:
                 startup_done = self._probe(startup)
             if readiness is None:
-                if not self.state.ready and startup_done:
-                    self.state.ready = True
-                    self.on_change()
+                self.state.ready = startup_done
             elif startup_done and now >= next_ready:
                 ok = self._probe(readiness)
                 ready_failures = 0 if ok else ready_failures + 1
                 ready = ok or (self.state.ready and ready_failures <
                                int(readiness.get("failureThreshold", 3)))
-                if ready != self.state.ready:
-                    self.state.ready = ready
-                    self.on_change()
-                # Probe quickly until the first success, as the kubelet's first probes do.
+                self.state.ready = ready
+                # Unlike the kubelet (periodSeconds between all probes), probe every 0.1 s until
+                # the first success, so a test never waits a period for readiness.
                 next_ready = now + (self._period(readiness, "periodSeconds", 10)
                                     if self.state.ready else 0.1)
             if liveness is not None and startup_done and now >= next_live:

@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,7 +258,7 @@ class Node:
         logs.mkdir(parents=True, exist_ok=True)
         for plan in plans:
             container = Container(plan, ctx.pod_ip, logs / f"{plan.name}.log", restart,
-                                  self.scale, lambda: None, grace_seconds=min(grace, 60.0))
+                                  self.scale, grace_seconds=min(grace, 60.0))
             pod.containers[plan.name] = container
             container.start()
 
@@ -353,16 +352,3 @@ class Node:
             self.api.patch("deployments", meta["name"], {"status": status}, meta["namespace"],
                            "status")
 
-
-def wait_until(predicate: Any, timeout: float, what: str, describe: Any = None) -> Any:
-    """Poll ``predicate`` until truthy; on timeout fail with ``what`` and ``describe()``."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.05)
-    detail = describe() if describe else ""
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})"
-                         f"\n{detail}")

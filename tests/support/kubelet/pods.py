@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -377,6 +376,3 @@ def plan_containers(ctx: PodContext, volumes: Mapping[str, Path], base_env: Mapp
             spec=container))
     return plans
 
-
-def describe(plan: ContainerPlan) -> str:
-    return f"{plan.name}: {shlex.join(plan.argv)}"
