@@ -261,8 +261,9 @@ async def test_chart_operator_daemon_csi_and_a_checkpoint(harness: Harness) -> N
     await until(lambda: cache.state.restarts == 1 and cache.state.ready
                 and cache.pid != killed and is_mounted(mount), 60,
                 "the daemon restarted, mounted and ready", h.describe)
-    step1 = await until(lambda: bucket_keys(h, "/step-1/"), 30, "step-1 in the bucket")
-    assert any(k.endswith("/step-1/.metadata") for k in step1), step1
+    # Every file (the commit marker last); the sizes are the ones the trainer wrote.
+    step1 = await until(lambda: (keys := bucket_keys(h, "/step-1/")) and any(
+        k.endswith("/step-1/.metadata") for k in keys) and keys, 30, "step-1 in the bucket")
     assert sorted(step1.values()) == sorted(written.values()), (step1, written)
     await asyncio.to_thread(verify_checkpoint, h, list(step1))
     await until(lambda: node_status().get("dirtyBytes") == 0, 30, "dirty 0", h.describe)
