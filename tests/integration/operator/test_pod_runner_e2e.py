@@ -173,7 +173,8 @@ def example_writecache(endpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
     store.update({"bucket": BUCKET, "endpoint": endpoint, "pathStyle": True})
     # Dirty data stays on the node until the drain, so kill -9 and the drain guard have
     # something to keep.
-    wc["spec"]["flush"] = {"uploadDelay": "1h"}
+    # The drain is rate-limited so the operator sees it under way (the guard still held).
+    wc["spec"]["flush"] = {"uploadDelay": "1h", "evacuationBytesPerSecond": "1Mi"}
     secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
               "metadata": {"name": store["credentialsSecretRef"]["name"],
                            "namespace": NAMESPACE},
@@ -273,13 +274,18 @@ async def test_chart_operator_daemon_csi_and_a_checkpoint(harness: Harness) -> N
     # New dirty data through the restarted daemon's mount; cordon: the drain guard holds the
     # node until the daemon has flushed it all.
     volume_dir = next(p for p in mount.rglob("step-1")).parent
-    payload = os.urandom(2 * 2**20)
+    payload = os.urandom(6 * 2**20)
     await asyncio.to_thread(write_synced, volume_dir / "step-2" / "shard-0.bin", payload)
     await until(lambda: node_status().get("dirtyBytes") == len(payload), 30,
                 "the new dirty bytes in status", h.describe)
     guard_labels = {**MANAGED, LABEL_ROLE: "drain-guard"}
     assert await asyncio.to_thread(api.list, "poddisruptionbudgets", None, guard_labels)
     await asyncio.to_thread(api.patch, "nodes", NODE, {"spec": {"unschedulable": True}})
+    # A few seconds at 1 MiB/s: the operator sees the drain under way, and the guard held.
+    held = await until(lambda: (n := node_status()).get("drainStartedAt") and n.get(
+        "dirtyBytes") and api.list("poddisruptionbudgets", labels=guard_labels), 30,
+        "the drain under way with dirty bytes left", h.describe)
+    assert held
     await until(lambda: not api.list("poddisruptionbudgets", labels=guard_labels), 60,
                 "the drain guard released", h.describe)
     step2 = await asyncio.to_thread(bucket_keys, h, "/step-2/")
