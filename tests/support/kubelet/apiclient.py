@@ -114,8 +114,7 @@ class ApiClient:
             items = [i for i in items if all(
                 ((i.get("metadata") or {}).get("labels") or {}).get(k) == v
                 for k, v in labels.items())]
-        return [i for i in items if not (i.get("metadata") or {}).get("deletionTimestamp")
-                or (i.get("metadata") or {}).get("finalizers")]
+        return [dict(i) for i in items]
 
     def create(self, plural: str, obj: Mapping[str, Any],
                namespace: str | None = None) -> dict[str, Any]:

@@ -69,12 +69,6 @@ def _template_hash(template: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _tolerates_unschedulable(spec: dict[str, Any]) -> bool:
-    return any(t.get("operator") == "Exists" and not t.get("key")
-               or t.get("key") == "node.kubernetes.io/unschedulable"
-               for t in spec.get("tolerations") or [])
-
-
 class Node:
     def __init__(self, api: ApiClient, name: str, root: Path, *, time_scale: float = 0.1,
                  labels: dict[str, str] | None = None, kubelet_dir: str = "/var/lib/kubelet",
