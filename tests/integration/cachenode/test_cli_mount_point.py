@@ -10,14 +10,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cistern.testing.node import is_mounted, unmount
-from cistern.testing.s3server import free_port
+from support.node import is_mounted, unmount
+from support.s3server import free_port
+from support.wait import wait_until
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
@@ -41,10 +41,8 @@ def test_config_mount_point_under_an_existing_root_is_created(tmp_path: Path) ->
                              str(_config(tmp_path, mount))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(mount) and node.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert is_mounted(mount), node.stderr.read() if node.poll() is not None else "timeout"
+        wait_until(lambda: is_mounted(mount) or node.poll() is not None, 30, "the mount")
+        assert is_mounted(mount), node.stderr.read() if node.poll() is not None else ""
         (mount / "probe").write_bytes(b"x")
         assert (mount / "probe").read_bytes() == b"x"
     finally:

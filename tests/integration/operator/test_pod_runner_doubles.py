@@ -21,10 +21,10 @@ import grpc
 import kmock as kmock_lib
 import pytest
 import pytest_asyncio
-from support.kubelet import POD_INFO_KEYS, ApiClient, CsiKubelet
-from support.kubelet.doubles.provisioner import Provisioner
 
 from cistern.csi.proto import csi_pb2, csi_pb2_grpc
+from support.kubelet import POD_INFO_KEYS, ApiClient, CsiKubelet
+from support.kubelet.doubles.provisioner import Provisioner
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 

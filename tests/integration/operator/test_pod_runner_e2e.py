@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import inspect
 import os
 import shutil
 import subprocess
 import tempfile
-import time
 import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -35,11 +33,12 @@ import kmock as kmock_lib
 import pytest
 import pytest_asyncio
 import yaml
-from support.kubelet import ApiClient, Node, helm_template, tool
 
 from cistern.operator.manifests import LABEL_ROLE
-from cistern.testing.node import is_mounted, unmount
-from cistern.testing.s3server import TEST_CREDENTIALS, MotoServer
+from support.kubelet import ApiClient, Node, helm_template, tool
+from support.node import is_mounted, unmount
+from support.s3server import TEST_CREDENTIALS, MotoServer
+from support.wait import WaitTimeout, async_wait_until
 
 pytestmark = [
     pytest.mark.asyncio,
@@ -90,19 +89,13 @@ print("saved", flush=True)
 
 async def until(predicate: Callable[[], Any], timeout: float, what: str,
                 describe: Callable[[], str] | None = None) -> Any:
-    """Poll a blocking predicate (in a thread: KMock is served by this loop) until truthy."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await asyncio.to_thread(predicate)
-        if inspect.isawaitable(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    detail = await asyncio.to_thread(describe) if describe else ""
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} "
-                         f"(last: {last!r})\n{detail}")
+    """``async_wait_until`` for a blocking predicate (run in a thread: KMock is served by this
+    loop); a timeout also shows ``describe()`` (the pods, their containers' last lines)."""
+    try:
+        return await async_wait_until(lambda: asyncio.to_thread(predicate), timeout, what)
+    except WaitTimeout as exc:
+        detail = await asyncio.to_thread(describe) if describe else ""
+        raise WaitTimeout(f"{exc}\n{detail}") from None
 
 
 @dataclass
