@@ -416,7 +416,11 @@ class NodeConfig:
                            "controlTokenFile", "fuseFrontend", "allowOther"}, "node config")
         d = cls(store=StoreConfig(url="file:///"))
         control = str(data.get("control", d.control))
-        parse_hostport(control, "control")
+        control_host, _ = parse_hostport(control, "control")
+        # tenancy (issue 13): any address but loopback needs a token (docs/security.md).
+        if not data.get("controlTokenFile") and not _is_loopback(control_host):
+            raise ConfigError(f"control: {control_host} is not a loopback address; "
+                              "set controlTokenFile to protect the control API")
         return cls(
             store=StoreConfig.from_dict(_section(data, "store")),
             mount=str(data.get("mount", d.mount)),
@@ -447,6 +451,16 @@ class NodeConfig:
 
     def replace(self, **changes: Any) -> NodeConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP (127.0.0.0/8, ::1); tenancy (issue 13)."""
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_hostport(value: str, where: str = "address") -> tuple[str, int]:
