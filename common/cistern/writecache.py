@@ -10,6 +10,7 @@ raises ``ConfigError`` with the field path, so the operator can report it in a c
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ __all__ = [
     "CacheSpec",
     "ObjectStoreSpec",
     "RetentionSpec",
+    "AccessSpec",
     "WriteCacheSpec",
+    "cache_key",
     "render_node_config",
     "storage_class_name",
 ]
@@ -45,6 +48,27 @@ DEFAULT_CACHE_HOST_PATH = "/var/lib/cistern/cache"
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+
+
+_CACHE_KEY_MAX = 63
+
+
+def cache_key(namespace: str, name: str) -> str:
+    r"""The node-wide name of WriteCache ``namespace/name``; unique across namespaces.
+
+    It names the mount ``<mountRoot>/<key>``, the host cache directory ``<hostPath>/<key>``, the
+    node label and CSI topology key ``csi.cistern.dev/<key>`` and the access policy
+    ``<key>.json``, so it is at most 63 characters of ``[a-z0-9.\-_]``: ``<namespace>.<name>``
+    (namespaces and WriteCache names are DNS labels, so the first dot separates them), or, when
+    that is longer, its first 46 characters, ``_`` and 16 hex digits of its SHA-256 (``_``
+    never occurs in the plain form, so a hashed key never equals a plain one). Without a
+    namespace (a stand-alone daemon, tests) the key is the name itself.
+    """
+    plain = f"{namespace}.{name}" if namespace else name
+    if len(plain) <= _CACHE_KEY_MAX:
+        return plain
+    digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:16]
+    return f"{plain[:_CACHE_KEY_MAX - 17]}_{digest}"
 
 
 def _mapping(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
@@ -194,6 +218,41 @@ class CSISpec:
 
 
 @dataclass(frozen=True)
+class AccessSpec:
+    """``spec.access``: which namespaces may use this cache, and what files may carry."""
+
+    namespaces: tuple[str, ...] = ()
+    """Namespaces (besides the WriteCache's own) whose pods and PVCs may use the cache;
+    ``*``: every namespace."""
+    namespace_selector: dict[str, Any] | None = None
+    """A label selector (``matchLabels``/``matchExpressions``) over namespaces that may use
+    it; the operator resolves it to a list."""
+    allow_setuid: bool = False
+    """Keep setuid/setgid bits that objects' metadata asks for (stripped otherwise)."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AccessSpec:
+        where = "spec.access"
+        _known(data, {"namespaces", "namespaceSelector", "allowSetuid"}, where)
+        names = data.get("namespaces") or []
+        if not isinstance(names, list) or not all(
+                isinstance(n, str) and (n == "*" or (len(n) <= 63 and _DNS_LABEL.fullmatch(n)))
+                for n in names):
+            raise ConfigError(f"{where}.namespaces: expected a list of namespace names or '*'")
+        selector = data.get("namespaceSelector")
+        if selector is not None:
+            if not isinstance(selector, Mapping):
+                raise ConfigError(f"{where}.namespaceSelector: expected a label selector")
+            _known(selector, {"matchLabels", "matchExpressions"}, f"{where}.namespaceSelector")
+        allow = data.get("allowSetuid", False)
+        if not isinstance(allow, bool):
+            raise ConfigError(f"{where}.allowSetuid: expected true or false")
+        return cls(namespaces=tuple(dict.fromkeys(names)),
+                   namespace_selector=dict(selector) if selector is not None else None,
+                   allow_setuid=allow)
+
+
+@dataclass(frozen=True)
 class WriteCacheSpec:
     """A parsed, validated WriteCache ``spec``."""
 
@@ -209,13 +268,14 @@ class WriteCacheSpec:
     csi: CSISpec = field(default_factory=CSISpec)
     resources: dict[str, Any] = field(default_factory=dict)
     """Daemon container resources (requests/limits); empty: the operator's defaults."""
+    access: AccessSpec = field(default_factory=AccessSpec)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WriteCacheSpec:
         if not isinstance(data, Mapping):
             raise ConfigError(f"spec: expected a mapping, got {type(data).__name__}")
         _known(data, {"objectStore", "nodeSelector", "tolerations", "cache", "flush",
-                      "retention", "drain", "csi", "resources"}, "spec")
+                      "retention", "drain", "csi", "resources", "access"}, "spec")
         if not data.get("objectStore"):
             raise ConfigError("spec.objectStore: required (at least objectStore.bucket)")
         selector = _mapping(data, "nodeSelector", "spec")
@@ -240,6 +300,7 @@ class WriteCacheSpec:
             drain=drain,
             csi=CSISpec.from_dict(_mapping(data, "csi", "spec")),
             resources=dict(_mapping(data, "resources", "spec")),
+            access=AccessSpec.from_dict(_mapping(data, "access", "spec")),
         )
 
 
