@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cistern.cachenode.journal import CLEAN, DIR, DIRTY, REMOTE, Entry, Journal
+from cistern.cachenode.objectmeta import mode_from_metadata  # issue 13: no setuid
 from cistern.cachenode.retry import RetryPolicy
 from cistern.cachenode.store import ObjectInfo, ObjectStore, StoreError
 from cistern.config import CacheConfig, DrainPolicy, FlushPolicy
@@ -903,7 +904,7 @@ class CacheCore:
     def _apply_metadata(entry: Entry, metadata: dict[str, str]) -> None:
         try:
             if "mode" in metadata:
-                entry.mode = stat.S_IFREG | (int(metadata["mode"], 8) & 0o7777)
+                entry.mode = stat.S_IFREG | mode_from_metadata(metadata["mode"])  # issue 13
             if "uid" in metadata:
                 entry.uid = int(metadata["uid"])
             if "gid" in metadata:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -292,3 +293,26 @@ def test_concurrent_calls_on_one_target_are_aborted(start_driver: Any, cache: Ca
         cache.process.send_signal(signal.SIGCONT)
     publish(driver, target)  # with the daemon back, the same call succeeds
     unpublish(driver, target)
+
+
+def test_setuid_from_the_bucket_never_reaches_a_read_only_publish(
+        driver: Driver, cache: CacheNode, tmp_path: Path) -> None:
+    """Issue 13: whoever can write the bucket plants a setuid-root file; a pod reading the
+    volume read-only must get neither the bit nor a mount that would honour it."""
+    planted = cache.store / "planted" / "su"
+    planted.parent.mkdir()
+    planted.write_bytes(b"#!/bin/sh\nid\n")
+    os.chown(planted, 0, 0)
+    planted.chmod(0o6755)  # the file:// store's metadata is the file's own mode
+    target = tmp_path / "ro"
+    publish(driver, target, volume_id="ckpt/planted", readonly=True)
+    try:
+        assert (target / "su").read_bytes() == b"#!/bin/sh\nid\n"  # fetched: metadata applied
+        mode = (target / "su").stat().st_mode
+        assert mode & (stat.S_ISUID | stat.S_ISGID) == 0, oct(mode)
+        assert mode & 0o777 == 0o755  # the rest of the mode is kept
+        for point in (target, cache.mount):
+            entry = read_mount_table().at(point)
+            assert entry is not None and {"nosuid", "nodev"} <= entry.options, (point, entry)
+    finally:
+        unpublish(driver, target, "ckpt/planted")
