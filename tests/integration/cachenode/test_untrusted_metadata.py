@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 from typing import Any
 
 from cistern.cachenode.objectmeta import mode_from_metadata
@@ -26,8 +27,8 @@ def test_mount_is_nosuid_nodev_and_planted_setuid_is_stripped(make_node: Any, bu
     s3.put_object(Bucket=bucket, Key="tools/su", Body=b"#!/bin/sh\nid\n",
                   Metadata={"mode": "6755", "uid": "0", "gid": "0"})
     node = make_node(bucket)
-    options = next(line.split()[5] for line in open("/proc/self/mountinfo")
-                   if line.split()[4] == str(node.mount))
+    mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+    options = next(line.split()[5] for line in mountinfo if line.split()[4] == str(node.mount))
     assert {"nosuid", "nodev"} <= set(options.split(",")), options
     path = node.mount / "tools" / "su"
     assert path.read_bytes() == b"#!/bin/sh\nid\n"  # fetched: its metadata is applied now
