@@ -56,9 +56,10 @@ _CACHE_KEY_MAX = 63
 def cache_key(namespace: str, name: str) -> str:
     r"""The node-wide name of WriteCache ``namespace/name``; unique across namespaces.
 
-    It names the mount ``<mountRoot>/<key>``, the host cache directory ``<hostPath>/<key>``, the
-    node label and CSI topology key ``csi.cistern.dev/<key>`` and the access policy
-    ``<key>.json``, so it is at most 63 characters of ``[a-z0-9.\-_]``: ``<namespace>.<name>``
+    It names the mount ``<mountRoot>/<key>``, the node label and CSI topology key
+    ``csi.cistern.dev/<key>``, the access policy ``<key>.json`` and the operator's objects
+    (the host cache directory is ``<hostPath>/<namespace>/<name>``), so it is at most 63
+    characters of ``[a-z0-9.\-_]``: ``<namespace>.<name>``
     (namespaces and WriteCache names are DNS labels, so the first dot separates them), or, when
     that is longer, its first 46 characters, ``_`` and 16 hex digits of its SHA-256 (``_``
     never occurs in the plain form, so a hashed key never equals a plain one). Without a
@@ -313,16 +314,17 @@ def render_node_config(
     name: str,
     spec: WriteCacheSpec,
     *,
+    namespace: str = "",
     mount_root: str = DEFAULT_MOUNT_ROOT,
     cache_dir: str | None = None,
-    control: str = "0.0.0.0:9464",
+    control: str = "127.0.0.1:9464",
     control_token_file: str | None = None,
 ) -> NodeConfig:
     """The configuration the daemon of WriteCache ``name`` runs with on every selected node.
 
     ``cache_dir`` is where the daemon sees its cache directory (inside its container);
-    by default ``spec.cache.hostPath`` itself. The FUSE mount is ``<mount_root>/<name>``,
-    where the CSI driver looks for it.
+    by default ``spec.cache.hostPath`` itself. The FUSE mount is
+    ``<mount_root>/<cache_key(namespace, name)>``, where the CSI driver looks for it.
     """
     if not _DNS_LABEL.fullmatch(name) or len(name) > 63:
         raise ConfigError(f"metadata.name: {name!r} must be a DNS label (a-z, 0-9, '-')")
@@ -333,7 +335,7 @@ def render_node_config(
         store=StoreConfig(url=store.url, endpoint_url=store.endpoint, region=store.region,
                           path_style=store.path_style,
                           keep_last_checkpoints=retention.keep_last_checkpoints_in_store),
-        mount=f"{mount_root.rstrip('/')}/{name}",
+        mount=f"{mount_root.rstrip('/')}/{cache_key(namespace, name)}",
         cache=CacheConfig(
             dir=cache_dir or spec.cache.host_path,
             capacity_bytes=cache.capacity_bytes,

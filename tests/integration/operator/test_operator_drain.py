@@ -17,7 +17,7 @@ from cistern.operator.kubeapi import (
     WRITECACHES,
 )
 
-from .conftest import NAMESPACE, Cluster, operator_settings, running_operator, wait_for
+from .conftest import NAMESPACE, WORKLOAD, Cluster, operator_settings, running_operator, wait_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
 
@@ -35,9 +35,9 @@ def writecache(drain_timeout: str = "10m") -> dict[str, Any]:
 async def deploy(cluster: Cluster, drain_timeout: str = "10m") -> str:
     """A running WriteCache with daemons on both nodes; returns the control token."""
     await cluster.api.create(WRITECACHES, writecache(drain_timeout), NAMESPACE)
-    await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE),
+    await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD),
                    what="the DaemonSet")
-    secret = await wait_for(lambda: cluster.api.get(SECRETS, "cistern-ckpt-control", NAMESPACE))
+    secret = await wait_for(lambda: cluster.api.get(SECRETS, "cistern-ml.ckpt-control", WORKLOAD))
     token = base64.b64decode(secret["data"]["token"]).decode()
     for daemon in cluster.daemons.values():
         daemon.token = token
@@ -191,11 +191,11 @@ async def test_delete_waits_for_every_node_to_flush(cluster: Cluster) -> None:
         wc = cluster.writecache("ckpt")
         assert wc is not None and wc["metadata"].get("deletionTimestamp")
         assert "cistern.dev/finalizer" in wc["metadata"]["finalizers"]
-        assert await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE) is not None
+        assert await cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD) is not None
 
         daemon_a.state.update(dirty_bytes=0, state="drained")
         await wait_for(lambda: cluster.writecache("ckpt") is None, what="the WriteCache gone")
-        assert await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE) is None
+        assert await cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD) is None
         assert cluster.obj("storage.k8s.io/v1/storageclasses", "cistern-ckpt", None) is None
         assert await cluster.api.get(PDBS, GUARD_A, NAMESPACE) is None
         assert await wait_for(lambda: cluster.events("Drained"))
@@ -214,7 +214,7 @@ async def test_delete_with_abandon_annotation_skips_the_flush(cluster: Cluster) 
         assert not cluster.daemons["node-a"].posts("/drain")
         events = await wait_for(lambda: cluster.events("DirtyDataAbandoned"))
         assert "7Mi" in events[0]["message"]
-        assert await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE) is None
+        assert await cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD) is None
 
 
 async def test_guard_follows_the_daemon_pods(cluster: Cluster) -> None:
@@ -222,16 +222,16 @@ async def test_guard_follows_the_daemon_pods(cluster: Cluster) -> None:
         await deploy(cluster)
         # A daemon pod being replaced keeps its guard ...
         await cluster.api.patch(PODS, "cistern-ckpt-node-b", {"metadata": {
-            "finalizers": ["test/terminating"]}}, NAMESPACE)
-        await cluster.api.delete(PODS, "cistern-ckpt-node-b", NAMESPACE)
-        terminating = await cluster.api.get(PODS, "cistern-ckpt-node-b", NAMESPACE)
+            "finalizers": ["test/terminating"]}}, WORKLOAD)
+        await cluster.api.delete(PODS, "cistern-ckpt-node-b", WORKLOAD)
+        terminating = await cluster.api.get(PODS, "cistern-ckpt-node-b", WORKLOAD)
         assert terminating is not None and terminating["metadata"]["deletionTimestamp"]
         await asyncio.sleep(1.0)
         assert await cluster.api.get(PDBS, GUARD_B, NAMESPACE) is not None
         # ... a node that no longer runs a daemon (nodeSelector changed) loses it.
         await cluster.api.patch(PODS, "cistern-ckpt-node-b", {"metadata": {"finalizers": []}},
-                                NAMESPACE)
-        assert await cluster.api.get(PODS, "cistern-ckpt-node-b", NAMESPACE) is None
+                                WORKLOAD)
+        assert await cluster.api.get(PODS, "cistern-ckpt-node-b", WORKLOAD) is None
         await wait_for(lambda: _gone(cluster, PDBS, GUARD_B), what="node-b's guard removed")
         assert await cluster.api.get(PODS, GUARD_B, NAMESPACE) is None
         assert await cluster.api.get(PDBS, GUARD_A, NAMESPACE) is not None
