@@ -88,8 +88,9 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         priority_class_name=args.priority_class or None,
         check_object_store=not args.no_bucket_check,
         workload_namespace=args.workload_namespace,
-        allowed_node_selector_keys=tuple(args.allowed_node_selector_keys)
-        if args.allowed_node_selector_keys else None,
+        # "--allowed-node-selector-key=" alone: no key is allowed.
+        allowed_node_selector_keys=tuple(k for k in args.allowed_node_selector_keys if k)
+        if args.allowed_node_selector_keys is not None else None,
         forbid_control_plane=not args.allow_control_plane,
         max_drain_timeout=args.max_drain_timeout,
         finalizer_timeout=args.finalizer_timeout,
