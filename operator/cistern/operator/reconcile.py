@@ -407,7 +407,7 @@ class Reconciler:
         status = fresh.get("status") or {}
         previous_nodes = {n.get("node"): n for n in status.get("nodes") or []}
         observed = await self.observe(namespace, name)
-        drain_timeout = _drain_timeout(fresh)
+        drain_timeout = min(_drain_timeout(fresh), self.settings.max_drain_timeout)
         node_objects = {n["metadata"]["name"]: n for n in await self.api.list(NODES)}
         summaries = []
         running_nodes = set()
@@ -659,6 +659,14 @@ class Reconciler:
                 if waited >= timeout:
                     message += (f" (past the drain timeout of {timeout:.0f}s; annotate "
                                 f"{ABANDON_ANNOTATION}=true to delete without flushing)")
+                deadline = self.finalize_deadline(body)
+                if waited >= deadline:
+                    # Give up waiting (polled slowly from now on), loudly, keeping the data.
+                    await self.report_problem(body, Problem(
+                        "FinalizerTimedOut", f"deletion gave up after {deadline:.0f}s waiting "
+                        f"for the nodes to flush (unreachable or dirty daemons); the cache "
+                        f"daemons and their data stay; annotate {ABANDON_ANNOTATION}=true to "
+                        f"delete without flushing", temporary=True))
                 return message
             if observed.endpoints:
                 self.post_event(body, "Normal", "Drained",
@@ -666,6 +674,12 @@ class Reconciler:
                                 "cache daemons")
         await self.cleanup(body)
         return None
+
+    def finalize_deadline(self, body: Mapping[str, Any]) -> float:
+        """Seconds after which a deletion stops waiting: the (bounded) drain timeout plus the
+        finalizer timeout."""
+        return min(_drain_timeout(body), self.settings.max_drain_timeout) + \
+            self.settings.finalizer_timeout
 
     async def cleanup(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]

@@ -61,3 +61,6 @@ class OperatorSettings:
     finalizer_timeout: float = 3600.0
     """Seconds a deletion waits for unreachable or dirty daemons beyond the drain timeout
     before it gives up (Degraded, an Event naming the abandon annotation), keeping the data."""
+    finalizer_gave_up_poll: float = 60.0
+    """Seconds between checks of a deletion that gave up (it still notices the abandon
+    annotation, or daemons that came back and flushed)."""

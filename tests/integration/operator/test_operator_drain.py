@@ -235,3 +235,26 @@ async def test_guard_follows_the_daemon_pods(cluster: Cluster) -> None:
         await wait_for(lambda: _gone(cluster, PDBS, GUARD_B), what="node-b's guard removed")
         assert await cluster.api.get(PODS, GUARD_B, NAMESPACE) is None
         assert await cluster.api.get(PDBS, GUARD_A, NAMESPACE) is not None
+
+
+async def test_finalizer_gives_up_with_degraded_and_an_event(cluster: Cluster) -> None:
+    """Issue 13: an unreachable or dirty daemon must not hold a deletion for ever."""
+    settings = operator_settings(cluster, finalizer_timeout=0.5, finalizer_gave_up_poll=0.5)
+    async with running_operator(cluster, settings):
+        await deploy(cluster, drain_timeout="1s")
+        cluster.daemons["node-a"].state["dirty_bytes"] = 5 * 2**20
+        await cluster.api.delete(WRITECACHES, "ckpt", NAMESPACE)
+        degraded = await wait_for(lambda: _condition(cluster, "Degraded", "True"),
+                                  what="Degraded after the finalizer timeout")
+        assert degraded["reason"] == "FinalizerTimedOut"
+        assert "cistern.dev/abandon-dirty-data" in degraded["message"]
+        events = await wait_for(lambda: cluster.events("FinalizerTimedOut"))
+        assert "cistern.dev/abandon-dirty-data=true" in events[0]["message"]
+        # Gave up waiting, not on the data: the cache stays until the annotation says so.
+        wc = cluster.writecache("ckpt")
+        assert wc is not None and "cistern.dev/finalizer" in wc["metadata"]["finalizers"]
+        assert await cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD) is not None
+        await cluster.api.patch(WRITECACHES, "ckpt", {"metadata": {"annotations": {
+            "cistern.dev/abandon-dirty-data": "true"}}}, NAMESPACE)
+        await wait_for(lambda: cluster.writecache("ckpt") is None, what="the WriteCache gone")
+        assert await cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD) is None
