@@ -220,7 +220,7 @@ class CSISpec:
 
 @dataclass(frozen=True)
 class AccessSpec:
-    """``spec.access``: which namespaces may use this cache, and what files may carry."""
+    """``spec.access``: which namespaces may use this cache (its own always may)."""
 
     namespaces: tuple[str, ...] = ()
     """Namespaces (besides the WriteCache's own) whose pods and PVCs may use the cache;
@@ -228,13 +228,11 @@ class AccessSpec:
     namespace_selector: dict[str, Any] | None = None
     """A label selector (``matchLabels``/``matchExpressions``) over namespaces that may use
     it; the operator resolves it to a list."""
-    allow_setuid: bool = False
-    """Keep setuid/setgid bits that objects' metadata asks for (stripped otherwise)."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AccessSpec:
         where = "spec.access"
-        _known(data, {"namespaces", "namespaceSelector", "allowSetuid"}, where)
+        _known(data, {"namespaces", "namespaceSelector"}, where)
         names = data.get("namespaces") or []
         if not isinstance(names, list) or not all(
                 isinstance(n, str) and (n == "*" or (len(n) <= 63 and _DNS_LABEL.fullmatch(n)))
@@ -245,12 +243,8 @@ class AccessSpec:
             if not isinstance(selector, Mapping):
                 raise ConfigError(f"{where}.namespaceSelector: expected a label selector")
             _known(selector, {"matchLabels", "matchExpressions"}, f"{where}.namespaceSelector")
-        allow = data.get("allowSetuid", False)
-        if not isinstance(allow, bool):
-            raise ConfigError(f"{where}.allowSetuid: expected true or false")
         return cls(namespaces=tuple(dict.fromkeys(names)),
-                   namespace_selector=dict(selector) if selector is not None else None,
-                   allow_setuid=allow)
+                   namespace_selector=dict(selector) if selector is not None else None)
 
 
 @dataclass(frozen=True)

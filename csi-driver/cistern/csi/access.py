@@ -6,7 +6,7 @@ selector) into a namespace list and writes it, as ``<cache-key>.json``, into the
 read-only (mode 0400, root) at ``--access-dir``. The kubelet refreshes the files when the
 ConfigMap changes, so a policy is read at every call, never remembered. A policy::
 
-    {"writeCache": "team-a/ckpt", "namespaces": ["team-a", "team-b"], "allowSetuid": false}
+    {"writeCache": "team-a/ckpt", "namespaces": ["team-a", "team-b"]}
 
 ``"*"`` in ``namespaces`` admits every namespace. A cache without a policy file admits no
 namespace: an unknown cache is never open by default.
