@@ -248,6 +248,7 @@ def test_operator_rbac_is_least_privilege(helm: Path, tmp_path: Path) -> None:
                 for group in rule["apiGroups"] for resource in rule["resources"]}
     assert "create" in workload[("apps", "daemonsets")]
     assert "create" in workload[("", "secrets")]
+    assert "list" not in workload[("", "secrets")]  # no role lists Secrets
     binding = find(docs, "RoleBinding", "-operator-workloads")
     assert binding["metadata"]["namespace"] == "cistern-system"
 
