@@ -36,6 +36,7 @@ import yaml
 from cistern.config import NodeConfig
 from cistern.operator.patches import fingerprint
 from cistern.operator.settings import OperatorSettings
+from cistern.operator.tenancy import CONTROL_PLANE_LABELS
 from cistern.writecache import (
     CSI_DRIVER_NAME,
     WriteCacheSpec,
@@ -74,8 +75,7 @@ LABEL_NODE = "cistern.dev/node"
 LABEL_NAMESPACE = "cistern.dev/writecache-namespace"
 ACCESS_CONFIGMAP = "cistern-access"
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-#: Node labels that mark control-plane nodes; a WriteCache may never place daemons there.
-CONTROL_PLANE_LABELS = ("node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master")
+
 CONFIG_HASH = "cistern.dev/config-hash"
 CONFIG_DIR = "/etc/cistern"
 TOKEN_DIR = "/etc/cistern-control"

@@ -12,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from cistern.operator.manifests import CONTROL_PLANE_LABELS
 from cistern.writecache import WriteCacheSpec
 
-__all__ = ["PlacementError", "check_placement", "selector_matches", "selected_namespaces"]
+__all__ = ["CONTROL_PLANE_LABELS", "PlacementError", "check_placement", "selected_namespaces",
+           "selector_matches"]
+
+#: Node labels (and taint keys) that mark control-plane nodes.
+CONTROL_PLANE_LABELS = ("node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master")
 
 
 class PlacementError(ValueError):
