@@ -24,7 +24,6 @@ from cistern.operator.disruption import disruption_reason
 from cistern.operator.kubeapi import (
     CONFIGMAPS,
     DAEMONSETS,
-    NAMESPACES,
     NODES,
     PDBS,
     PODS,
@@ -34,6 +33,7 @@ from cistern.operator.kubeapi import (
     ApiError,
     KubeApi,
 )
+from cistern.operator.mirrors import Mirrors
 from cistern.operator.settings import OperatorSettings
 from cistern.operator.status import (
     ClusterView,
@@ -43,7 +43,7 @@ from cistern.operator.status import (
     node_summary,
     totals,
 )
-from cistern.operator.tenancy import PlacementError, check_placement, selected_namespaces
+from cistern.operator.tenancy import PlacementError, check_placement
 from cistern.writecache import WriteCacheSpec, storage_class_name
 
 __all__ = ["ABANDON_ANNOTATION", "EventSink", "Problem", "Reconciler"]
@@ -98,6 +98,7 @@ class Reconciler:
         self.daemons = daemons
         self.settings = settings
         self.post_event = post_event
+        self.mirrors = Mirrors(api, settings)
 
     # ---------------------------------------------------------------- spec -> objects
 
@@ -153,10 +154,10 @@ class Reconciler:
             await self.api.create(SECRETS, manifests.control_secret(
                 body, secrets.token_urlsafe(32), self.settings), workload)
             results["Secret"] = "created"
-        copied = await self.sync_credentials(body, spec)
+        copied = await self.mirrors.credentials(body, spec)
         if copied != "unchanged":
             results["Credentials"] = copied
-        access = await self.sync_access(body, spec)
+        access = await self.mirrors.access(body, spec)
         if access != "unchanged":
             results["AccessPolicy"] = access
         results["ConfigMap"] = await self.api.apply(
@@ -169,55 +170,6 @@ class Reconciler:
             logger.info("WriteCache %s/%s: %s", namespace, name,
                         ", ".join(f"{k} {v}" for k, v in changed.items()))
         return results
-
-    async def sync_credentials(self, body: Mapping[str, Any], spec: WriteCacheSpec) -> str:
-        """Copy the tenant's credentials Secret into the workload namespace (or update the
-        copy); the daemons read only the copy. ``created``/``patched``/``unchanged``/``gone``."""
-        meta = body["metadata"]
-        source_name = spec.object_store.credentials_secret
-        copy_name = manifests.names(meta["name"], meta["namespace"]).credentials
-        source = None
-        if source_name:
-            source = await self.api.get(SECRETS, source_name, meta["namespace"])
-        if source is None:
-            # No reference (the node's own identity), or the Secret vanished: a copy must not
-            # outlive what it copies.
-            if await self.api.get(SECRETS, copy_name, self.settings.workload_namespace):
-                await self.api.delete(SECRETS, copy_name, self.settings.workload_namespace)
-                return "deleted"
-            return "unchanged"
-        return await self.api.apply(SECRETS, manifests.credentials_secret(
-            body, source, self.settings))
-
-    async def sync_access(self, body: Mapping[str, Any], spec: WriteCacheSpec) -> str:
-        """Publish which namespaces may use this cache (``cistern-access``, read by the CSI
-        driver); a label selector is resolved against the namespaces now."""
-        selected: list[str] = []
-        if spec.access.namespace_selector is not None:
-            selected = selected_namespaces(await self.api.list(NAMESPACES),
-                                           spec.access.namespace_selector)
-        key, policy = manifests.access_policy(body, spec, selected)
-        return await self._set_access_entry(key, policy)
-
-    async def _set_access_entry(self, key: str, policy: str | None) -> str:
-        workload = self.settings.workload_namespace
-        current = await self.api.get(CONFIGMAPS, manifests.ACCESS_CONFIGMAP, workload)
-        if current is None:
-            if policy is None:
-                return "unchanged"
-            await self.api.create(CONFIGMAPS, {
-                "apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": manifests.ACCESS_CONFIGMAP, "namespace": workload,
-                             "labels": {"app.kubernetes.io/name": "cistern",
-                                        "app.kubernetes.io/managed-by": "cistern-operator",
-                                        manifests.LABEL_ROLE: "access"}},
-                "data": {key: policy}}, workload)
-            return "created"
-        if (current.get("data") or {}).get(key) == policy:
-            return "unchanged"
-        await self.api.patch(CONFIGMAPS, manifests.ACCESS_CONFIGMAP, {"data": {key: policy}},
-                             workload)
-        return "patched" if policy is not None else "deleted"
 
     async def _apply_storage_class(self, body: Mapping[str, Any], spec: WriteCacheSpec) -> str:
         """StorageClass parameters and reclaim policy are immutable: replace it if they change."""
@@ -460,8 +412,8 @@ class Reconciler:
         spec = WriteCacheSpec.from_dict(body.get("spec") or {}) if _valid(body) else None
         if spec is None or (body.get("status") or {}).get("specProblem"):
             return
-        for what, result in (("credentials", await self.sync_credentials(body, spec)),
-                             ("access policy", await self.sync_access(body, spec))):
+        for what, result in (("credentials", await self.mirrors.credentials(body, spec)),
+                             ("access policy", await self.mirrors.access(body, spec))):
             if result != "unchanged":
                 logger.info("WriteCache %s/%s: %s %s", body["metadata"]["namespace"],
                             body["metadata"]["name"], what, result)
@@ -697,7 +649,7 @@ class Reconciler:
         await self.api.delete(CONFIGMAPS, n.configmap, workload)
         await self.api.delete(SECRETS, n.secret, workload)
         await self.api.delete(SECRETS, n.credentials, workload)
-        await self._set_access_entry(f"{n.key}.json", None)
+        await self.mirrors.remove_access(n.key)
         await self._delete_storage_classes(body, keep=None)
         await self._remove_node_labels(name, namespace)
         logger.info("WriteCache %s/%s: removed its daemons, StorageClass and node labels",
