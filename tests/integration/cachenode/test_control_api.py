@@ -19,7 +19,7 @@ import pytest
 
 from cistern.cachenode.control import MAX_BODY, MAX_HEAD, ControlServer
 from cistern.config import ConfigError, NodeConfig
-from cistern.testing.s3server import free_port
+from support.s3server import free_port
 
 TOKEN = "s3cr3t-token"
 SECRET_URL = "http://AKIAEXAMPLE:wJalrXUtnFEMI@minio.example:9000/bucket"
