@@ -88,6 +88,16 @@ def parse_hostport(value: str, where: str = "address") -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP (127.0.0.0/8, ::1); tenancy (issue 13)."""
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _hostport(value: Any, where: str) -> str:
     parse_hostport(text(value, where), where)
     return str(value)
@@ -296,8 +306,9 @@ class NodeConfig(Section):
         shown=f"`{DEFAULT_CONTROL}`")
     control_token_file: str | None = setting(
         "controlTokenFile", None, _unset_if_empty(text),
-        "file with a bearer token that `POST /flush`, `/drain`, `/resume` must present; set it "
-        "whenever `control` is not loopback", shown="unset")
+        "file with a bearer token that `POST /flush`, `/drain`, `/resume` must present; required "
+        "(the config is refused without it) when `control` is not a loopback address; an empty "
+        "file is refused at start-up", shown="unset")
     fuse_frontend: FuseFrontend = setting(
         "fuseFrontend", "auto", choice(FuseFrontend),
         "`passthrough` (kernel FUSE passthrough: the kernel reads and writes the cache file "
@@ -306,6 +317,13 @@ class NodeConfig(Section):
     allow_other: bool = setting(
         "allowOther", True, boolean,
         "let other users (pods) use the mount (a YAML boolean)", shown="`true`")
+
+    def __post_init__(self) -> None:
+        # tenancy (issue 13): any address but loopback needs a token (docs/security.md).
+        host, _ = parse_hostport(self.control, "control")
+        if not self.control_token_file and not _is_loopback(host):
+            raise ConfigError(f"control: {host} is not a loopback address; set "
+                              "controlTokenFile to protect the control API")
 
     def replace(self, **changes: Any) -> NodeConfig:
         return dataclasses.replace(self, **changes)

@@ -130,11 +130,15 @@ class NodeDaemon:
             except OSError as exc:
                 raise StartupError(f"control token file {cfg.control_token_file}: "
                                    f"{exc.strerror}") from exc
+            if not token:  # an empty token would accept "Bearer "
+                raise StartupError(f"control token file {cfg.control_token_file} is empty")
         host, port = parse_hostport(cfg.control, "control")
         try:
             self.control = ControlServer(self, host, port, token)
         except OSError as exc:
             raise StartupError(f"control address {cfg.control}: {exc.strerror}") from exc
+        except ValueError as exc:  # a non-loopback address without a token
+            raise StartupError(str(exc)) from exc
         try:
             self.frontend = select_frontend(cfg.fuse_frontend)
         except FrontendUnavailable as exc:
