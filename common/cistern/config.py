@@ -407,13 +407,17 @@ class NodeConfig:
     """``auto``, ``passthrough`` or ``pyfuse3``."""
     allow_other: bool = True
     """Let other users (pods) use the mount; requires root or user_allow_other."""
+    fuse_holder: str | None = None
+    """Unix socket of a FUSE connection holder (``cistern-node holder``): the mount then
+    survives the daemon (crash, restart, upgrade). None: the mount ends with the daemon."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> NodeConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"node config: expected a mapping, got {type(data).__name__}")
         _check_keys(data, {"store", "mount", "cache", "flush", "drain", "control",
-                           "controlTokenFile", "fuseFrontend", "allowOther"}, "node config")
+                           "controlTokenFile", "fuseFrontend", "allowOther", "fuseHolder"},
+                    "node config")
         d = cls(store=StoreConfig(url="file:///"))
         control = str(data.get("control", d.control))
         parse_hostport(control, "control")
@@ -428,6 +432,7 @@ class NodeConfig:
             fuse_frontend=_enum(data.get("fuseFrontend", d.fuse_frontend),
                                 ("auto", "passthrough", "pyfuse3"), "fuseFrontend"),
             allow_other=bool(data.get("allowOther", d.allow_other)),
+            fuse_holder=data.get("fuseHolder") or None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -443,6 +448,8 @@ class NodeConfig:
         }
         if self.control_token_file:
             out["controlTokenFile"] = self.control_token_file
+        if self.fuse_holder:
+            out["fuseHolder"] = self.fuse_holder
         return out
 
     def replace(self, **changes: Any) -> NodeConfig:
