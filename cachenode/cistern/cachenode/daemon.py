@@ -214,7 +214,8 @@ class NodeDaemon:
         if left:
             log.info("stopped with %d dirty bytes journaled; they upload on the next start",
                      left)
-        log.info("unmounted %s", os.path.abspath(self.config.mount))
+        log.info("%s %s", "left to the FUSE holder:" if getattr(self.frontend, "held", False)
+                 else "unmounted", os.path.abspath(self.config.mount))
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         log.info("interrupted: unmounting (dirty data stays journaled)")

@@ -40,9 +40,17 @@ class _StateCollector(Collector):
                 ("passthroughOpens", "cistern_fuse_passthrough_opens",
                  "Opens served by kernel passthrough to the local data file"),
                 ("directIoOpens", "cistern_fuse_direct_io_opens",
-                 "Opens served by the daemon (data not local yet, or no backing file)")):
+                 "Opens served by the daemon (data not local yet, or no backing file)"),
+                ("takeovers", "cistern_fuse_takeovers",
+                 "Daemons that took this FUSE connection over from a dead one (holder)"),
+                ("resentRequests", "cistern_fuse_resent_requests",
+                 "Requests the kernel sent again after a takeover (FUSE_NOTIFY_RESEND)")):
             if key in fuse:
                 yield CounterMetricFamily(name, doc, value=float(fuse[key]))
+        if fuse.get("lastTakeoverPauseSeconds") is not None:
+            yield GaugeMetricFamily("cistern_fuse_last_takeover_pause_seconds",
+                                    "Seconds the mount went without a daemon before the last "
+                                    "takeover", value=float(fuse["lastTakeoverPauseSeconds"]))
         if "openBackingFiles" in fuse:
             yield GaugeMetricFamily("cistern_fuse_open_backing_files",
                                     "Backing files registered with the kernel now",
