@@ -92,21 +92,43 @@ class HeldNode(NodeProcess):
         self.proc.wait(10)
 
 
+class HolderProcess:
+    """``cistern-node holder`` as a child process."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.socket = workdir / "holder.sock"
+        self.log_path = workdir / "holder.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> HolderProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cistern.cachenode.cli", "holder", "--socket",
+                 str(self.socket), "--log-level", "debug"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_for("the holder socket", self.socket.exists, 10)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+        _wait_for("the holder socket to go", lambda: not self.socket.exists(), 10)
+
+
 @pytest.fixture
-def holder(tmp_path: Path) -> Iterator[Path]:
-    """``cistern-node holder``. Stopping it ends every connection no daemon serves, which
-    also wakes anything a failed test left waiting on the mount."""
-    socket_path = tmp_path / "holder.sock"
-    log = open(tmp_path / "holder.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "cistern.cachenode.cli", "holder",
-                             "--socket", str(socket_path), "--log-level", "debug"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_for("the holder socket", socket_path.exists, 10)
-    yield socket_path
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(10)
-    log.close()
+def holder_process(tmp_path: Path) -> Iterator[HolderProcess]:
+    """Stopping the holder ends every connection no daemon serves, which also wakes
+    anything a failed test left waiting on the mount."""
+    holder = HolderProcess(tmp_path).start()
+    yield holder
+    holder.stop()
     _unmount(tmp_path / "node" / "mnt")
+
+
+@pytest.fixture
+def holder(holder_process: HolderProcess) -> Path:
+    return holder_process.socket
 
 
 @pytest.fixture
@@ -327,3 +349,17 @@ def test_pyfuse3_refuses_a_held_connection(held_node: Any, bucket: str, tmp_path
     assert "pyfuse3 front end cannot serve a connection it did not mount" in done.stderr
     node.start()
     assert (node.mount / "x").read_text() == "kept"
+
+
+def test_a_restarted_holder_gets_the_connection_back(held_node: Any, bucket: str,
+                                                     holder_process: HolderProcess) -> None:
+    node = held_node(bucket)
+    holder_process.stop()  # the daemon holds its own copy: the mount lives on
+    (node.mount / "a").write_text("served without a holder")
+    holder_process.start()
+    _wait_for("the daemon to hand its connection to the new holder",
+              lambda: "holds our connection again" in node.log())
+    node.kill_only()
+    node.start()
+    assert (node.mount / "a").read_text() == "served without a holder"
+    assert node.status()["fuse"]["takeovers"] == 1
