@@ -359,6 +359,9 @@ class PassthroughFrontend:
         if self._devfd >= 0 and not any(w.is_alive() for w in self._workers):
             os.close(self._devfd)
             self._devfd = -1
+            if self._session is not None:
+                self._session.close()
+                self._session = None
 
     def status(self) -> dict[str, Any]:
         """What /status and /metrics report about this front end."""

@@ -17,7 +17,8 @@ Protocol (SOCK_SEQPACKET, one JSON object per message, files as SCM_RIGHTS):
 * ``{"op": "list"}`` -> ``{"ok": true, "mounts": [...]}``.
 
 The holder drops a connection when the kernel ends it (the mount was unmounted: poll(2)
-reports POLLERR on the /dev/fuse file). Only peers with the holder's own uid (or root) are
+reports POLLERR on the /dev/fuse file; it polls only connections no daemon serves, since a
+poll on /dev/fuse is woken by every request). Only peers with the holder's own uid (or root) are
 served. Stopping the holder ends the mounts that no daemon is serving at that moment; a
 running daemon keeps its mount and hands it to the next holder it reaches.
 """
@@ -116,8 +117,11 @@ class HolderServer:
             poller.register(fd, select.POLLIN)
         by_devfd = {}
         for held in self._held.values():
-            poller.register(held.devfd, 0)  # only POLLERR: the kernel ended the connection
-            by_devfd[held.devfd] = held
+            # Only while no daemon serves it (a daemon sees the end itself, then leaves): a
+            # poll on /dev/fuse is woken by every request queued on the connection.
+            if held.owner is None:
+                poller.register(held.devfd, 0)  # POLLERR only: the kernel ended it
+                by_devfd[held.devfd] = held
         for fd, events in poller.poll(5000):
             if fd == self._wake_r:
                 with contextlib.suppress(OSError):
