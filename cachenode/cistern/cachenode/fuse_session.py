@@ -49,6 +49,10 @@ FREE = 0
 OPEN = 1
 RESERVED = 2
 
+_pack_slot = SLOT.pack_into
+_pack_u32 = struct.Struct("<I").pack_into
+_pack_u64 = struct.Struct("<Q").pack_into
+
 assert HEADER.size <= HEADER_SPACE and SLOT.size == 32
 
 
@@ -127,32 +131,34 @@ class SessionFile:
                                         HEADER_SPACE + index * SLOT.size + 4], "little")
 
     def reserve(self, ino: int, flags: int, backing_id: int, passthrough: bool) -> int:
-        """Record a new handle (RESERVED) and return the file handle for the kernel."""
-        with self._lock:
-            if self._free:
-                index = self._free.pop()
-            else:
+        """Record a new handle (RESERVED) and return the file handle for the kernel.
+
+        On the open path: a slot from the free list costs no lock (list.pop and append are
+        atomic); only growing the table takes the lock and moves the high-water mark.
+        """
+        try:
+            index = self._free.pop()
+        except IndexError:
+            with self._lock:
                 index = self._high
                 if index >= CAPACITY:
-                    raise OSError(23, "too many open files on this mount")  # ENFILE
+                    raise OSError(23, "too many open files on this mount") from None  # ENFILE
                 self._high = index + 1
-                struct.pack_into("<I", self._map, HEADER.size - 4, self._high)
-        offset = HEADER_SPACE + index * SLOT.size
-        SLOT.pack_into(self._map, offset, FREE, flags, ino, backing_id, int(passthrough), 0)
-        struct.pack_into("<I", self._map, offset, RESERVED)
+                _pack_u32(self._map, HEADER.size - 4, self._high)
+        offset = HEADER_SPACE + index * 32
+        _pack_slot(self._map, offset, FREE, flags, ino, backing_id, passthrough, 0)
+        _pack_u32(self._map, offset, RESERVED)
         return index + 1
 
     def confirm(self, fh: int, unique: int) -> None:
         """The reply naming ``fh`` is about to be written for request ``unique``."""
-        offset = HEADER_SPACE + (fh - 1) * SLOT.size
-        struct.pack_into("<Q", self._map, offset + 24, unique)
-        struct.pack_into("<I", self._map, offset, OPEN)
+        offset = HEADER_SPACE + (fh - 1) * 32
+        _pack_u64(self._map, offset + 24, unique)
+        _pack_u32(self._map, offset, OPEN)
 
     def free(self, fh: int) -> None:
-        index = fh - 1
-        struct.pack_into("<I", self._map, HEADER_SPACE + index * SLOT.size, FREE)
-        with self._lock:
-            self._free.append(index)
+        _pack_u32(self._map, HEADER_SPACE + (fh - 1) * 32, FREE)
+        self._free.append(fh - 1)
 
     def slots(self) -> list[Slot]:
         """Every slot in use, as the previous daemon left it."""
@@ -166,5 +172,4 @@ class SessionFile:
         return out
 
     def in_use(self) -> int:
-        with self._lock:
-            return self._high - len(self._free)
+        return self._high - len(self._free)
