@@ -124,7 +124,11 @@ class NodeDaemon:
             # Throttling or a blip at start-up is retried; a missing bucket is not.
             RetryPolicy(deadline=10.0).call("check the object store", store.check)
         except StoreError as exc:
-            raise StartupError(f"object store {store.description}: {exc}") from exc
+            if held is None:
+                raise StartupError(f"object store {store.description}: {exc}") from exc
+            # Applications wait on the held mount: serve it; uploads retry until S3 is back.
+            log.error("object store %s: %s; serving the held mount anyway", store.description,
+                      exc)
         token = None
         if cfg.control_token_file:
             try:

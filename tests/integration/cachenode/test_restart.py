@@ -363,3 +363,24 @@ def test_a_restarted_holder_gets_the_connection_back(held_node: Any, bucket: str
     node.start()
     assert (node.mount / "a").read_text() == "served without a holder"
     assert node.status()["fuse"]["takeovers"] == 1
+
+
+def test_the_held_mount_is_served_while_the_object_store_is_down(
+        held_node: Any, bucket: str, s3: Any, proxy: Any) -> None:
+    """A daemon without S3 refuses to start, except for a held mount: its applications are
+    waiting, and write-back needs no S3 to serve them."""
+    node = held_node(bucket, endpoint=proxy.endpoint, upload_delay=3600)
+    with open(node.mount / "during-outage.bin", "wb") as f:
+        f.write(b"written before")
+        os.fsync(f.fileno())
+        node.kill_only()
+        proxy.set(outage=True)
+        node.start(timeout=60)
+        f.write(b", fsync'd during the outage")
+        f.flush()
+        os.fsync(f.fileno())
+    assert "serving the held mount anyway" in node.log()
+    proxy.set(outage=False)
+    node.flush()
+    assert read_object(s3, bucket, "during-outage.bin") == \
+        b"written before, fsync'd during the outage"
