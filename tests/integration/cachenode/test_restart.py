@@ -25,19 +25,12 @@ from typing import Any
 import pytest
 
 from cistern.cachenode.fuse_passthrough import probe_passthrough
-from cistern.testing.node import NodeProcess
-from cistern.testing.s3server import TEST_CREDENTIALS, MotoServer, read_object
+from support.node import NodeProcess
+from support.s3server import TEST_CREDENTIALS, MotoServer, read_object
+from support.wait import wait_until
 
 KILLS = 20
 pytestmark = pytest.mark.timeout(150)
-
-
-def _wait_for(what: str, condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def is_mounted(path: Path) -> bool:
@@ -79,10 +72,10 @@ class HeldNode(NodeProcess):
                 raise RuntimeError(f"cistern-node exited with {self.proc.returncode}:\n"
                                    f"{self.log()}")
             with contextlib.suppress(OSError, urllib.error.URLError, ValueError):
-                return is_mounted(self.mount) and self.status()["state"] == "running"
+                return is_mounted(self.mount) and self.status().state == "running"
             return False
 
-        _wait_for("cistern-node to serve", up, timeout)
+        wait_until(up, timeout, "cistern-node to serve")
         return self
 
     def kill_only(self) -> None:
@@ -106,14 +99,14 @@ class HolderProcess:
                 [sys.executable, "-m", "cistern.cachenode.cli", "holder", "--socket",
                  str(self.socket), "--log-level", "debug"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_for("the holder socket", self.socket.exists, 10)
+        wait_until(self.socket.exists, 10, "the holder socket")
         return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(10)
-        _wait_for("the holder socket to go", lambda: not self.socket.exists(), 10)
+        wait_until(lambda: not self.socket.exists(), 10, "the holder socket to go")
 
 
 @pytest.fixture
@@ -171,9 +164,9 @@ def test_open_files_work_while_no_daemon_runs(held_node: Any, bucket: str, s3: A
     os.close(fd)
     node.flush()
     assert read_object(s3, bucket, "open.bin") == head + tail
-    fuse = node.status()["fuse"]
-    assert fuse["takeovers"] == 1 and fuse["held"] is True
-    assert fuse["lastTakeoverPauseSeconds"] > 0
+    fuse = node.status().fuse
+    assert fuse.takeovers == 1 and fuse.held is True
+    assert (fuse.last_takeover_pause_seconds or 0) > 0
     assert node.metric("cistern_fuse_takeovers_total") == 1
 
 
@@ -188,7 +181,7 @@ def test_a_writer_kept_open_across_a_restart_is_uploaded_after_its_close(
         os.fsync(f.fileno())
         node.kill_only()
         node.start()
-        assert node.status()["open_writers"] == 1
+        assert node.status().open_writers == 1
         f.write(b"b" * 1000)
     node.flush()
     assert read_object(s3, bucket, "long.bin") == b"a" * 1000 + b"b" * 1000
@@ -227,14 +220,14 @@ def test_a_request_the_dead_daemon_was_answering_is_resent(
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    _wait_for("the fetch to start", lambda: proxy.counts().get("GET", 0) >= 1, 15)
+    wait_until(lambda: proxy.counts().get("GET", 0) >= 1, 15, "the fetch to start")
     node.kill_only()  # the OPEN was read by this daemon and is not answered
     proxy.set(latency=0.0)
     node.start()
     reader.join(30)
     assert not reader.is_alive()
     assert result.get("data") == data, result.get("error")
-    assert node.status()["fuse"]["resentRequests"] >= 1
+    assert (node.status().fuse.resent_requests or 0) >= 1
 
 
 def _writer(directory: Path, lister: Path, stop: threading.Event, ops: list[Any],
@@ -304,21 +297,22 @@ def test_writer_through_a_bind_mount_sees_no_error_across_20_kill_9(
             def progressed(done: int = done) -> bool:
                 return len(files) > done or bool(errors)
 
-            _wait_for("the writer to finish a file", progressed)
+            wait_until(progressed, 30, "the writer to finish a file")
             assert not errors, errors
             time.sleep(rng.uniform(0.0, 0.3))  # a random moment of the writer's loop
             kills.append(time.monotonic())
             node.kill_only()
             node.start()
         done = len(files)
-        _wait_for("the writer to finish a file", lambda: len(files) > done or bool(errors))
+        wait_until(lambda: len(files) > done or bool(errors), 30,
+                   "the writer to finish a file")
     finally:
         stop.set()
         writer.join(60)
         subprocess.run(["umount", str(target)], check=False)
     assert not writer.is_alive()
     assert not errors, errors
-    assert node.status()["fuse"]["takeovers"] == KILLS
+    assert node.status().fuse.takeovers == KILLS
 
     # The pause per restart: the longest system call that ended between this kill and the
     # next one (calls blocked by the restart end right after it).
@@ -360,12 +354,12 @@ def test_a_restarted_holder_gets_the_connection_back(held_node: Any, bucket: str
     holder_process.stop()  # the daemon holds its own copy: the mount lives on
     (node.mount / "a").write_text("served without a holder")
     holder_process.start()
-    _wait_for("the daemon to hand its connection to the new holder",
-              lambda: "holds our connection again" in node.log())
+    wait_until(lambda: "holds our connection again" in node.log(), 30,
+               "the daemon to hand its connection to the new holder")
     node.kill_only()
     node.start()
     assert (node.mount / "a").read_text() == "served without a holder"
-    assert node.status()["fuse"]["takeovers"] == 1
+    assert node.status().fuse.takeovers == 1
 
 
 def test_the_held_mount_is_served_while_the_object_store_is_down(
