@@ -317,6 +317,11 @@ class NodeConfig(Section):
     allow_other: bool = setting(
         "allowOther", True, boolean,
         "let other users (pods) use the mount (a YAML boolean)", shown="`true`")
+    fuse_holder: str | None = setting(
+        "fuseHolder", None, _unset_if_empty(text),
+        "unix socket of a `cistern-node holder`: the mount then survives a crash, restart or "
+        "upgrade of the daemon (applications see a pause, not `ENOTCONN`); takeovers need the "
+        "passthrough front end (docs/restarts.md)", shown="unset")
 
     def __post_init__(self) -> None:
         # tenancy (issue 13): any address but loopback needs a token (docs/security.md).

@@ -158,7 +158,9 @@ class DrainProgress:
 
 
 _FUSE_KEYS = {"kernel_protocol": "kernelProtocol", "passthrough_opens": "passthroughOpens",
-              "direct_io_opens": "directIoOpens", "open_backing_files": "openBackingFiles"}
+              "direct_io_opens": "directIoOpens", "open_backing_files": "openBackingFiles",
+              "last_takeover_pause_seconds": "lastTakeoverPauseSeconds",
+              "resent_requests": "resentRequests"}
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,15 @@ class FuseStatus:
     passthrough_opens: int | None = None
     direct_io_opens: int | None = None
     open_backing_files: int | None = None
+    held: bool = False
+    """A FUSE holder keeps this connection: it survives the daemon (docs/restarts.md)."""
+    takeovers: int | None = None
+    """Daemons that took this connection over from a dead one since it was mounted."""
+    last_takeover_pause_seconds: float | None = None
+    """Seconds the mount went without a daemon before this one served it (None: mounted
+    by this daemon)."""
+    resent_requests: int | None = None
+    """Requests the kernel sent again after the takeover (FUSE_NOTIFY_RESEND)."""
 
     @classmethod
     def from_json(cls, data: Any, where: str = "fuse") -> FuseStatus:
@@ -182,8 +193,8 @@ class FuseStatus:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             key = _FUSE_KEYS.get(f.name, f.name)
-            kind: Any = {"frontend": str, "kernel_protocol": str, "passthrough": bool}.get(
-                f.name, int)
+            kind: Any = {"frontend": str, "kernel_protocol": str, "passthrough": bool,
+                         "held": bool, "last_takeover_pause_seconds": float}.get(f.name, int)
             values[f.name] = _field(data, key, kind, f.default, where)
         return cls(**values)
 

@@ -19,9 +19,12 @@ from cistern.cachenode.flusher import Flusher
 from cistern.cachenode.frontend import (
     FrontendUnavailable,
     FuseFrontend,
+    attach_frontend,
+    claim_held,
     is_mountpoint,
     select_frontend,
 )
+from cistern.cachenode.holder import Held, HolderClient, HolderError
 from cistern.cachenode.metrics import Metrics
 from cistern.cachenode.s3store import open_store
 from cistern.cachenode.store import StoreError
@@ -95,6 +98,7 @@ class NodeDaemon:
         self.flusher: Flusher | None = None
         self.control: ControlServer | None = None
         self._lock_fd = -1
+        self._holder: HolderClient | None = None
         self._drain_started: float | None = None
         self._drain_bytes_at_start = 0
         self._stopping = threading.Event()
@@ -106,7 +110,14 @@ class NodeDaemon:
         """Validate everything that can be validated before mounting; raise StartupError."""
         cfg = self.config
         mount = os.path.abspath(cfg.mount)
-        _check_mountpoint(mount)
+        held: Held | None = None
+        if cfg.fuse_holder:  # a held connection is live: never stat it before serving it
+            try:
+                self._holder, held = claim_held(cfg.fuse_holder, mount)
+            except HolderError as exc:
+                raise StartupError(str(exc)) from exc
+        if held is None:
+            _check_mountpoint(mount)
         cache_dir = Path(cfg.cache.dir).absolute()
         _check_cache_dir(cache_dir)
         self._lock_fd = os.open(cache_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -122,7 +133,11 @@ class NodeDaemon:
             # Throttling or a blip at start-up is retried; a missing bucket is not.
             client.check()
         except StoreError as exc:
-            raise StartupError(f"object store {store.description}: {exc}") from exc
+            if held is None:
+                raise StartupError(f"object store {store.description}: {exc}") from exc
+            # Applications wait on the held mount: serve it; uploads retry until S3 is back.
+            log.error("object store %s: %s; serving the held mount anyway", store.description,
+                      exc)
         token = None
         if cfg.control_token_file:
             try:
@@ -140,7 +155,7 @@ class NodeDaemon:
         except ValueError as exc:  # a non-loopback address without a token
             raise StartupError(str(exc)) from exc
         try:
-            self.frontend = select_frontend(cfg.fuse_frontend)
+            self.frontend = select_frontend(cfg.fuse_frontend, takeover=held is not None)
         except FrontendUnavailable as exc:
             raise StartupError(str(exc)) from exc
         self.prom.set_frontend(self.frontend.name)
@@ -150,8 +165,11 @@ class NodeDaemon:
         self.flusher = Flusher(self.core, client, cfg.flush)
         self.prom.watch_state(self.node_status)
         try:
-            self.frontend.mount(self.core, mount, allow_other=cfg.allow_other,
-                                fsname=f"cistern:{cfg.store.url}")
+            attach_frontend(self.frontend, self.core, mount, allow_other=cfg.allow_other,
+                            fsname=f"cistern:{cfg.store.url}", holder=self._holder, held=held)
+        except HolderError as exc:
+            self.core.close()
+            raise StartupError(f"FUSE holder, mount point {mount}: {exc}") from exc
         except Exception as exc:
             self.core.close()
             raise StartupError(f"cannot mount FUSE at {mount}: {exc}") from exc
@@ -207,17 +225,24 @@ class NodeDaemon:
         self.flusher.stop()
         self.control.stop()
         self.core.close()
+        if self._holder is not None:
+            self._holder.close()
         left = self.core.dirty_bytes
         if left:
             log.info("stopped with %d dirty bytes journaled; they upload on the next start",
                      left)
-        log.info("unmounted %s", os.path.abspath(self.config.mount))
+        log.info("%s %s", "left to the FUSE holder:" if getattr(self.frontend, "held", False)
+                 else "unmounted", os.path.abspath(self.config.mount))
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         log.info("interrupted: unmounting (dirty data stays journaled)")
         self._stop_now()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if getattr(self.frontend, "held", False):  # a restart or upgrade: no drain needed
+            log.info("SIGTERM: leaving the mount to the FUSE holder for the next daemon")
+            self._stop_now()
+            return
         if self._drain_started is not None or self._stopping.is_set():
             log.info("second SIGTERM: stopping now")
             self._stop_now()

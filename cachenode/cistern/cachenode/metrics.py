@@ -47,9 +47,17 @@ class _StateCollector(Collector):
                 (fuse.passthrough_opens, "cistern_fuse_passthrough_opens",
                  "Opens served by kernel passthrough to the local data file"),
                 (fuse.direct_io_opens, "cistern_fuse_direct_io_opens",
-                 "Opens served by the daemon (data not local yet, or no backing file)")):
+                 "Opens served by the daemon (data not local yet, or no backing file)"),
+                (fuse.takeovers, "cistern_fuse_takeovers",
+                 "Daemons that took this FUSE connection over from a dead one (holder)"),
+                (fuse.resent_requests, "cistern_fuse_resent_requests",
+                 "Requests the kernel sent again after a takeover (FUSE_NOTIFY_RESEND)")):
             if count is not None:
                 yield CounterMetricFamily(name, doc, value=float(count))
+        if fuse.last_takeover_pause_seconds is not None:
+            yield GaugeMetricFamily("cistern_fuse_last_takeover_pause_seconds",
+                                    "Seconds the mount went without a daemon before the last "
+                                    "takeover", value=fuse.last_takeover_pause_seconds)
         if fuse.open_backing_files is not None:
             yield GaugeMetricFamily("cistern_fuse_open_backing_files",
                                     "Backing files registered with the kernel now",
