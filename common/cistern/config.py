@@ -27,6 +27,7 @@ __all__ = [
     "DrainPolicy",
     "FlushPolicy",
     "NodeConfig",
+    "S3EndpointConfig",
     "StoreConfig",
     "load_node_config",
     "parse_duration",
@@ -390,6 +391,45 @@ class DrainPolicy:
 
 
 @dataclass(frozen=True)
+class S3EndpointConfig:
+    """The node's S3-compatible endpoint over the cache namespace (off unless an address is
+    given). Served by cistern.cachenode.s3api; see docs/s3-endpoint.md."""
+
+    listen: str | None = None
+    """HOST:PORT for the HTTP endpoint (e.g. the node IP, reachable by pods on this node)."""
+    socket: str | None = None
+    """Path of a unix socket serving the same endpoint (for pods that mount it)."""
+    credentials_dir: str | None = None
+    """Directory holding the files ``accessKeyId`` and ``secretAccessKey`` (a mounted Secret);
+    every request must be signed (AWS SigV4) with them."""
+    bucket: str | None = None
+    """Bucket name clients use (path-style); default: the store's bucket name."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen or self.socket)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> S3EndpointConfig:
+        _check_keys(data, {"listen", "socket", "credentialsDir", "bucket"}, "s3Endpoint")
+        listen = data.get("listen") or None
+        if listen is not None:
+            parse_hostport(str(listen), "s3Endpoint.listen")
+        out = cls(listen=str(listen) if listen else None, socket=data.get("socket") or None,
+                  credentials_dir=data.get("credentialsDir") or None,
+                  bucket=data.get("bucket") or None)
+        if out.enabled and not out.credentials_dir:
+            raise ConfigError("s3Endpoint: credentialsDir is required when the endpoint is on "
+                              "(requests are authenticated with AWS SigV4)")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        pairs = (("listen", self.listen), ("socket", self.socket),
+                 ("credentialsDir", self.credentials_dir), ("bucket", self.bucket))
+        return {k: v for k, v in pairs if v}
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything one cache node daemon needs; one per WriteCache per node."""
 
@@ -407,13 +447,16 @@ class NodeConfig:
     """``auto``, ``passthrough`` or ``pyfuse3``."""
     allow_other: bool = True
     """Let other users (pods) use the mount; requires root or user_allow_other."""
+    s3_endpoint: S3EndpointConfig = field(default_factory=S3EndpointConfig)
+    """The S3-compatible endpoint over the same namespace (off by default)."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> NodeConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"node config: expected a mapping, got {type(data).__name__}")
         _check_keys(data, {"store", "mount", "cache", "flush", "drain", "control",
-                           "controlTokenFile", "fuseFrontend", "allowOther"}, "node config")
+                           "controlTokenFile", "fuseFrontend", "allowOther", "s3Endpoint"},
+                    "node config")
         d = cls(store=StoreConfig(url="file:///"))
         control = str(data.get("control", d.control))
         parse_hostport(control, "control")
@@ -428,6 +471,7 @@ class NodeConfig:
             fuse_frontend=_enum(data.get("fuseFrontend", d.fuse_frontend),
                                 ("auto", "passthrough", "pyfuse3"), "fuseFrontend"),
             allow_other=bool(data.get("allowOther", d.allow_other)),
+            s3_endpoint=S3EndpointConfig.from_dict(_section(data, "s3Endpoint")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -443,6 +487,8 @@ class NodeConfig:
         }
         if self.control_token_file:
             out["controlTokenFile"] = self.control_token_file
+        if self.s3_endpoint.enabled:
+            out["s3Endpoint"] = self.s3_endpoint.to_dict()
         return out
 
     def replace(self, **changes: Any) -> NodeConfig:

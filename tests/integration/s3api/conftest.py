@@ -1,0 +1,56 @@
+"""A cache node serving its S3 endpoint, in front of moto behind the fault proxy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cistern.testing.node import NodeProcess
+from cistern.testing.s3server import free_port
+
+ACCESS_KEY = "cistern-test-key"
+SECRET_KEY = "cistern-test-secret/with+odd=chars"
+
+
+@dataclass
+class S3Node:
+    node: NodeProcess
+    endpoint: str
+    bucket: str
+    socket: Path
+
+    def client(self, *, secret: str = SECRET_KEY, **config: Any) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=secret,
+            config=Config(s3={"addressing_style": "path"},
+                          retries={"max_attempts": 2, "mode": "standard"}, **config))
+
+
+@pytest.fixture
+def frontend() -> str:
+    """The S3 endpoint does not depend on the FUSE front end: one is enough here."""
+    return "pyfuse3"
+
+
+@pytest.fixture
+def s3node(make_node: Callable[..., NodeProcess], bucket: str, proxy: Any,
+           tmp_path: Path) -> Iterator[S3Node]:
+    creds = tmp_path / "s3-credentials"
+    creds.mkdir()
+    (creds / "accessKeyId").write_text(ACCESS_KEY + "\n")
+    (creds / "secretAccessKey").write_text(SECRET_KEY + "\n")
+    port = free_port()
+    sock = tmp_path / "s3.sock"
+    node = make_node(bucket, endpoint=proxy.endpoint, config={"s3Endpoint": {
+        "listen": f"127.0.0.1:{port}", "socket": str(sock), "credentialsDir": str(creds)}})
+    status = node.status()
+    assert status["s3_endpoint"]["url"] == f"http://127.0.0.1:{port}", status
+    yield S3Node(node, f"http://127.0.0.1:{port}", bucket, sock)
