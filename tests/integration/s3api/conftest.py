@@ -22,6 +22,14 @@ class S3Node:
     endpoint: str
     bucket: str
     socket: Path
+    access_key: str = ACCESS_KEY
+    secret_key: str = SECRET_KEY
+
+    def env(self) -> dict[str, str]:
+        """What a pod's environment would say: credentials and AWS_ENDPOINT_URL."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": "us-east-1",
+                "AWS_DEFAULT_REGION": "us-east-1"}
 
     def client(self, *, secret: str = SECRET_KEY, **config: Any) -> Any:
         import boto3
