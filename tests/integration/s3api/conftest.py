@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,16 +49,30 @@ def frontend() -> str:
 
 
 @pytest.fixture
-def s3node(make_node: Callable[..., NodeProcess], bucket: str, proxy: Any,
-           tmp_path: Path) -> Iterator[S3Node]:
+def make_s3node(make_node: Callable[..., NodeProcess], bucket: str, proxy: Any,
+                tmp_path: Path) -> Callable[..., S3Node]:
+    """A node with its S3 endpoint on; pass ``again=<S3Node>`` to restart one on the same
+    cache dir, mount and endpoint address."""
     creds = tmp_path / "s3-credentials"
     creds.mkdir()
     (creds / "accessKeyId").write_text(ACCESS_KEY + "\n")
     (creds / "secretAccessKey").write_text(SECRET_KEY + "\n")
-    port = free_port()
-    sock = tmp_path / "s3.sock"
-    node = make_node(bucket, endpoint=proxy.endpoint, config={"s3Endpoint": {
-        "listen": f"127.0.0.1:{port}", "socket": str(sock), "credentialsDir": str(creds)}})
-    status = node.status()
-    assert status["s3_endpoint"]["url"] == f"http://127.0.0.1:{port}", status
-    yield S3Node(node, f"http://127.0.0.1:{port}", bucket, sock)
+
+    def make(again: S3Node | None = None, **kwargs: Any) -> S3Node:
+        port = int(again.endpoint.rsplit(":", 1)[1]) if again else free_port()
+        sock = tmp_path / "s3.sock"
+        if again is not None:
+            kwargs.update(cache_dir=again.node.cache_dir, mount=again.node.mount)
+        node = make_node(bucket, endpoint=proxy.endpoint, config={"s3Endpoint": {
+            "listen": f"127.0.0.1:{port}", "socket": str(sock),
+            "credentialsDir": str(creds)}}, **kwargs)
+        status = node.status()
+        assert status["s3_endpoint"]["url"] == f"http://127.0.0.1:{port}", status
+        return S3Node(node, f"http://127.0.0.1:{port}", bucket, sock)
+
+    return make
+
+
+@pytest.fixture
+def s3node(make_s3node: Callable[..., S3Node]) -> S3Node:
+    return make_s3node()
