@@ -1,7 +1,7 @@
 """The S3-API workload: an ``S3Checkpoint`` save straight to S3 vs through a node's endpoint.
 
 Both saves go to the same S3 (moto behind the latency proxy). ``s3-direct`` talks to the proxy
-itself; ``cistern-s3api`` talks to a cistern-node's S3 endpoint, which acknowledges once the
+itself; ``s3-via-cistern`` talks to a cistern-node's S3 endpoint, which acknowledges once the
 object is durable on the node and uploads it in the background. Figures per save: writer stall
 (how long the ``with writer: torch.save(...)`` block takes) and time until the object is in
 the bucket with its full size (from the start of the save), plus the requests the proxy saw.
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DIRECT = "s3-direct"
-NODE = "cistern-s3api"
+NODE = "s3-via-cistern"
 KEY = "ckpt/step-1/model.pt"
 NODE_KEY_ID = "bench-node-key"
 NODE_SECRET = "bench-node-secret"

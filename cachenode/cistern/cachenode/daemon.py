@@ -162,6 +162,7 @@ class NodeDaemon:
                                       or "cistern", credential=credential,
                                       state_dir=cache_dir / "s3api", listen=cfg.listen,
                                       socket=cfg.socket)
+        self.s3_endpoint.recover()  # before the flusher runs: crash leftovers never upload
 
     def run(self) -> int:
         """Serve until stopped; return the process exit code."""

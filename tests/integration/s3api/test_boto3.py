@@ -240,3 +240,15 @@ def test_keys_outside_the_namespace_rules_are_refused(s3node: Any, key: str) -> 
         c.put_object(Bucket=s3node.bucket, Key=key, Body=b"x")
     assert _code(refused) == "InvalidArgument"
     assert not (s3node.node.mount / "b").exists()
+
+
+def test_directory_marker_keys(s3node: Any) -> None:
+    c = s3node.client()
+    c.put_object(Bucket=s3node.bucket, Key="empty-dir/", Body=b"")
+    assert (s3node.node.mount / "empty-dir").is_dir()
+    with pytest.raises(ClientError) as with_data:
+        c.put_object(Bucket=s3node.bucket, Key="other-dir/", Body=b"data")
+    assert _code(with_data) == "InvalidArgument"
+    assert not (s3node.node.mount / "other-dir").exists()
+    listed = c.list_objects_v2(Bucket=s3node.bucket, Delimiter="/")
+    assert [p["Prefix"] for p in listed["CommonPrefixes"]] == ["empty-dir/"]

@@ -62,9 +62,7 @@ class _Stream:
 
 
 def _drain(payload: Payload) -> bytes:
-    async def run() -> bytes:
-        return b"".join([d async for d in payload.chunks()])
-    return asyncio.run(run())
+    return asyncio.run(payload.read_all())
 
 
 def _example_body(sigs: list[str]) -> bytes:

@@ -79,8 +79,8 @@ def list_page(objects: CacheObjects, *, prefix: str, delimiter: str, marker: str
         raise S3Error("InvalidArgument", "The prefix or delimiter is too long.")
     max_keys = max(0, min(max_keys, MAX_KEYS))
     dir_path, _, first = prefix.rpartition("/")
-    parts = [p for p in dir_path.split("/") if p] if dir_path else []
-    if any(p in (".", "..") for p in parts) or "\0" in prefix:
+    parts = dir_path.split("/") if dir_path else []
+    if any(p in ("", ".", "..") for p in parts) or "\0" in prefix:
         return Page([], [], False, None)
     ino = objects.find_dir(parts)
     page = Page([], [], False, None)

@@ -30,14 +30,21 @@ async def write_body(ctx: Context, payload: Payload, write: ObjectWriter | int) 
     buf = bytearray()
     offset = 0
 
+    def consume(data: bytes, at: int) -> None:
+        payload.digest(data)
+        if isinstance(write, ObjectWriter):
+            write.write(data)
+            return
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(write, view, at)
+            view, at = view[n:], at + n
+
     async def flush() -> None:
         nonlocal offset
         data = bytes(buf)
         buf.clear()
-        if isinstance(write, ObjectWriter):
-            await ctx.shared.run(write.write, data)
-        else:
-            await ctx.shared.run(os.pwrite, write, data, offset)
+        await ctx.shared.run(consume, data, offset)
         offset += len(data)
 
     async for data in payload.chunks():
@@ -46,6 +53,7 @@ async def write_body(ctx: Context, payload: Payload, write: ObjectWriter | int) 
             await flush()
     if buf:
         await flush()
+    payload.finish()
 
 
 def _object_headers(ctx: Context, attr: Attr) -> dict[str, str]:
@@ -62,14 +70,17 @@ async def put_object(ctx: Context) -> web.StreamResponse:
     if ctx.header("if-none-match") or ctx.header("if-match"):
         raise S3Error("NotImplemented", "Conditional writes are not supported by this "
                       "endpoint.")
-    payload = ctx.payload()
     if ctx.key.endswith("/"):
-        async for data in payload.chunks():
-            if data:
-                raise S3Error("InvalidArgument", "A key ending in '/' names a directory here "
-                              "and cannot hold data.", resource=ctx.key)
+        try:
+            await ctx.payload(limit=0).read_all()
+        except S3Error as exc:
+            if exc.code != "EntityTooLarge":
+                raise
+            raise S3Error("InvalidArgument", "A key ending in '/' names a directory here "
+                          "and cannot hold data.", resource=ctx.key) from None
         await ctx.shared.run(ctx.shared.objects.make_dir, ctx.key)
         return ctx.empty(ETag=f'"{_EMPTY_MD5}"')
+    payload = ctx.payload()
     writer = await ctx.shared.run(ctx.shared.objects.begin, ctx.key)
     try:
         await write_body(ctx, payload, writer)

@@ -55,11 +55,10 @@ class ObjectWriter:
     done: bool = False
 
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = self.objects.core.write(self.handle, self.offset, bytes(view))
+        while data:
+            n = self.objects.core.write(self.handle, self.offset, data)
             self.offset += n
-            view = view[n:]
+            data = data[n:]  # a short write to a regular file is rare: copy only then
 
     def copy_from(self, fd: int, size: int) -> None:
         """Append ``size`` bytes of ``fd`` (from its offset 0) in the kernel: copy_file_range

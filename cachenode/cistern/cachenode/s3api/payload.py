@@ -1,7 +1,8 @@
 """Request bodies: plain or ``aws-chunked`` (streaming SigV4), bounded, digested, checked.
 
-``Payload.chunks()`` yields the object's bytes as they arrive and, once the body is complete,
-checks what the client declared about it: the signed SHA-256, chunk signatures, Content-MD5,
+``Payload.chunks()`` yields the object's bytes as they arrive; the caller feeds them to
+``digest`` (on a worker thread: hashing is the costly part) and then ``finish`` checks what
+the client declared about the body: the signed SHA-256, chunk signatures, Content-MD5,
 the ``x-amz-checksum-*`` value (header or trailer) where the algorithm is in the standard
 library (CRC32, SHA-1, SHA-256; CRC32C/CRC64NVME are accepted unchecked). A mismatch raises
 ``S3Error`` before the caller makes the object visible.
@@ -87,14 +88,20 @@ class Payload:
         self.size += len(data)
         if self.size > self._limit:
             raise S3Error("EntityTooLarge", "Your upload exceeds the maximum allowed size.")
+        return data
+
+    def digest(self, data: bytes) -> None:
+        """Feed the digests. Callers pass every byte ``chunks()`` yielded, in order, once; it
+        may run on a worker thread (hashlib releases the GIL), off the event loop."""
         self.md5.update(data)
         if self._sha256 is not None:
             self._sha256.update(data)
         for name in self._tracked:
             self._checksums[name].update(data)
-        return data
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive (framing, chunk signatures and size checked);
+        ``digest`` each, then call ``finish``."""
         if self.chunked:
             async for data in self._aws_chunks():
                 yield self._take(data)
@@ -104,7 +111,15 @@ class Payload:
                 if not data:
                     break
                 yield self._take(data)
-        self._finish()
+
+    async def read_all(self) -> bytes:
+        """A small body in memory, checked."""
+        out = bytearray()
+        async for data in self.chunks():
+            out += data
+        self.digest(bytes(out))
+        self.finish()
+        return bytes(out)
 
     async def _line(self) -> bytes:
         try:
@@ -170,7 +185,8 @@ class Payload:
                 raise S3Error("SignatureDoesNotMatch", "The trailer carries no signature.")
             signer.check_trailer(canonical, signature)
 
-    def _finish(self) -> None:
+    def finish(self) -> None:
+        """Check what the client declared about the body; raise ``S3Error`` on a mismatch."""
         if self.expected_size is not None and self.size != self.expected_size:
             raise S3Error("IncompleteBody", f"You did not provide the number of bytes "
                           f"specified by the Content-Length HTTP header ({self.size} of "

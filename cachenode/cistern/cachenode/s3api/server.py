@@ -116,10 +116,14 @@ class S3Endpoint:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Clean up what a crash left, bind, serve on a thread; raise if binding fails."""
+    def recover(self) -> None:
+        """Remove what a crash left: unfinished objects in the namespace, stale staged
+        uploads. Call it before the flusher starts, so no leftover is ever uploaded."""
         self._shared.objects.sweep_leftovers()
         self._shared.staging.expire()
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Bind and serve on a thread; raise if binding fails."""
         self._thread = threading.Thread(target=self._thread_main, name="s3-endpoint",
                                         daemon=True)
         self._thread.start()
