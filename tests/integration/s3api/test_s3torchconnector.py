@@ -77,6 +77,7 @@ def test_s3checkpoint_with_a_wrong_secret_is_refused(s3node: Any,
     assert not (s3node.node.mount / "denied.pt").exists()
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_dcp_save_and_load_through_the_endpoint(s3node: Any, s3: Any,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     dcp_mod = pytest.importorskip("s3torchconnector.dcp")
