@@ -252,3 +252,12 @@ def test_directory_marker_keys(s3node: Any) -> None:
     assert not (s3node.node.mount / "other-dir").exists()
     listed = c.list_objects_v2(Bucket=s3node.bucket, Delimiter="/")
     assert [p["Prefix"] for p in listed["CommonPrefixes"]] == ["empty-dir/"]
+
+
+def test_bodies_are_stored_as_sent(s3node: Any) -> None:
+    import gzip
+
+    c = s3node.client()
+    packed = gzip.compress(b"checkpoint bytes" * 1000)
+    c.put_object(Bucket=s3node.bucket, Key="z.gz", Body=packed, ContentEncoding="gzip")
+    assert (s3node.node.mount / "z.gz").read_bytes() == packed

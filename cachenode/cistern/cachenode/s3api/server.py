@@ -30,6 +30,7 @@ from cistern.cachenode.s3api.errors import S3Error, error_xml, from_oserror
 from cistern.cachenode.s3api.multipart import UploadStaging
 from cistern.cachenode.s3api.objects import CacheObjects
 from cistern.cachenode.s3api.sigv4 import Credential, Verifier
+from cistern.cachenode.s3api.xmlio import MAX_XML_BYTES
 from cistern.config import parse_hostport
 
 __all__ = ["S3Endpoint"]
@@ -157,10 +158,12 @@ class S3Endpoint:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
-        app = web.Application(client_max_size=0)
+        # Bodies are streamed by the handlers (request.read() is never used); objects are
+        # stored as sent, never decompressed (S3 keeps Content-Encoding'd bodies as they are).
+        app = web.Application(client_max_size=MAX_XML_BYTES)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               keepalive_timeout=75.0)
+                               keepalive_timeout=75.0, auto_decompress=False)
         await runner.setup()
         try:
             if self.listen:
