@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from urllib.parse import unquote
@@ -17,6 +18,8 @@ from cistern.cachenode.s3api.payload import Payload
 from cistern.cachenode.s3api.xmlio import document, fields, iso_time
 
 __all__ = ["copy_object", "delete_object", "get_object", "put_object", "write_body"]
+
+log = logging.getLogger(__name__)
 
 READ_BLOCK = 1 << 20
 WRITE_BATCH = 1 << 20
@@ -156,13 +159,19 @@ async def get_object(ctx: Context, *, head: bool = False) -> web.StreamResponse:
         response.content_length = length
         await response.prepare(ctx.request)
         offset = start
-        while offset <= end:
-            data = await ctx.shared.run(objects.read, handle, offset,
-                                        min(READ_BLOCK, end + 1 - offset))
-            if not data:
-                break  # the file shrank under us; the client sees a short body
-            await response.write(data)
-            offset += len(data)
+        try:
+            while offset <= end:
+                data = await ctx.shared.run(objects.read, handle, offset,
+                                            min(READ_BLOCK, end + 1 - offset))
+                if not data:
+                    break  # the file shrank under us; the client sees a short body
+                await response.write(data)
+                offset += len(data)
+        except OSError as exc:
+            # The status line is sent: no error document can follow. Cut the connection so
+            # the client sees a short body, never a silently truncated object.
+            log.error("s3 GET %s: read failed after %d bytes: %s", ctx.key, offset - start, exc)
+            raise ConnectionResetError(str(exc)) from exc
         await response.write_eof()
         return response
     finally:

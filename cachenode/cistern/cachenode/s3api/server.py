@@ -192,14 +192,14 @@ class S3Endpoint:
         try:
             async with self._slots:
                 return await self._dispatch(request, request_id)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise  # the client went away, or a response already under way was cut
         except S3Error as exc:
             err = exc
         except OSError as exc:
             err = from_oserror(exc, resource)
             if err.code == "InternalError":
                 log.error("s3 %s %s: %s", request.method, resource, exc)
-        except (asyncio.CancelledError, ConnectionResetError):
-            raise
         except Exception:
             log.exception("s3 %s %s failed", request.method, resource)
             err = S3Error("InternalError", "We encountered an internal error. Please try "
