@@ -116,8 +116,7 @@ class Flusher:
                     log.info("aborted interrupted multipart upload of %s (%s)", key, uid)
             except StoreError as exc:
                 log.warning("could not clean up interrupted upload of %s: %s", key, exc)
-                with self.core.changed:
-                    self.core.stale_uploads.append((key, upload_id))
+                self.core.return_stale_upload(key, upload_id)
 
     def _execute(self, work: Work) -> None:
         try:
