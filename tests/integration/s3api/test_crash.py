@@ -78,3 +78,4 @@ def test_kill_9_in_the_middle_of_a_put_leaves_nothing(make_s3node: Any, s3: Any)
     assert keys == ["ckpt/keep.pt"]
     again.node.flush()
     assert sorted(list_keys(s3, again.bucket)) == ["ckpt/keep.pt"]
+
