@@ -79,3 +79,17 @@ def test_kill_9_in_the_middle_of_a_put_leaves_nothing(make_s3node: Any, s3: Any)
     again.node.flush()
     assert sorted(list_keys(s3, again.bucket)) == ["ckpt/keep.pt"]
 
+
+
+def test_etags_outlive_a_restart_and_follow_changes(make_s3node: Any) -> None:
+    first = make_s3node()
+    c = first.client()
+    put = c.put_object(Bucket=first.bucket, Key="e/model.pt", Body=b"weights")
+    assert c.head_object(Bucket=first.bucket, Key="e/model.pt")["ETag"] == put["ETag"]
+    first.node.stop()
+    again = make_s3node(again=first)
+    c = again.client()
+    assert c.head_object(Bucket=again.bucket, Key="e/model.pt")["ETag"] == put["ETag"]
+    (again.node.mount / "e" / "model.pt").write_bytes(b"changed through the mount")
+    changed = c.head_object(Bucket=again.bucket, Key="e/model.pt")["ETag"]
+    assert changed != put["ETag"] and changed.endswith('-1"')

@@ -12,32 +12,22 @@ left by a crash is removed at the next start instead of reaching the bucket.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import secrets
 import stat
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from cistern.cachenode.core import ROOT_INO, Attr, CacheCore, Handle
 from cistern.cachenode.s3api.errors import S3Error
+from cistern.cachenode.s3api.etags import EtagBook
 from cistern.cachenode.s3api.keys import TEMP_PREFIX, split_key
 
-__all__ = ["CacheObjects", "ObjectWriter", "etag_of"]
+__all__ = ["CacheObjects", "ObjectWriter"]
 
 log = logging.getLogger(__name__)
 
-_ETAG_MEMORY = 65536
-
-
-def etag_of(attr: Attr) -> str:
-    """An ETag for an object whose MD5 the endpoint did not see: stable while the file does not
-    change, different when it does. Its ``-1`` suffix tells clients it is not an MD5."""
-    digest = hashlib.sha256(f"{attr.ino}:{attr.size}:{attr.mtime_ns}".encode()).hexdigest()
-    return f'"{digest[:32]}-1"'
 
 
 @dataclass
@@ -114,25 +104,16 @@ class CacheObjects:
         self.core = core
         self._inflight = state_dir / "inflight"
         self._inflight.mkdir(parents=True, exist_ok=True)
-        self._etags: OrderedDict[str, tuple[int, int, int, str]] = OrderedDict()
-        self._etag_lock = threading.Lock()
+        self._etags = EtagBook(state_dir / "etags.sqlite")
 
     # ---------------------------------------------------------------- ETags
 
     def remember_etag(self, key: str, attr: Attr, etag: str) -> None:
-        with self._etag_lock:
-            self._etags[key] = (attr.ino, attr.size, attr.mtime_ns, etag)
-            self._etags.move_to_end(key)
-            while len(self._etags) > _ETAG_MEMORY:
-                self._etags.popitem(last=False)
+        self._etags.put(key, attr, etag)
 
     def etag(self, key: str, attr: Attr) -> str:
-        """The MD5 ETag seen at write time while the file is unchanged, else ``etag_of``."""
-        with self._etag_lock:
-            known = self._etags.get(key)
-        if known is not None and known[:3] == (attr.ino, attr.size, attr.mtime_ns):
-            return known[3]
-        return etag_of(attr)
+        """The MD5 ETag seen at write time while the file is unchanged, else an opaque one."""
+        return self._etags.get(key, attr)
 
     # ---------------------------------------------------------------- lookups
 
@@ -260,6 +241,7 @@ class CacheObjects:
                 self.core.rmdir(dirs[-1], parts[-1])
             else:
                 self.core.unlink(dirs[-1], parts[-1])
+                self._etags.forget(key)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTEMPTY):
                 return

@@ -142,6 +142,8 @@ class S3Endpoint:
                 loop.call_soon_threadsafe(stop.set)
         if self._thread is not None:
             self._thread.join(30.0)
+        # Not waiting: a PUT held by a drain must not hold up the stop; the ETag book's
+        # records are advisory and need no orderly close.
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _thread_main(self) -> None:
