@@ -250,6 +250,9 @@ def test_directory_marker_keys(s3node: Any) -> None:
         c.put_object(Bucket=s3node.bucket, Key="other-dir/", Body=b"data")
     assert _code(with_data) == "InvalidArgument"
     assert not (s3node.node.mount / "other-dir").exists()
+    with pytest.raises(ClientError) as not_an_object:
+        c.head_object(Bucket=s3node.bucket, Key="empty-dir/")
+    assert not_an_object.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
     listed = c.list_objects_v2(Bucket=s3node.bucket, Delimiter="/")
     assert [p["Prefix"] for p in listed["CommonPrefixes"]] == ["empty-dir/"]
 

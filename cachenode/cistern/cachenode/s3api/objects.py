@@ -118,8 +118,10 @@ class CacheObjects:
     # ---------------------------------------------------------------- lookups
 
     def lookup(self, key: str) -> Attr | None:
-        """The file at ``key``, or None (a directory is not an object)."""
-        parts = split_key(key)
+        """The file at ``key``, or None (a directory is not an object; ``dir/`` is no file)."""
+        parts = split_key(key, allow_dir=True)
+        if key.endswith("/"):
+            return None
         ino = ROOT_INO
         for part in parts[:-1]:
             attr = self.core.find(ino, part)
