@@ -26,13 +26,12 @@ from cistern.cachenode.core.model import (
 )
 from cistern.cachenode.core.namespace import Namespace
 from cistern.cachenode.core.openfiles import OpenFiles
-from cistern.cachenode.core.readthrough import ReadThrough
+from cistern.cachenode.core.readthrough import ReadThrough, ReadThroughStore
 from cistern.cachenode.core.recovery import recover
 from cistern.cachenode.core.retention import Retention
 from cistern.cachenode.core.tree import EventSink, Tree
 from cistern.cachenode.core.workqueue import WorkQueue
 from cistern.cachenode.journal import Journal
-from cistern.cachenode.store import ObjectStore
 from cistern.config import CacheConfig, DrainPolicy, FlushPolicy
 
 __all__ = ["CacheCore"]
@@ -41,7 +40,7 @@ __all__ = ["CacheCore"]
 class CacheCore:
     """Thread-safe cache state. Every public method may raise ``OSError`` with an errno."""
 
-    def __init__(self, cache_dir: Path, store: ObjectStore, *,
+    def __init__(self, cache_dir: Path, store: ReadThroughStore, *,
                  flush: FlushPolicy | None = None, cache: CacheConfig | None = None,
                  drain: DrainPolicy | None = None, store_keep_last: int | None = None,
                  on_event: EventSink | None = None) -> None:
@@ -50,8 +49,7 @@ class CacheCore:
         self.flush_policy = flush or FlushPolicy()
         self.cache_config = cache or CacheConfig()
         self.drain_policy = drain or DrainPolicy()
-        self.data_dir = cache_dir / "data"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(cache_dir / "journal.sqlite")
         self._tree = tree = Tree(self.journal,
                                  checkpoint_pattern=self.cache_config.checkpoint_pattern,
@@ -59,11 +57,12 @@ class CacheCore:
                                  on_event=on_event or (lambda name, value: None))
         self.changed: threading.Condition = tree.changed
         self._data = DataFiles(cache_dir, tree)
+        self.data_dir = self._data.data_dir
         self._keys = Keys(tree)
         self._queue = WorkQueue(tree, self._keys, self._data, self.flush_policy)
         self._admission = Admission(cache_dir, tree, self._queue, self.cache_config,
                                     self.drain_policy)
-        self._readthrough = ReadThrough(tree, self._keys, self._data, store)
+        self._readthrough = ReadThrough(tree, self._keys, self._data, self._queue, store)
         self._files = OpenFiles(tree, self._queue, self._data, self._readthrough,
                                 self._admission, self.flush_policy)
         self._namespace = Namespace(tree, self._keys, self._queue, self._data,
@@ -186,8 +185,17 @@ class CacheCore:
         """close(2) on one descriptor (waits for the store only in write-through mode)."""
         self._files.flush(handle)
 
+    def write_may_wait(self, handle: Handle, size: int) -> bool:
+        """Hint: ``write(handle, ..., size bytes)`` may wait in admission (backpressure)."""
+        return self._files.write_may_wait(handle, size)
+
     def fsync(self, handle: Handle, datasync: bool = False) -> None:
         self._files.fsync(handle, datasync)
+
+    def sync_namespace(self) -> None:
+        """fsync on a directory: every namespace change so far survives a power loss (the
+        namespace lives in the journal, so this syncs the journal's WAL)."""
+        self.journal.sync()
 
     def release(self, handle: Handle) -> None:
         self._files.release(handle)
@@ -241,6 +249,10 @@ class CacheCore:
     def idle(self, upto_seq: int | None = None) -> bool:
         """True when nothing (or nothing changed before ``upto_seq``) waits for the store."""
         return self._queue.idle(upto_seq)
+
+    def wait_idle(self, timeout: float, upto_seq: int | None = None) -> bool:
+        """Wait until ``idle(upto_seq)``; False if ``timeout`` seconds pass first."""
+        return self._queue.wait_idle(timeout, upto_seq)
 
     def collect_work(self, limit: int, force: bool = False) -> list[Work]:
         """Hand the flusher up to ``limit`` operations that are due and safe to run now."""

@@ -144,7 +144,7 @@ class Namespace:
         """Forget a file: its name now, its entry once nobody has it open or in flight."""
         tree = self._tree
         tree.unlink_name(entry)
-        self._queue.pending.discard(entry.ino)
+        self._queue.discard(entry)
         if entry.state == DIRTY:
             tree.dirty_bytes -= entry.size
         elif entry.state == CLEAN:

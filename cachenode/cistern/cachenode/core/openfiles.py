@@ -47,6 +47,7 @@ class OpenFiles:
             if entry.writers == 0 or entry.state != DIRTY:
                 self._queue.mark_dirty(entry)
             entry.writers += 1
+            self._queue.recount(entry)
             entry.gen += 1
             self._admission.writing.add(entry.ino)
         if entry.opens == 0 and entry.state == CLEAN:
@@ -88,6 +89,11 @@ class OpenFiles:
     @staticmethod
     def read(handle: Handle, offset: int, size: int) -> bytes:
         return os.pread(handle.fd, size, offset)
+
+    @staticmethod
+    def write_may_wait(handle: Handle, size: int) -> bool:
+        """This write of ``size`` bytes passes admission (and may wait for space)."""
+        return handle.written + size >= ADMIT_EVERY
 
     def write(self, handle: Handle, offset: int, data: bytes) -> int:
         if not handle.writable:
@@ -157,6 +163,7 @@ class OpenFiles:
             entry.opens -= 1
             if handle.writable:
                 entry.writers -= 1
+                self._queue.recount(entry)
                 if entry.writers == 0:
                     self._admission.writing.discard(entry.ino)
                 if self.write_through and entry.durable_gen == entry.gen \

@@ -14,16 +14,17 @@ import os
 import stat
 import threading
 import time
+from typing import Protocol
 
 from cistern.cachenode.core.datafiles import DataFiles
 from cistern.cachenode.core.keys import Keys
 from cistern.cachenode.core.model import err
 from cistern.cachenode.core.tree import Tree
+from cistern.cachenode.core.workqueue import WorkQueue
 from cistern.cachenode.journal import CLEAN, DIR, REMOTE, Entry
-from cistern.cachenode.retry import RetryPolicy
-from cistern.cachenode.store import ObjectInfo, ObjectStore, StoreError
+from cistern.cachenode.store import ObjectInfo, StoreError
 
-__all__ = ["ReadThrough"]
+__all__ = ["ReadThrough", "ReadThroughStore"]
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,21 @@ LIST_AGAIN_AFTER = 15.0
 """Seconds before a directory whose listing failed is listed again."""
 
 
+class ReadThroughStore(Protocol):
+    """What the read path needs from the store. The daemon passes its ``StoreClient``, which
+    paces, retries (briefly for listings, longer for fetches) and counts these requests like
+    the flusher's; a bare ``ObjectStore`` also fits (tests), without retries."""
+
+    def list_dir(self, prefix: str) -> tuple[list[ObjectInfo], list[str]]: ...
+
+    def download(self, key: str, fd: int) -> ObjectInfo: ...
+
+
 class ReadThrough:
-    def __init__(self, tree: Tree, keys: Keys, datafiles: DataFiles,
-                 store: ObjectStore) -> None:
+    def __init__(self, tree: Tree, keys: Keys, datafiles: DataFiles, queue: WorkQueue,
+                 store: ReadThroughStore) -> None:
         self._tree = tree
+        self._queue = queue
         self._keys = keys
         self._files = datafiles
         self.store = store
@@ -50,11 +62,7 @@ class ReadThrough:
         prefix = tree.key_of(entry)
         prefix = f"{prefix}/" if prefix else ""
         try:
-            # Throttling and blips are retried briefly (a restarted job must not get ENOENT
-            # for its checkpoint because of one 503), but an outage must not block writers.
-            files, dirs = RetryPolicy(deadline=5.0).call(
-                f"list {prefix or '/'}", lambda: self.store.list_dir(prefix),
-                on_error=lambda exc: tree.on_event(f"store_error:{exc.code}", 1))
+            files, dirs = self.store.list_dir(prefix)
         except StoreError as exc:
             # Writers must not fail because the store is down: serve what is known locally
             # and list again later. The local entries win over the store's when it returns.
@@ -123,12 +131,12 @@ class ReadThrough:
             if key is None:
                 raise err(errno.EIO, f"{tree.path_of(entry)} has neither data nor object")
             entry.in_flight = True
+            self._queue.recount(entry)
         tmp = self._files.tmp_dir / f"fetch-{entry.ino}-{threading.get_ident()}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             try:
-                info = RetryPolicy(deadline=60.0).call(
-                    f"fetch {key}", lambda: self.store.download(key, fd))
+                info = self.store.download(key, fd)
             except FileNotFoundError as exc:
                 raise err(errno.ENOENT, f"{key} vanished from the object store") from exc
             except StoreError as exc:
@@ -150,6 +158,7 @@ class ReadThrough:
             tmp.unlink(missing_ok=True)
             with tree.lock:
                 entry.in_flight = False
+                self._queue.recount(entry)
                 tree.changed.notify_all()
 
 

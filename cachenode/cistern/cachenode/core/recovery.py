@@ -72,6 +72,7 @@ def recover(tree: Tree, keys: Keys, queue: WorkQueue, datafiles: DataFiles) -> N
             # Crash table: "rename ... copy not done" and every DIRTY file: queued again.
             if queue.needs_work(entry):
                 queue.pending.add(entry.ino)
+                queue.recount(entry)
             if entry.state == DIRTY:
                 tree.dirty_bytes += entry.size
             elif entry.state == CLEAN:

@@ -24,6 +24,10 @@ __all__ = ["WorkQueue"]
 
 log = logging.getLogger(__name__)
 
+_Counts = tuple[int, int, int, int]
+"""One pending entry's share of the backlog: (dirty, uploading, move, open writer)."""
+_ZERO: _Counts = (0, 0, 0, 0)
+
 
 class WorkQueue:
     def __init__(self, tree: Tree, keys: Keys, datafiles: DataFiles,
@@ -37,6 +41,8 @@ class WorkQueue:
         self._force_until_seq = 0
         self.stale_uploads: list[tuple[str, str | None]] = []
         """Uploads interrupted by the last stop: (key, multipart upload id) to clean up."""
+        self._counts: _Counts = _ZERO
+        self._counted: dict[int, _Counts] = {}
 
     def next_seq(self) -> int:
         return next(self._seq)
@@ -65,6 +71,29 @@ class WorkQueue:
         if entry.ino not in self.pending:
             entry.dirty_seq = self.next_seq()
             self.pending.add(entry.ino)
+        self.recount(entry)
+
+    def discard(self, entry: Entry) -> None:
+        """``entry`` needs nothing from the store any more (or is gone)."""
+        self.pending.discard(entry.ino)
+        self.recount(entry)
+
+    def recount(self, entry: Entry) -> None:
+        """Keep the backlog counts (/status, /metrics) in step with one entry.
+
+        Called wherever an entry joins or leaves the pending set or changes state, ``in_flight``
+        or ``writers``, so ``pending_summary`` reads totals instead of walking the backlog.
+        """
+        live = entry.ino in self.pending and self._tree.entries.get(entry.ino) is entry
+        new = (int(entry.state == DIRTY), int(entry.in_flight), int(entry.state != DIRTY),
+               int(entry.writers > 0)) if live else _ZERO
+        old = self._counted.pop(entry.ino, _ZERO)
+        if live:
+            self._counted[entry.ino] = new
+        if new != old:
+            a, b, c, d = self._counts
+            self._counts = (a + new[0] - old[0], b + new[1] - old[1], c + new[2] - old[2],
+                            d + new[3] - old[3])
 
     def mark_dirty(self, entry: Entry) -> None:
         """Journal DIRTY before the first byte changes, so a crash can never hide a write."""
@@ -85,6 +114,7 @@ class WorkQueue:
         self._tree.clean_bytes += entry.size
         if not self.needs_work(entry):
             self.pending.discard(entry.ino)
+        self.recount(entry)
         self._tree.journal.update(entry)
 
     def request_flush(self) -> int:
@@ -97,6 +127,15 @@ class WorkQueue:
     # ------------------------------------------------------------------ what is left
 
     def pending_summary(self) -> dict[str, int]:
+        """The backlog, from counts kept as entries change (no walk: a scrape is cheap)."""
+        with self._tree.lock:
+            dirty, uploading, moves, writers = self._counts
+            deletes = len(self._keys.tombstones)
+        return {"dirty_files": dirty, "uploading_files": uploading, "pending_moves": moves,
+                "pending_deletes": deletes, "open_writers": writers}
+
+    def count_by_walking(self) -> dict[str, int]:
+        """``pending_summary`` computed the slow way: the reference its counts must equal."""
         with self._tree.lock:
             entries = self._tree.entries
             dirty = [entries[i] for i in self.pending if i in entries]
@@ -118,6 +157,18 @@ class WorkQueue:
                 if entry is not None and (upto_seq is None or entry.dirty_seq <= upto_seq):
                     return False
             return True
+
+    def wait_idle(self, timeout: float, upto_seq: int | None = None) -> bool:
+        """Wait until ``idle(upto_seq)``; False if ``timeout`` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        changed = self._tree.changed
+        with changed:
+            while not self.idle(upto_seq):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                changed.wait(min(left, 0.2))
+        return True
 
     # ------------------------------------------------------------------ handing out work
 
@@ -193,17 +244,20 @@ class WorkQueue:
                 fd = os.open(self._files.path(entry.ino), os.O_RDONLY)
             except FileNotFoundError:
                 self._files.lose_local(entry, "data file vanished before upload")
+                self.recount(entry)
                 return None
             size = os.fstat(fd).st_size
             self._tree.journal.add_upload(entry.ino, key)
             entry.in_flight = True
+            self.recount(entry)
             self._keys.own(key, entry.ino)
             return UploadWork(ino=entry.ino, key=key, gen=entry.gen, fd=fd, size=size,
                               metadata=metadata, path=self._tree.path_of(entry))
         if entry.remote_key is None:
-            self.pending.discard(entry.ino)
+            self.discard(entry)
             return None
         entry.in_flight = True
+        self.recount(entry)
         self._keys.own(key, entry.ino)
         return MoveWork(ino=entry.ino, src=entry.remote_key, dst=key,
                         metadata=metadata if entry.meta_dirty else None)
@@ -214,69 +268,86 @@ class WorkQueue:
         self._tree.journal.set_upload_id(work.ino, work.key, upload_id)
 
     def finish_upload(self, work: UploadWork, etag: str | None, error: Exception | None) -> None:
-        tree, keys = self._tree, self._keys
+        tree = self._tree
         with tree.lock, tree.journal.transaction():
             entry = tree.entries.get(work.ino)
-            tree.journal.remove_upload(work.ino, work.key)
-            if entry is None:
-                keys.release(work.key)
-                tree.changed.notify_all()
-                return
-            entry.in_flight = False
-            if error is not None:
-                if entry.unlinked:
-                    keys.forget_unlinked(entry, work.key)
-                elif entry.remote_key != work.key:
-                    # A failed PUT never lands and a failed multipart upload was aborted:
-                    # nothing of ours is at the key, so give up the reservation.
-                    keys.owners.pop(work.key, None)
-                entry.due = time.monotonic() + 1.0
-                tree.changed.notify_all()
-                return
-            old = entry.remote_key
-            entry.remote_key = work.key
-            keys.own(work.key, entry.ino)
-            entry.durable_gen = max(entry.durable_gen, work.gen)
-            if old is not None and old != work.key:
-                keys.release(old)
-            if entry.unlinked:
-                keys.forget_unlinked(entry, None)
-            elif entry.gen == work.gen and entry.writers == 0 and entry.state == DIRTY:
-                self.mark_clean(entry, work.size)
-            else:
-                tree.journal.update(entry)
+            try:
+                self._finish_upload(work, entry, error)
+            finally:
+                if entry is not None:
+                    self.recount(entry)
+
+    def _finish_upload(self, work: UploadWork, entry: Entry | None,
+                       error: Exception | None) -> None:
+        tree, keys = self._tree, self._keys
+        tree.journal.remove_upload(work.ino, work.key)
+        if entry is None:
+            keys.release(work.key)
             tree.changed.notify_all()
+            return
+        entry.in_flight = False
+        if error is not None:
+            if entry.unlinked:
+                keys.forget_unlinked(entry, work.key)
+            elif entry.remote_key != work.key:
+                # A failed PUT never lands and a failed multipart upload was aborted:
+                # nothing of ours is at the key, so give up the reservation.
+                keys.owners.pop(work.key, None)
+            entry.due = time.monotonic() + 1.0
+            tree.changed.notify_all()
+            return
+        old = entry.remote_key
+        entry.remote_key = work.key
+        keys.own(work.key, entry.ino)
+        entry.durable_gen = max(entry.durable_gen, work.gen)
+        if old is not None and old != work.key:
+            keys.release(old)
+        if entry.unlinked:
+            keys.forget_unlinked(entry, None)
+        elif entry.gen == work.gen and entry.writers == 0 and entry.state == DIRTY:
+            self.mark_clean(entry, work.size)
+        else:
+            tree.journal.update(entry)
+        tree.changed.notify_all()
 
     def finish_move(self, work: MoveWork, error: Exception | None) -> None:
-        tree, keys = self._tree, self._keys
+        tree = self._tree
         with tree.lock, tree.journal.transaction():
             entry = tree.entries.get(work.ino)
-            if entry is not None:
-                entry.in_flight = False
-            if entry is None:
-                keys.release(work.dst)
-            elif entry.unlinked:
-                keys.forget_unlinked(entry, work.dst)
-            elif error is not None:
-                if isinstance(error, FileNotFoundError):
-                    log.error("object %s vanished from the store before it could be moved "
-                              "to %s", work.src, work.dst)
-                    self._files.lose_local(entry, "source object is gone")
-                if work.dst != work.src:
-                    keys.disown(work.dst, entry.ino)
-                entry.due = time.monotonic() + 1.0
-            else:
-                old = entry.remote_key
-                entry.remote_key = work.dst
-                keys.own(work.dst, entry.ino)
-                if work.metadata is not None:
-                    entry.meta_dirty = False
-                if old is not None and old != work.dst:
-                    keys.release(old)
-                if not self.needs_work(entry):
-                    self.pending.discard(entry.ino)
-                tree.journal.update(entry)
-            tree.changed.notify_all()
+            try:
+                self._finish_move(work, entry, error)
+            finally:
+                if entry is not None:
+                    self.recount(entry)
+
+    def _finish_move(self, work: MoveWork, entry: Entry | None, error: Exception | None) -> None:
+        tree, keys = self._tree, self._keys
+        if entry is not None:
+            entry.in_flight = False
+        if entry is None:
+            keys.release(work.dst)
+        elif entry.unlinked:
+            keys.forget_unlinked(entry, work.dst)
+        elif error is not None:
+            if isinstance(error, FileNotFoundError):
+                log.error("object %s vanished from the store before it could be moved "
+                          "to %s", work.src, work.dst)
+                self._files.lose_local(entry, "source object is gone")
+            if work.dst != work.src:
+                keys.disown(work.dst, entry.ino)
+            entry.due = time.monotonic() + 1.0
+        else:
+            old = entry.remote_key
+            entry.remote_key = work.dst
+            keys.own(work.dst, entry.ino)
+            if work.metadata is not None:
+                entry.meta_dirty = False
+            if old is not None and old != work.dst:
+                keys.release(old)
+            if not self.needs_work(entry):
+                self.pending.discard(entry.ino)
+            tree.journal.update(entry)
+        tree.changed.notify_all()
 
     def finish_delete(self, work: DeleteWork, error: Exception | None) -> None:
         tree, keys = self._tree, self._keys

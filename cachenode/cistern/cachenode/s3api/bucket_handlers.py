@@ -82,4 +82,5 @@ async def delete_objects(ctx: Context) -> web.StreamResponse:
             continue
         if not quiet:
             body.append("<Deleted>" + fields(Key=key) + "</Deleted>")
+    await ctx.shared.run(ctx.shared.objects.sync)  # one journal sync for the whole batch
     return ctx.xml(document("DeleteResult", body))

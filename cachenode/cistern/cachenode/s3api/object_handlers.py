@@ -180,6 +180,7 @@ async def get_object(ctx: Context, *, head: bool = False) -> web.StreamResponse:
 
 async def delete_object(ctx: Context) -> web.StreamResponse:
     await ctx.shared.run(ctx.shared.objects.delete, ctx.key)
+    await ctx.shared.run(ctx.shared.objects.sync)  # acknowledged deletes survive a power cut
     return ctx.empty(204)
 
 

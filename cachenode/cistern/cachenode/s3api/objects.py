@@ -160,8 +160,9 @@ class CacheObjects:
         return ino
 
     def make_dir(self, key: str) -> None:
-        """A zero-byte ``dir/`` key: a directory in the namespace."""
+        """A zero-byte ``dir/`` key: a directory in the namespace (durable on return)."""
         self._make_dirs(split_key(key, allow_dir=True), key)
+        self.sync()
 
     # ---------------------------------------------------------------- writes
 
@@ -223,9 +224,13 @@ class CacheObjects:
 
     # ---------------------------------------------------------------- deletes
 
+    def sync(self) -> None:
+        """Make the namespace changes so far survive a power loss (one journal sync)."""
+        self.core.sync_namespace()
+
     def delete(self, key: str) -> None:
         """Delete ``key`` if it exists (S3 deletes are idempotent); prune emptied directories
-        so the namespace keeps no prefixes S3 would not show."""
+        so the namespace keeps no prefixes S3 would not show. Durable after ``sync``."""
         parts = split_key(key, allow_dir=True)
         dirs = [ROOT_INO]
         for part in parts[:-1]:
