@@ -284,3 +284,23 @@ def test_checkpoint_progress_follows_names_without_a_scan(core: CacheCore) -> No
     (step2,) = core.checkpoints()
     assert step2["path"] == "runs/step-2" and step2["state"] == "durable"
     assert step2["files"] == 2 and step2["pending_files"] == 0
+
+
+def test_a_dirty_file_whose_data_file_is_gone_is_not_counted_after_restart(
+        tmp_path: Path) -> None:
+    first = CacheCore(tmp_path / "cache", LocalDirStore(tmp_path / "objects"))
+    handle, attr = first.create(ROOT_INO, "lost", 0o644, os.O_WRONLY, 0, 0)
+    first.write(handle, 0, b"never uploaded")
+    first.fsync(handle)  # its size is journaled
+    first.release(handle)
+    lost = attr.ino
+    _write(first, ROOT_INO, "kept", b"kept")
+    first.journal._db.close()  # a crash  # noqa: SLF001
+    first.data_path(lost).unlink()  # and the disk lost the data file
+    again = CacheCore(tmp_path / "cache", LocalDirStore(tmp_path / "objects"))
+    try:
+        assert again.find(ROOT_INO, "lost") is None  # logged as DATA LOSS, entry dropped
+        assert again.dirty_bytes == 4  # only "kept"
+        assert again.pending_summary()["dirty_files"] == 1
+    finally:
+        again.close()
