@@ -24,8 +24,8 @@ import yaml
 
 from bench.s3env import TEST_CREDENTIALS, S3Env
 from bench.targets import Mounted, Target, _start, _stop_fuse
-from cistern.testing.faultproxy import KINDS
-from cistern.testing.s3server import free_port
+from tests.support.faultproxy import KINDS
+from tests.support.s3server import free_port
 
 if TYPE_CHECKING:
     from bench.runner import BenchConfig, BenchRun, TargetRun

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from cistern.testing.node import NodeProcess
-from cistern.testing.s3server import free_port
+from support.node import NodeProcess
+from support.s3server import free_port
 
 ACCESS_KEY = "cistern-test-key"
 SECRET_KEY = "cistern-test-secret/with+odd=chars"
@@ -67,7 +67,8 @@ def make_s3node(make_node: Callable[..., NodeProcess], bucket: str, proxy: Any,
             "listen": f"127.0.0.1:{port}", "socket": str(sock),
             "credentialsDir": str(creds)}}, **kwargs)
         status = node.status()
-        assert status["s3_endpoint"]["url"] == f"http://127.0.0.1:{port}", status
+        assert status.s3_endpoint is not None, status
+        assert status.s3_endpoint.url == f"http://127.0.0.1:{port}", status
         return S3Node(node, f"http://127.0.0.1:{port}", bucket, sock)
 
     return make

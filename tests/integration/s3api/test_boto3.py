@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
 
-from cistern.testing.s3server import read_object
+from support.s3server import read_object
+from support.wait import wait_until
 
 
 def _read_or_none(path: Path) -> bytes | None:
@@ -20,13 +19,6 @@ def _read_or_none(path: Path) -> bytes | None:
         return path.read_bytes()
     except FileNotFoundError:
         return None
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def _code(exc: pytest.ExceptionInfo[ClientError]) -> str:
@@ -188,7 +180,8 @@ def test_mount_and_endpoint_see_the_same_files(s3node: Any) -> None:
     assert (mount / "from-s3" / "deep" / "b.bin").read_bytes() == b"written through S3"
     c.put_object(Bucket=b, Key="from-mount/a.bin", Body=b"replaced through S3")
     # The kernel may keep its cached entry for the replaced file for its entry TTL (1 s).
-    _wait_for(lambda: _read_or_none(mount / "from-mount" / "a.bin") == b"replaced through S3")
+    wait_until(lambda: _read_or_none(mount / "from-mount" / "a.bin") == b"replaced through S3",
+               timeout=10.0, what="the mount to show the object replaced through S3")
     (mount / "from-s3" / "deep" / "b.bin").unlink()
     with pytest.raises(ClientError) as gone:
         c.head_object(Bucket=b, Key="from-s3/deep/b.bin")

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import http.client
 import os
-import time
 from typing import Any
 
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from cistern.testing.s3server import list_keys, read_object
+from support.s3server import list_keys, read_object
+from support.wait import wait_until
 
 
 def test_acknowledged_put_and_staged_parts_survive_kill_9(make_s3node: Any, s3: Any) -> None:
@@ -65,10 +65,9 @@ def test_kill_9_in_the_middle_of_a_put_leaves_nothing(make_s3node: Any, s3: Any)
     conn.endheaders()
     conn.send(os.urandom(8 << 20))
     # The body is arriving into a hidden temporary file of ckpt/ (visible in the mount).
-    deadline = time.monotonic() + 30
-    while not any(n.startswith(".cistern-s3.") for n in os.listdir(first.node.mount / "ckpt")):
-        assert time.monotonic() < deadline, "the PUT never started writing"
-        time.sleep(0.05)
+    wait_until(lambda: any(n.startswith(".cistern-s3.")
+                           for n in os.listdir(first.node.mount / "ckpt")),
+               timeout=30.0, what="the PUT to start writing its temporary file")
     first.node.kill()
     conn.close()
 

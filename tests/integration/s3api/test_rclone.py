@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cistern.testing.s3server import read_object
+from support.s3server import read_object
 
 pytestmark = pytest.mark.skipif(shutil.which("rclone") is None,
                                 reason="rclone is not installed (scripts/install.sh adds it)")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from cistern.testing.s3server import read_object
+from support.s3server import read_object
 
 torch = pytest.importorskip("torch")
 s3tc = pytest.importorskip("s3torchconnector")

@@ -32,6 +32,7 @@ from cistern.cachenode.s3api.objects import CacheObjects
 from cistern.cachenode.s3api.sigv4 import Credential, Verifier
 from cistern.cachenode.s3api.xmlio import MAX_XML_BYTES
 from cistern.config import parse_hostport
+from cistern.nodestatus import S3EndpointStatus
 
 __all__ = ["S3Endpoint"]
 
@@ -111,9 +112,9 @@ class S3Endpoint:
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"
 
-    def status(self) -> dict[str, object]:
-        return {"url": self.url, "socket": self.socket, "bucket": self.bucket,
-                "requests": self.requests_total, "errors": self.errors_total}
+    def status(self) -> S3EndpointStatus:
+        return S3EndpointStatus(url=self.url, socket=self.socket, bucket=self.bucket,
+                                requests=self.requests_total, errors=self.errors_total)
 
     # ---------------------------------------------------------------- lifecycle
 
