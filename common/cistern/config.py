@@ -57,6 +57,7 @@ __all__ = [
     "FuseFrontend",
     "NewWrites",
     "NodeConfig",
+    "S3EndpointConfig",
     "StoreConfig",
     "check_bucket_name",
     "load_node_config",
@@ -288,6 +289,37 @@ class DrainPolicy(Section):
 
 
 @dataclass(frozen=True)
+class S3EndpointConfig(Section):
+    """``s3Endpoint``: the node's S3-compatible endpoint over the cache namespace, served by
+    cistern.cachenode.s3api (docs/s3-endpoint.md). Off unless an address is given."""
+
+    WHERE: ClassVar[str] = "s3Endpoint"
+
+    listen: str | None = setting(
+        "listen", None, _unset_if_empty(_hostport),
+        "`HOST:PORT` of the endpoint (the node's address or loopback)", shown="unset")
+    socket: str | None = setting(
+        "socket", None, _unset_if_empty(text), "a unix socket serving the same endpoint",
+        shown="unset")
+    credentials_dir: str | None = setting(
+        "credentialsDir", None, _unset_if_empty(text),
+        "directory with files `accessKeyId` and `secretAccessKey`; requests must be "
+        "SigV4-signed with them (required when the endpoint is on)", shown="unset")
+    bucket: str | None = setting(
+        "bucket", None, _unset_if_empty(text),
+        "bucket name clients use (path-style); unset: the store's bucket", shown="unset")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen or self.socket)
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.credentials_dir:
+            raise ConfigError(f"{self.WHERE}.credentialsDir: required when the endpoint is on "
+                              "(requests are authenticated with AWS SigV4)")
+
+
+@dataclass(frozen=True)
 class NodeConfig(Section):
     """Everything one cache node daemon needs; one per WriteCache per node."""
 
@@ -322,6 +354,8 @@ class NodeConfig(Section):
         "unix socket of a `cistern-node holder`: the mount then survives a crash, restart or "
         "upgrade of the daemon (applications see a pause, not `ENOTCONN`); takeovers need the "
         "passthrough front end (docs/restarts.md)", shown="unset")
+
+        "s3Endpoint", S3EndpointConfig, "the S3-compatible endpoint (off by default)")
 
     def __post_init__(self) -> None:
         # tenancy (issue 13): any address but loopback needs a token (docs/security.md).

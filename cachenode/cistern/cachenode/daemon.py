@@ -26,6 +26,7 @@ from cistern.cachenode.frontend import (
 )
 from cistern.cachenode.holder import Held, HolderClient, HolderError
 from cistern.cachenode.metrics import Metrics
+from cistern.cachenode.s3api import S3Endpoint, load_credential
 from cistern.cachenode.s3store import open_store
 from cistern.cachenode.store import StoreError
 from cistern.cachenode.storeclient import StoreClient
@@ -97,6 +98,7 @@ class NodeDaemon:
         self.core: CacheCore | None = None
         self.flusher: Flusher | None = None
         self.control: ControlServer | None = None
+        self.s3_endpoint: S3Endpoint | None = None
         self._lock_fd = -1
         self._holder: HolderClient | None = None
         self._drain_started: float | None = None
@@ -164,6 +166,7 @@ class NodeDaemon:
                               on_event=self.prom.event)
         self.flusher = Flusher(self.core, client, cfg.flush)
         self.prom.watch_state(self.node_status)
+        self._prepare_s3_endpoint(self.core, cache_dir)
         try:
             attach_frontend(self.frontend, self.core, mount, allow_other=cfg.allow_other,
                             fsname=f"cistern:{cfg.store.url}", holder=self._holder, held=held)
@@ -174,11 +177,37 @@ class NodeDaemon:
             self.core.close()
             raise StartupError(f"cannot mount FUSE at {mount}: {exc}") from exc
 
+    def _prepare_s3_endpoint(self, core: CacheCore, cache_dir: Path) -> None:
+        """The S3-compatible endpoint over the same namespace, when configured (s3api/)."""
+        cfg = self.config.s3_endpoint
+        if not cfg.enabled:
+            return
+        assert cfg.credentials_dir is not None  # enforced by the config
+        try:
+            credential = load_credential(cfg.credentials_dir)
+        except (OSError, ValueError) as exc:
+            core.close()
+            raise StartupError(f"s3Endpoint credentials in {cfg.credentials_dir}: "
+                               f"{getattr(exc, 'strerror', None) or exc}") from exc
+        self.s3_endpoint = S3Endpoint(core, bucket=cfg.bucket or self.config.store.bucket
+                                      or "cistern", credential=credential,
+                                      state_dir=cache_dir / "s3api", listen=cfg.listen,
+                                      socket=cfg.socket)
+        self.s3_endpoint.recover()  # before the flusher runs: crash leftovers never upload
+
     def run(self) -> int:
         """Serve until stopped; return the process exit code."""
         assert self.frontend and self.core and self.flusher and self.control
         self.flusher.start()
         self.control.start()
+        if self.s3_endpoint is not None:
+            try:
+                self.s3_endpoint.start()
+            except Exception as exc:
+                print(f"cistern-node: error: cannot start the S3 endpoint: {exc}", flush=True)
+                self.s3_endpoint = None
+                self._shutdown()
+                return 1
         threading.Thread(target=self._maintain, name="maintenance", daemon=True).start()
         threading.Thread(target=self._keep_spares, name="spares", daemon=True).start()
         self.state = "running"
@@ -221,6 +250,8 @@ class NodeDaemon:
         self.state = "stopping"
         self._stopping.set()
         assert self.frontend and self.core and self.flusher and self.control
+        if self.s3_endpoint is not None:
+            self.s3_endpoint.stop()
         self.frontend.close()
         self.flusher.stop()
         self.control.stop()
@@ -322,6 +353,7 @@ class NodeDaemon:
             checkpoints=tuple(CheckpointProgress.from_json(c) for c in core.checkpoints()),
             uptime_seconds=round(time.time() - self._started, 1),
             drain=drain,
+            s3_endpoint=self.s3_endpoint.status() if self.s3_endpoint is not None else None,
         )
 
     def flush(self, timeout: float) -> bool:
