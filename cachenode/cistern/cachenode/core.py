@@ -170,7 +170,8 @@ class CacheCore:
         self.spares_wanted = threading.Event()
         """Set when the pool of spare data files runs low (see ``make_spares``)."""
         self._closed = False
-        self._recover()
+        with self._lock:  # recovery may add tombstones, which notify waiters under the lock
+            self._recover()
         self.spares_wanted.set()
 
     # ------------------------------------------------------------------ recovery
