@@ -21,9 +21,11 @@ import errno
 import itertools
 import logging
 import os
+import sqlite3
 import stat
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +161,8 @@ class CacheCore:
         self._force_until_seq = 0
         self._draining = False
         self.stale_uploads: list[tuple[str, str | None]] = []
+        self.journal_errors = 0
+        """Journal writes that failed in the flusher's reports (e.g. disk full)."""
         self.dirty_bytes = 0
         self.clean_bytes = 0
         self._writing: set[int] = set()
@@ -224,9 +228,23 @@ class CacheCore:
             self.spares_wanted.set()
         return spares.pop() if spares else None
 
+    def _incarnation(self) -> str:
+        """Names this boot and this mount of the cache's file system: if a restart sees the
+        same one, the page cache survived (a daemon crash, not a power loss)."""
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            boot = uuid.uuid4().hex  # unknown: assume the worst on the next start
+        return f"{boot}:{os.stat(self.cache_dir).st_dev}"
+
     def _recover(self) -> None:
         """Rebuild the in-memory state from the journal and the data files (see dev note)."""
         now_ns = time.time_ns()
+        incarnation = self._incarnation()
+        # Power-loss rule: after a daemon crash the page cache still holds every write, so
+        # dirty data files are exactly what was written; after a power loss, only what was
+        # fsync'd is known to be whole (see docs/dev/cachenode.md, "Power loss").
+        page_cache_survived = self.journal.get_meta("incarnation") == incarnation
         entries = self.journal.load()
         if not any(e.ino == ROOT_INO for e in entries):
             root = Entry(ino=ROOT_INO, parent=ROOT_INO, name="", is_dir=True,
@@ -258,7 +276,22 @@ class CacheCore:
                 if st is None:
                     self._lose_local(entry, "dirty data file is missing")
                     continue
+                whole = entry.synced and (st.st_size, st.st_mtime_ns) == (entry.size,
+                                                                           entry.mtime_ns)
+                if not (page_cache_survived or whole) and (entry.remote_key is not None):
+                    self._keep_unsynced(entry, path)
+                    continue
                 entry.size, entry.mtime_ns = st.st_size, st.st_mtime_ns
+                if not whole:
+                    # Rule: data is durable before it is uploaded (and before it is trusted
+                    # after the next crash).
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    entry.synced = True
+                    self.journal.update(entry)
             elif entry.state == CLEAN and (st is None or st.st_size != entry.remote_size):
                 log.warning("cached copy of %s is missing or truncated; will fetch again",
                             self.path_of(entry))
@@ -285,6 +318,8 @@ class CacheCore:
                     self.dirty_bytes += entry.size
                 elif entry.state == CLEAN:
                     self.clean_bytes += entry.size
+        self.journal.set_meta("incarnation", incarnation)
+        self.journal.sync()
         if self._pending or self._tombstones or self.stale_uploads:
             log.info("recovered %d entries: %d need upload or move, %d deletes pending, "
                      "%d interrupted uploads to clean up", len(entries), len(self._pending),
@@ -304,6 +339,24 @@ class CacheCore:
         elif entry is None or entry.remote_key != key:
             self._add_tombstone(key)
         self.journal.remove_upload(ino, key)
+
+    def _keep_unsynced(self, entry: Entry, path: Path) -> None:
+        """Power loss hit a file that has an object in the store while it held changes
+        nobody fsync'd: what the disk holds may be torn (an O_TRUNC without its new data, a
+        write half on disk). Rule: a crash state never replaces a good object, so the path
+        shows the store's version again and the local data is kept aside, loudly."""
+        lost = self.cache_dir / "lost+found"
+        lost.mkdir(exist_ok=True)
+        kept = lost / f"{entry.ino}-{entry.name}"
+        os.replace(path, kept)
+        log.error("power loss: %s had changes that were never fsync'd; it shows the object "
+                  "store's version again, the data found on disk is kept in %s",
+                  self.path_of(entry), kept)
+        self._on_event("unsynced_kept", 1)
+        entry.state, entry.local, entry.synced = REMOTE, False, False
+        if entry.remote_size is not None:
+            entry.size = entry.remote_size
+        self.journal.update(entry)
 
     def _lose_local(self, entry: Entry, why: str) -> None:
         log.error("DATA LOSS: %s: %s", self.path_of(entry), why)
@@ -610,10 +663,16 @@ class CacheCore:
     # ------------------------------------------------------------------ capacity
 
     def _capacity(self) -> int:
-        if self.cache_config.capacity_bytes is not None:
-            return self.cache_config.capacity_bytes
         st = os.statvfs(self.cache_dir)
-        return int(st.f_blocks * st.f_frsize * self.cache_config.capacity_percent / 100)
+        size = st.f_blocks * st.f_frsize
+        if self.cache_config.capacity_bytes is not None:
+            if self.cache_config.capacity_bytes > size:
+                # Backpressure would never engage before the disk is full: writers would get
+                # ENOSPC from the file system instead of being slowed.
+                raise _err(errno.EINVAL, f"cache.capacityBytes {self.cache_config.capacity_bytes}"
+                           f" is larger than the file system of {self.cache_dir} ({size} bytes)")
+            return self.cache_config.capacity_bytes
+        return int(size * self.cache_config.capacity_percent / 100)
 
     def live_dirty_bytes(self) -> int:
         """Dirty bytes including what open writers added since their last sync."""
@@ -808,7 +867,7 @@ class CacheCore:
 
     def _open_handle(self, entry: Entry, flags: int, writable: bool) -> Handle:
         if writable:
-            if entry.writers == 0 or entry.state != DIRTY:
+            if entry.writers == 0 or entry.state != DIRTY or entry.synced:
                 self._mark_dirty(entry)
             entry.writers += 1
             entry.gen += 1
@@ -823,13 +882,23 @@ class CacheCore:
         return handle
 
     def _mark_dirty(self, entry: Entry) -> None:
-        """Journal DIRTY before the first byte changes, so a crash can never hide a write."""
+        """Journal DIRTY before the first byte changes, so a crash can never hide a write.
+
+        Power-loss rule: if the file has an object in the store (or an upload that may make
+        one), the change from CLEAN, or from "synced", is durable before the modifying
+        operation is acknowledged; recovery then never takes a torn file for a whole one.
+        """
+        changed = entry.state != DIRTY or entry.synced
         if entry.state != DIRTY:
             if entry.state == CLEAN:
                 self.clean_bytes -= entry.size
             entry.state = DIRTY
             self.dirty_bytes += entry.size
+        entry.synced = False
+        if changed:
             self.journal.update(entry)
+            if entry.remote_key is not None or entry.in_flight:
+                self.journal.sync()
         self._add_pending(entry)
         entry.due = float("inf")
 
@@ -882,6 +951,8 @@ class CacheCore:
             os.fsync(fd)
             with self._lock:
                 os.replace(tmp, self._data_file(entry.ino))
+                # Rule: a CLEAN row is never durable before its data file is.
+                self._sync_dir(self._data_path(entry.ino).parent)
                 entry.local = True
                 entry.state = CLEAN
                 entry.last_access = time.monotonic()
@@ -957,14 +1028,14 @@ class CacheCore:
                 self.changed.wait(min(left, 0.5))
 
     def fsync(self, handle: Handle, datasync: bool = False) -> None:
-        if datasync:
-            os.fdatasync(handle.fd)
-        else:
-            os.fsync(handle.fd)
+        # Always a full fsync, even for fdatasync: the "synced" mark below records the data
+        # file's mtime, which recovery compares after a power loss.
+        os.fsync(handle.fd)
         with self._lock:
             entry = self._entries.get(handle.ino)
             if entry is not None and not entry.unlinked:
                 self._sync_size(entry)
+                entry.synced = entry.state == DIRTY
                 self.journal.update(entry)
         self._sync_dir(self._data_path(handle.ino).parent)
         self.journal.sync()
@@ -1029,6 +1100,11 @@ class CacheCore:
             needs_fetch = size is not None and size > 0 and not entry.local
         if needs_fetch:
             self._fetch(entry)
+        if size is not None and not entry.is_dir:
+            with self._lock:
+                # Power-loss rule: DIRTY is durable before the truncate, not at the commit
+                # of the transaction below (which comes after the file has changed).
+                self._mark_dirty(entry)
         with self._lock, self.journal.transaction():
             meta_changed = False
             if mode is not None:
@@ -1330,10 +1406,66 @@ class CacheCore:
         return MoveWork(ino=entry.ino, src=entry.remote_key, dst=key,
                         metadata=metadata if entry.meta_dirty else None)
 
+    def upload_source_current(self, work: UploadWork) -> bool:
+        """Nobody opened the file for writing since ``work`` was handed out: what the
+        flusher read from it is one version of the file, not a mix of two (a rewrite racing
+        an upload must never leave a torn object in the store)."""
+        with self._lock:
+            entry = self._entries.get(work.ino)
+            return entry is not None and not entry.unlinked and entry.gen == work.gen \
+                and (entry.writers == 0 or entry.sync_wanted > entry.durable_gen)
+
+    def prepare_upload(self, work: UploadWork) -> bool:
+        """Called by the flusher before the first request of an upload; False if the file
+        changed since (the upload is pointless and retried later). Rules: the data is
+        durable before it is uploaded (else a power loss could leave an older or torn local
+        file that recovery uploads over the newer object), and so is the upload intent (else
+        nobody would abort a multipart upload the crash interrupted)."""
+        if not self.upload_source_current(work):
+            return False
+        os.fsync(work.fd)
+        self._sync_dir(self._data_path(work.ino).parent)
+        st = os.fstat(work.fd)
+        with self._lock:
+            entry = self._entries.get(work.ino)
+            if entry is not None and entry.gen == work.gen and entry.writers == 0 \
+                    and entry.state == DIRTY and not entry.unlinked \
+                    and st.st_size == work.size:
+                self.dirty_bytes += st.st_size - entry.size
+                entry.size, entry.mtime_ns = st.st_size, st.st_mtime_ns
+                entry.synced = True
+                self.journal.update(entry)
+        self.journal.sync()
+        return True
+
+    def sync_journal(self) -> None:
+        """Make every journaled change durable against power loss."""
+        self.journal.sync()
+
     def set_upload_id(self, work: UploadWork, upload_id: str) -> None:
         self.journal.set_upload_id(work.ino, work.key, upload_id)
 
     def finish_upload(self, work: UploadWork, etag: str | None, error: Exception | None) -> None:
+        try:
+            self._finish_upload(work, error)
+        except (sqlite3.Error, OSError) as exc:
+            # E.g. the cache disk is full. The transaction rolled back: the intent row is
+            # still journaled and the file still DIRTY, so retrying the upload later (and a
+            # restart) both do the right thing. Nothing may stay in flight for ever.
+            log.error("cannot journal the upload of %s (%s); it stays dirty and is uploaded "
+                      "again later", work.path, exc)
+            self._on_event("journal_error", 1)
+            with self._lock:
+                self.journal_errors += 1
+                entry = self._entries.get(work.ino)
+                if entry is not None:
+                    entry.in_flight = False
+                    entry.due = time.monotonic() + 5.0
+                    if not entry.unlinked:
+                        self._add_pending(entry)
+                self.changed.notify_all()
+
+    def _finish_upload(self, work: UploadWork, error: Exception | None) -> None:
         with self._lock, self.journal.transaction():
             entry = self._entries.get(work.ino)
             self.journal.remove_upload(work.ino, work.key)
@@ -1354,6 +1486,7 @@ class CacheCore:
                 return
             old = entry.remote_key
             entry.remote_key = work.key
+            entry.remote_size = work.size
             self._owners[work.key] = entry.ino
             entry.durable_gen = max(entry.durable_gen, work.gen)
             if old is not None and old != work.key:

@@ -131,9 +131,13 @@ class NodeDaemon:
         except FrontendUnavailable as exc:
             raise StartupError(str(exc)) from exc
         self.prom.set_frontend(self.frontend.name)
-        self.core = CacheCore(cache_dir, store, flush=cfg.flush, cache=cfg.cache, drain=cfg.drain,
-                              store_keep_last=cfg.store.keep_last_checkpoints,
-                              on_event=self.prom.event)
+        try:
+            self.core = CacheCore(cache_dir, store, flush=cfg.flush, cache=cfg.cache,
+                                  drain=cfg.drain,
+                                  store_keep_last=cfg.store.keep_last_checkpoints,
+                                  on_event=self.prom.event)
+        except OSError as exc:  # e.g. capacityBytes larger than the cache file system
+            raise StartupError(f"cache dir {cache_dir}: {exc.strerror or exc}") from exc
         self.flusher = Flusher(self.core, store, cfg.flush, self.prom)
         self.prom.watch_state(self.status)
         try:
@@ -255,6 +259,7 @@ class NodeDaemon:
             "uploaded_objects_total": flusher.uploaded_objects_total,
             "last_flush_time": flusher.last_flush_time,
             "errors": flusher.errors.total,
+            "journal_errors": core.journal_errors,
             "recent_errors": list(flusher.errors.recent),
             "throttled": flusher.adaptive.throttled_now,
             "upload_rate_limit_requests": flusher.request_bucket.rate or 0,

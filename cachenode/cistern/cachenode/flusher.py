@@ -40,6 +40,10 @@ class _Errors:
         del self.recent[:-20]
 
 
+class _SourceChanged(Exception):
+    """The file was opened for writing while its upload read it: upload it again later."""
+
+
 class Flusher:
     def __init__(self, core: CacheCore, store: ObjectStore, policy: FlushPolicy,
                  metrics: Metrics, retry: RetryPolicy | None = None) -> None:
@@ -97,6 +101,11 @@ class Flusher:
                 # would otherwise rescan the pending set once per file.
                 self._stop.wait(0.05)
                 continue
+            if any(not isinstance(item, UploadWork) for item in work):
+                # Power-loss rule: a rename or delete is durable in the journal before the
+                # store is changed for it (a copy + delete done for a rename the crash
+                # undid would leave the file pointing at a deleted object).
+                self.core.sync_journal()
             with self.core.changed:
                 self._busy += len(work)
             for item in work:
@@ -179,11 +188,17 @@ class Flusher:
         etag: str | None = None
         error: Exception | None = None
         try:
+            # Rules: data and intent durable before the upload; never a torn object.
+            if not self.core.prepare_upload(work):
+                raise _SourceChanged(work.path)
             if work.size >= self.policy.multipart_threshold:
                 etag = self._multipart(work)
             else:
-                etag = self._request("put", lambda: self.store.put_file(
-                    work.key, work.fd, work.size, work.metadata), nbytes=work.size)
+                etag = self._put_snapshot(work)
+        except _SourceChanged as exc:
+            error = exc
+            log.debug("%s was opened for writing during its upload; it is uploaded again",
+                      work.path)
         except (StoreError, OSError) as exc:
             error = exc
             if not isinstance(exc, StoreError):
@@ -200,6 +215,24 @@ class Flusher:
             self.last_flush_time = time.time()
             log.debug("uploaded %s (%d bytes) in %.3fs", work.key, work.size,
                       time.monotonic() - started)
+
+    def _put_snapshot(self, work: UploadWork) -> str:
+        """A single PUT from a private copy of the file, taken while nobody wrote it: a
+        rewrite racing the upload then costs a retry, never a torn object in the store."""
+        snap = os.memfd_create(f"upload-{work.ino}", os.MFD_CLOEXEC)
+        try:
+            copied = 0
+            while copied < work.size:
+                sent = os.sendfile(snap, work.fd, copied, work.size - copied)
+                if sent == 0:
+                    raise _SourceChanged(work.path)  # it shrank: a truncate raced us
+                copied += sent
+            if not self.core.upload_source_current(work):
+                raise _SourceChanged(work.path)
+            return str(self._request("put", lambda: self.store.put_file(
+                work.key, snap, work.size, work.metadata), nbytes=work.size))
+        finally:
+            os.close(snap)
 
     def _multipart(self, work: UploadWork) -> str:
         upload_id = self._request("create-multipart",
@@ -220,6 +253,8 @@ class Flusher:
                     lambda n=number, o=offset, ln=length: self.store.upload_part(
                         work.key, upload_id, n, work.fd, o, ln), length))
             parts = [(n + 1, f.result()) for n, f in enumerate(futures)]
+            if not self.core.upload_source_current(work):
+                raise _SourceChanged(work.path)  # aborted below: no torn object
             return str(self._request("complete-multipart", lambda: self.store.complete_multipart(
                 work.key, upload_id, parts)))
         except BaseException:

@@ -82,17 +82,20 @@ def judge_local(mount: Path, mark: Mark, label: str, figures: CutFigures) -> Non
             figures.lost.append(f"{label}: {path} reads back other content than was fsync'd")
 
 
-def judge_bucket(s3: Any, bucket: str, at_cut: dict[str, str], mark: Mark,
+def judge_bucket(s3: Any, bucket: str, at_cut: dict[str, str], mark: Mark, final: Mark,
                  etag_to_md5: dict[str, str], label: str, figures: CutFigures) -> None:
     """After recovery and a flush: fsync'd files are in the store with their content, no
-    object went back to an older or torn version, no multipart upload is left open."""
+    object went back to an older or torn version, no multipart upload is left open.
+
+    Versions are judged against the whole history (``final``): an operation in flight at
+    the cut (a rename, a write) may be in the crash state although it returned later."""
     after = object_etags(s3, bucket)
     for path, md5 in sorted(mark.required.items()):
         if etag_to_md5.get(after.get(path, "")) != md5:
             figures.wrong_in_store.append(f"{label}: {path} is not in the store as fsync'd")
     for key, etag in sorted(after.items()):
         md5 = etag_to_md5.get(etag)
-        history = mark.history.get(key, [])
+        history = final.history.get(key, [])
         if key not in at_cut:
             if md5 is None or md5 not in history:
                 figures.unsynced_new += 1
@@ -105,6 +108,9 @@ def judge_bucket(s3: Any, bucket: str, at_cut: dict[str, str], mark: Mark,
             continue
         first = history.index(before)
         if md5 not in history[first:]:
-            figures.regressed.append(f"{label}: {key} went back to an older version")
+            where = f"version {history.index(md5) + 1}" if md5 in history else \
+                "a version of another path"
+            figures.regressed.append(f"{label}: {key} went back from version {first + 1} to "
+                                     f"{where} of {len(history)} written")
     for upload in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
         figures.open_uploads.append(f"{label}: {upload['Key']} ({upload['UploadId']})")
