@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -24,17 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.powercut.blockdev import CacheDevice, Snapshot, missing_capability
-from support.powercut.verdict import (
-    CutFigures,
-    copy_bucket,
-    empty_bucket,
-    judge_bucket,
-    judge_local,
-)
+from support.powercut.blockdev import CacheDevice, missing_capability
+from support.powercut.cut import Cut, node_on, power_cut
+from support.powercut.verdict import CutFigures, judge_bucket, judge_local
 from support.powercut.workload import Mark, read_ledger
-
-from cistern.testing.node import NodeProcess
 
 TESTS = Path(__file__).resolve().parents[2]
 PART = 5 << 20
@@ -43,14 +35,6 @@ CUTS = int(os.environ.get("CISTERN_POWERCUT_CUTS", "50"))
 
 _reason = missing_capability()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"power-cut harness: {_reason}")
-
-
-def _node(workdir: Path, bucket: str, endpoint: str, cache_dir: Path, mount: Path,
-          upload_delay: float) -> NodeProcess:
-    workdir.mkdir(parents=True, exist_ok=True)
-    return NodeProcess(workdir, f"s3://{bucket}", endpoint_url=endpoint, frontend="pyfuse3",
-                       upload_delay=upload_delay, config={"flush": FLUSH},
-                       cache_dir=cache_dir, mount=mount)
 
 
 class _Writer:
@@ -79,30 +63,10 @@ class _Writer:
             assert time.monotonic() < deadline, "the workload made no progress"
             time.sleep(0.02)
 
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(30)
-
-
-def _cut(node: NodeProcess, device: CacheDevice, writer: _Writer, s3: Any, bucket: str,
-         index: int) -> tuple[Mark, Snapshot, str, dict[str, str]]:
-    """Freeze node and workload, take the device's and the bucket's state, let them go on."""
-    assert node.proc is not None
-    os.killpg(node.proc.pid, signal.SIGSTOP)
-    writer.signal(signal.SIGSTOP)
-    try:
-        mark = read_ledger(writer.log, PART).mark()
-        snapshot = device.snapshot()
-        copy = f"{bucket}-cut{index}"
-        at_cut = copy_bucket(s3, bucket, copy)
-    finally:
-        os.killpg(node.proc.pid, signal.SIGCONT)
-        writer.signal(signal.SIGCONT)
-    return mark, snapshot, copy, at_cut
 
 
 def test_power_cuts_lose_no_fsynced_file_and_never_regress_an_object(
@@ -111,35 +75,36 @@ def test_power_cuts_lose_no_fsynced_file_and_never_regress_an_object(
     print(f"\npower-cut seed: {seed} (CISTERN_POWERCUT_SEED to replay)")
     rng = random.Random(seed)
     figures = CutFigures()
-    cuts: list[tuple[Mark, Snapshot, str, dict[str, str]]] = []
+    cuts: list[tuple[Mark, Cut]] = []
     with CacheDevice(tmp_path / "dev") as device:
-        node = _node(tmp_path / "live", bucket, moto.endpoint, device.mountpoint / "cache",
-                     tmp_path / "live-mnt", upload_delay=0.1).start()
+        node = node_on(tmp_path / "live", bucket, moto.endpoint, device.mountpoint / "cache",
+                       tmp_path / "live-mnt", 0.1, {"flush": FLUSH}).start()
         writer = _Writer(node.mount, tmp_path / "ledger.jsonl", seed)
         try:
             for index in range(CUTS):
                 writer.wait_ops(rng.randint(1, 4), timeout=60)
-                cuts.append(_cut(node, device, writer, s3, bucket, index))
+                marks: list[Mark] = []
+
+                def take_mark(marks: list[Mark] = marks) -> None:
+                    marks.append(read_ledger(writer.log, PART).mark())
+
+                cut = power_cut(node, device, s3, bucket, f"cut{index}", also=writer.proc,
+                                on_frozen=take_mark)
+                cuts.append((marks[0], cut))
         finally:
             writer.stop()
             node.stop()
         ledger = read_ledger(writer.log, PART)
         final = ledger.mark()
         started = time.monotonic()
-        for index, (mark, snapshot, copy, at_cut) in enumerate(cuts):
+        for index, (mark, cut) in enumerate(cuts):
             label = f"cut {index} (after {mark.ops} ops)"
-            with snapshot.mounted() as root:
-                again = _node(tmp_path / f"r{index}", copy, moto.endpoint, root / "cache",
-                              tmp_path / f"r{index}-mnt", upload_delay=0.0).start()
-                try:
-                    judge_local(again.mount, mark, label, figures)
-                    again.flush()
-                finally:
-                    again.stop()
-            snapshot.discard()
-            judge_bucket(s3, copy, at_cut, mark, final, ledger.etags, label, figures)
+            with cut.recovered(tmp_path / f"r{index}", moto.endpoint, {"flush": FLUSH}) as again:
+                judge_local(again.mount, mark, label, figures)
+                again.flush()
+            judge_bucket(s3, cut.bucket, cut.at_cut, mark, final, ledger.etags, label, figures)
             figures.cuts += 1
-            empty_bucket(s3, copy)
+            cut.discard(s3)
         print(f"power-cut figures ({ledger.ops} workload ops, recovery "
               f"{time.monotonic() - started:.0f}s): {figures.summary()}")
     problems = (figures.lost + figures.wrong_in_store + figures.regressed + figures.torn
