@@ -1458,6 +1458,12 @@ class CacheCore:
             with self._lock:
                 self.journal_errors += 1
                 entry = self._entries.get(work.ino)
+                if entry is not None and entry.state == CLEAN and not entry.unlinked:
+                    # Undo the transition the journal did not take: the entry is uploaded
+                    # (and journaled) again.
+                    entry.state = DIRTY
+                    self.clean_bytes -= entry.size
+                    self.dirty_bytes += entry.size
                 if entry is not None:
                     entry.in_flight = False
                     entry.due = time.monotonic() + 5.0
