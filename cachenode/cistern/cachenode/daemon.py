@@ -23,9 +23,9 @@ from cistern.cachenode.frontend import (
     select_frontend,
 )
 from cistern.cachenode.metrics import Metrics
-from cistern.cachenode.retry import RetryPolicy
 from cistern.cachenode.s3store import open_store
 from cistern.cachenode.store import StoreError
+from cistern.cachenode.storeclient import StoreClient
 from cistern.config import NodeConfig, parse_hostport
 
 __all__ = ["NodeDaemon", "StartupError"]
@@ -109,9 +109,11 @@ class NodeDaemon:
             raise StartupError(f"cache dir {cache_dir} is in use by another cistern-node") \
                 from None
         store = open_store(cfg.store, max_pool=cfg.flush.max_concurrent_uploads * 2 + 4)
+        # One client for the flusher and the read path: one rate limit, one set of metrics.
+        client = StoreClient(store, cfg.flush, self.prom)
         try:
             # Throttling or a blip at start-up is retried; a missing bucket is not.
-            RetryPolicy(deadline=10.0).call("check the object store", store.check)
+            client.check()
         except StoreError as exc:
             raise StartupError(f"object store {store.description}: {exc}") from exc
         token = None
@@ -132,13 +134,13 @@ class NodeDaemon:
             raise StartupError(str(exc)) from exc
         self.prom.set_frontend(self.frontend.name)
         try:
-            self.core = CacheCore(cache_dir, store, flush=cfg.flush, cache=cfg.cache,
+            self.core = CacheCore(cache_dir, client, flush=cfg.flush, cache=cfg.cache,
                                   drain=cfg.drain,
                                   store_keep_last=cfg.store.keep_last_checkpoints,
                                   on_event=self.prom.event)
         except OSError as exc:  # e.g. capacityBytes larger than the cache file system
             raise StartupError(f"cache dir {cache_dir}: {exc.strerror or exc}") from exc
-        self.flusher = Flusher(self.core, store, cfg.flush, self.prom)
+        self.flusher = Flusher(self.core, client, cfg.flush)
         self.prom.watch_state(self.status)
         try:
             self.frontend.mount(self.core, mount, allow_other=cfg.allow_other,
@@ -255,14 +257,14 @@ class NodeDaemon:
             "pending_moves": summary["pending_moves"],
             "pending_deletes": summary["pending_deletes"],
             "clean_bytes": core.clean_bytes,
-            "uploaded_bytes_total": flusher.uploaded_bytes_total,
+            "uploaded_bytes_total": flusher.client.uploaded_bytes_total,
             "uploaded_objects_total": flusher.uploaded_objects_total,
             "last_flush_time": flusher.last_flush_time,
-            "errors": flusher.errors.total,
+            "errors": flusher.client.errors.total,
             "journal_errors": core.journal_errors,
-            "recent_errors": list(flusher.errors.recent),
-            "throttled": flusher.adaptive.throttled_now,
-            "upload_rate_limit_requests": flusher.request_bucket.rate or 0,
+            "recent_errors": flusher.client.errors.recent,
+            "throttled": flusher.client.adaptive.throttled_now,
+            "upload_rate_limit_requests": flusher.client.request_bucket.rate or 0,
             "capacity_bytes": core.capacity_bytes,
             "mode": self.config.flush.mode,
             "checkpoints": core.checkpoints(),

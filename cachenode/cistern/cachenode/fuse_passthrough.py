@@ -528,7 +528,7 @@ class PassthroughFrontend:
         return _EMPTY
 
     def _fsyncdir(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
-        self._core.journal.sync()  # the namespace lives in the journal
+        self._core.sync_namespace()  # the namespace lives in the journal
         return _EMPTY
 
     def _symlink(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:

@@ -1,4 +1,11 @@
-"""The pyfuse3 (libfuse 3) front end. The one place its errors become errno values."""
+"""The pyfuse3 (libfuse 3) front end. The one place its errors become errno values.
+
+Requests are served on one Trio loop, which must never wait: every core call that can wait for
+the object store, for backpressure (admission) or for the disk's journal runs in a worker
+thread. Only calls that never wait for any of those (getattr, read from a local data file, a
+write that does not pass admission, forget, statfs) run inline. Writes to one inode keep their
+order: once a write to it has gone to a thread, later writes to it queue behind it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import contextlib
 import errno
 import logging
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
@@ -68,6 +76,14 @@ def _name(raw: bytes) -> str:
         raise pyfuse3.FUSEError(errno.EINVAL) from None
 
 
+@dataclass
+class _WriteQueue:
+    """Writes to one inode that went to worker threads, in arrival order (trio.Lock is FIFO)."""
+
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    users: int = 0
+
+
 class _Operations(pyfuse3.Operations):  # type: ignore[misc]
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -80,6 +96,7 @@ class _Operations(pyfuse3.Operations):  # type: ignore[misc]
         self.listings: dict[int, list[tuple[str, Attr]]] = {}
         self._dir_fh = 0
         self._limiter = trio.CapacityLimiter(16)
+        self._writes: dict[int, _WriteQueue] = {}
 
     async def _blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs),
@@ -135,7 +152,7 @@ class _Operations(pyfuse3.Operations):  # type: ignore[misc]
         self.listings.pop(fh, None)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self._blocking(self.core.journal.sync)
+        await self._blocking(self.core.sync_namespace)
 
     @_errno_boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
@@ -186,7 +203,20 @@ class _Operations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_errno_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.core.write(self.handles[fh], off, buf)
+        handle = self.handles[fh]
+        queue = self._writes.get(handle.ino)
+        if queue is None and not self.core.write_may_wait(handle, len(buf)):
+            return self.core.write(handle, off, buf)  # nothing of this inode is in a thread
+        if queue is None:
+            queue = self._writes[handle.ino] = _WriteQueue()
+        queue.users += 1
+        try:
+            async with queue.lock:
+                return await self._blocking(self.core.write, handle, off, buf)
+        finally:
+            queue.users -= 1
+            if queue.users == 0:
+                del self._writes[handle.ino]
 
     @_errno_boundary
     async def flush(self, fh: int) -> None:

@@ -112,7 +112,7 @@ def test_file_data_bypasses_the_daemon(mounted: Mounted) -> None:
         f.seek(77 * len(block))
         assert f.read(len(block)) == block
     ino = os.stat(path).st_ino
-    data_file = mounted.core._data_path(ino)
+    data_file = mounted.core.data_path(ino)
     assert data_file.stat().st_size == 128 * len(block)
 
 

@@ -167,7 +167,7 @@ def test_creates_take_spare_data_files_whose_inodes_nobody_else_gets(tmp_path: P
         assert len(spares) == 8
         inos = [_write(core, ROOT_INO, f"f{i}", f"data {i}".encode()) for i in range(3)]
         assert {str(i) for i in inos} <= spares  # no file system create on the request path
-        assert len(core._spares) == 5
+        assert core.spare_count() == 5
         # Inodes made later (a directory, a file once the spares run out) never collide.
         later = core.mkdir(ROOT_INO, "d", 0o755, 0, 0).ino
         for i in range(6):
@@ -203,7 +203,8 @@ def test_spares_left_by_a_crash_are_removed_and_their_inodes_stay_reserved(
         new = _write(restarted, ROOT_INO, "new", b"n")
         assert new > max(reserved)
         restarted.make_spares(2)
-        assert all(ino > max(reserved) for ino, _ in restarted._spares)
+        spares = _data_files(cache_dir) - {str(kept), str(new)}
+        assert len(spares) == 2 and all(int(s) > max(reserved) for s in spares)
     finally:
         restarted.close()
         crashed.close()
@@ -218,3 +219,88 @@ def test_hints_say_when_a_request_can_be_answered_inline(core: CacheCore) -> Non
     core.set_draining(False)
     core.capacity_bytes = 2  # 3 dirty bytes: above the high watermark, writers get slowed
     assert not core.admits_now()
+
+
+def _backlog(core: CacheCore) -> dict[str, int]:
+    """The counted backlog, checked against the same numbers found by walking the queue."""
+    summary = core.pending_summary()
+    assert summary == core._queue.count_by_walking()  # noqa: SLF001
+    return summary
+
+
+def test_backlog_counts_are_kept_as_entries_change(tmp_path: Path) -> None:
+    core = CacheCore(tmp_path / "cache", LocalDirStore(tmp_path / "objects"),
+                     flush=FlushPolicy(upload_delay=0.0))
+    handle, attr = core.create(ROOT_INO, "open", 0o644, os.O_WRONLY, 0, 0)
+    core.write(handle, 0, b"being written")
+    _write(core, ROOT_INO, "a", b"alpha")
+    _write(core, ROOT_INO, "temp", b"t")
+    assert _backlog(core) == {"dirty_files": 3, "uploading_files": 0, "pending_moves": 0,
+                              "pending_deletes": 0, "open_writers": 1}
+    core.unlink(ROOT_INO, "temp")
+    work = core.collect_work(10, force=True)
+    assert _backlog(core)["uploading_files"] == len(work) == 1
+    for item in work:
+        assert isinstance(item, UploadWork)
+        core.finish_upload(item, core.store.put_file(item.key, item.fd, item.size, {}), None)
+        os.close(item.fd)
+    assert _backlog(core)["dirty_files"] == 1
+    core.rename(ROOT_INO, "a", ROOT_INO, "b")
+    assert _backlog(core)["pending_moves"] == 1
+    (move,) = core.collect_work(10, force=True)
+    assert _backlog(core)["uploading_files"] == 1
+    assert isinstance(move, MoveWork)
+    core.finish_move(move, OSError("the store is down"))
+    assert _backlog(core)["uploading_files"] == 0
+    core.release(handle)
+    _run_all(core)
+    assert _backlog(core) == {"dirty_files": 0, "uploading_files": 0, "pending_moves": 0,
+                              "pending_deletes": 0, "open_writers": 0}
+    _write(core, ROOT_INO, "after", b"x")
+    core.close()
+    again = CacheCore(tmp_path / "cache", LocalDirStore(tmp_path / "objects"))
+    try:
+        assert _backlog(again)["dirty_files"] == 1
+    finally:
+        again.close()
+
+
+def test_checkpoint_progress_follows_names_without_a_scan(core: CacheCore) -> None:
+    runs = core.mkdir(ROOT_INO, "runs", 0o755, 0, 0).ino
+    step1 = core.mkdir(runs, "step-1", 0o755, 0, 0).ino
+    _write(core, step1, "shard0", b"0" * 10)
+    other = core.mkdir(ROOT_INO, "export", 0o755, 0, 0).ino
+    _write(core, other, ".metadata", b"m")  # a commit marker makes any directory a checkpoint
+    paths = {c["path"]: c for c in core.checkpoints()}
+    assert paths["runs/step-1"]["state"] == "writing"
+    assert paths["runs/step-1"]["bytes"] == 10
+    assert paths["export"]["state"] == "committed-locally"
+    core.rename(runs, "step-1", runs, "old")  # no longer matches checkpointPattern
+    core.unlink(other, ".metadata")
+    assert core.checkpoints() == []
+    core.rename(runs, "old", runs, "step-2")
+    _write(core, core.lookup(runs, "step-2").ino, ".metadata", b"m")
+    _run_all(core)
+    (step2,) = core.checkpoints()
+    assert step2["path"] == "runs/step-2" and step2["state"] == "durable"
+    assert step2["files"] == 2 and step2["pending_files"] == 0
+
+
+def test_a_dirty_file_whose_data_file_is_gone_is_not_counted_after_restart(
+        tmp_path: Path) -> None:
+    first = CacheCore(tmp_path / "cache", LocalDirStore(tmp_path / "objects"))
+    handle, attr = first.create(ROOT_INO, "lost", 0o644, os.O_WRONLY, 0, 0)
+    first.write(handle, 0, b"never uploaded")
+    first.fsync(handle)  # its size is journaled
+    first.release(handle)
+    lost = attr.ino
+    _write(first, ROOT_INO, "kept", b"kept")
+    first.journal._db.close()  # a crash  # noqa: SLF001
+    first.data_path(lost).unlink()  # and the disk lost the data file
+    again = CacheCore(tmp_path / "cache", LocalDirStore(tmp_path / "objects"))
+    try:
+        assert again.find(ROOT_INO, "lost") is None  # logged as DATA LOSS, entry dropped
+        assert again.dirty_bytes == 4  # only "kept"
+        assert again.pending_summary()["dirty_files"] == 1
+    finally:
+        again.close()

@@ -1,0 +1,179 @@
+"""Read-through: the store's listing imported into the namespace, and fetches on open.
+
+The journal is an overlay on the object store: a directory is listed from the store the first
+time it is looked at (local entries win over the store's), and a REMOTE file is copied into
+the cache when it is opened. Listing failures never fail a writer: local entries are shown
+and the directory is listed again later.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from typing import Protocol
+
+from cistern.cachenode.core.datafiles import DataFiles
+from cistern.cachenode.core.keys import Keys
+from cistern.cachenode.core.model import err
+from cistern.cachenode.core.tree import Tree
+from cistern.cachenode.core.workqueue import WorkQueue
+from cistern.cachenode.journal import CLEAN, DIR, REMOTE, Entry
+from cistern.cachenode.store import ObjectInfo, StoreError
+
+__all__ = ["ReadThrough", "ReadThroughStore"]
+
+log = logging.getLogger(__name__)
+
+LIST_AGAIN_AFTER = 15.0
+"""Seconds before a directory whose listing failed is listed again."""
+
+
+class ReadThroughStore(Protocol):
+    """What the read path needs from the store. The daemon passes its ``StoreClient``, which
+    paces, retries (briefly for listings, longer for fetches) and counts these requests like
+    the flusher's; a bare ``ObjectStore`` also fits (tests), without retries."""
+
+    def list_dir(self, prefix: str) -> tuple[list[ObjectInfo], list[str]]: ...
+
+    def download(self, key: str, fd: int) -> ObjectInfo: ...
+
+
+class ReadThrough:
+    def __init__(self, tree: Tree, keys: Keys, datafiles: DataFiles, queue: WorkQueue,
+                 store: ReadThroughStore) -> None:
+        self._tree = tree
+        self._queue = queue
+        self._keys = keys
+        self._files = datafiles
+        self.store = store
+        self._list_retry_at: dict[int, float] = {}
+
+    # ------------------------------------------------------------------ listing
+
+    def ensure_listed(self, entry: Entry) -> None:
+        """Import the store's view of a directory the first time it is looked at."""
+        if entry.listed or time.monotonic() < self._list_retry_at.get(entry.ino, 0.0):
+            return
+        tree = self._tree
+        prefix = tree.key_of(entry)
+        prefix = f"{prefix}/" if prefix else ""
+        try:
+            files, dirs = self.store.list_dir(prefix)
+        except StoreError as exc:
+            # Writers must not fail because the store is down: serve what is known locally
+            # and list again later. The local entries win over the store's when it returns.
+            self._list_retry_at[entry.ino] = time.monotonic() + LIST_AGAIN_AFTER
+            log.warning("cannot list %s/ in the object store (%s); showing local entries "
+                        "only for now", prefix.rstrip("/") or "", exc)
+            return
+        self._list_retry_at.pop(entry.ino, None)
+        with tree.lock, tree.journal.transaction():
+            if entry.listed:
+                return
+            children = tree.children.setdefault(entry.ino, {})
+            for sub in dirs:
+                name = sub[len(prefix):].rstrip("/")
+                if name and "/" not in name and name not in children:
+                    self._import(entry, name, None)
+            for info in files:
+                name = info.key[len(prefix):]
+                if name and "/" not in name and name not in children \
+                        and not self._keys.known(info.key):
+                    self._import(entry, name, info)
+            entry.listed = True
+            tree.journal.update(entry)
+
+    def _import(self, parent: Entry, name: str, info: ObjectInfo | None) -> Entry:
+        if info is None:
+            mtime = parent.mtime_ns
+            new = Entry(ino=0, parent=parent.ino, name=name, is_dir=True,
+                        mode=stat.S_IFDIR | 0o755, uid=parent.uid, gid=parent.gid, size=0,
+                        mtime_ns=mtime, ctime_ns=mtime, state=DIR, local=False, listed=False)
+        else:
+            mtime = int(info.mtime * 1e9)
+            new = Entry(ino=0, parent=parent.ino, name=name, is_dir=False,
+                        mode=stat.S_IFREG | 0o644, uid=parent.uid, gid=parent.gid,
+                        size=info.size, mtime_ns=mtime, ctime_ns=mtime, state=REMOTE,
+                        local=False, remote_key=info.key, remote_size=info.size)
+        new.ino = self._tree.journal.insert(new)
+        self._tree.add(new)
+        if new.remote_key:
+            self._keys.own(new.remote_key, new.ino)
+        return new
+
+    def ensure_subtree_listed(self, entry: Entry) -> None:
+        """Before a directory rename or removal: know every object below it."""
+        if not entry.is_dir:
+            return
+        self.ensure_listed(entry)
+        tree = self._tree
+        with tree.lock:
+            subdirs = [tree.entries[c] for c in tree.children.get(entry.ino, {}).values()
+                       if tree.entries[c].is_dir]
+        for sub in subdirs:
+            self.ensure_subtree_listed(sub)
+
+    # ------------------------------------------------------------------ fetch
+
+    def fetch(self, entry: Entry) -> None:
+        """Copy a REMOTE file into the cache (serialised per file)."""
+        tree = self._tree
+        with tree.lock:
+            while entry.in_flight and not entry.local:
+                tree.changed.wait(1.0)
+            if entry.local:
+                return
+            key = entry.remote_key
+            if key is None:
+                raise err(errno.EIO, f"{tree.path_of(entry)} has neither data nor object")
+            entry.in_flight = True
+            self._queue.recount(entry)
+        tmp = self._files.tmp_dir / f"fetch-{entry.ino}-{threading.get_ident()}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            try:
+                info = self.store.download(key, fd)
+            except FileNotFoundError as exc:
+                raise err(errno.ENOENT, f"{key} vanished from the object store") from exc
+            except StoreError as exc:
+                log.error("fetch %s failed: %s", key, exc)
+                raise err(errno.EIO, str(exc)) from exc
+            os.fsync(fd)
+            with tree.lock:
+                os.replace(tmp, self._files.create_path(entry.ino))
+                # Rule: a CLEAN row is never durable before its data file is.
+                self._files.sync_dir(self._files.path(entry.ino).parent)
+                entry.local = True
+                entry.state = CLEAN
+                entry.last_access = time.monotonic()
+                entry.size = entry.remote_size = info.size
+                apply_metadata(entry, info.metadata)
+                tree.clean_bytes += info.size
+                tree.journal.update(entry)
+                tree.on_event("fetched_bytes", info.size)
+        finally:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            with tree.lock:
+                entry.in_flight = False
+                self._queue.recount(entry)
+                tree.changed.notify_all()
+
+
+def apply_metadata(entry: Entry, metadata: dict[str, str]) -> None:
+    """Mode, owner and mtime the flusher stored with the object."""
+    try:
+        if "mode" in metadata:
+            entry.mode = stat.S_IFREG | (int(metadata["mode"], 8) & 0o7777)
+        if "uid" in metadata:
+            entry.uid = int(metadata["uid"])
+        if "gid" in metadata:
+            entry.gid = int(metadata["gid"])
+        if "mtime-ns" in metadata:
+            entry.mtime_ns = int(metadata["mtime-ns"])
+    except ValueError:
+        log.warning("ignoring malformed object metadata %r", metadata)
