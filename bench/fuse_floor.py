@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bench import workloads
 from bench.targets import is_mounted
-from cistern.testing.s3server import free_port
+from tests.support.s3server import free_port
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "floor" / "rt.c"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.runner import BenchRun
-from cistern.testing.faultproxy import KINDS
+from tests.support.faultproxy import KINDS
 
 # metric suffix -> (label, unit, higher is better)
 _METRIC_KINDS: dict[str, tuple[str, str, bool]] = {

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from cistern.testing.faultproxy import FaultProxyProcess, ProxyControl
-from cistern.testing.s3server import TEST_CREDENTIALS, MotoServer
+from tests.support.faultproxy import FaultProxyProcess, ProxyControl
+from tests.support.s3server import TEST_CREDENTIALS, MotoServer
 
 logger = logging.getLogger(__name__)
 

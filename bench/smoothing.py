@@ -39,7 +39,7 @@ from typing import Any
 
 from bench.report import machine_info
 from bench.s3env import S3Env
-from cistern.testing.node import NodeProcess
+from tests.support.node import NodeProcess
 
 logger = logging.getLogger(__name__)
 

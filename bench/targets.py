@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.s3env import TEST_CREDENTIALS, S3Env
-from cistern.testing.s3server import free_port
+from tests.support.s3server import free_port
 
 logger = logging.getLogger(__name__)
 

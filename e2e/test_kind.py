@@ -181,7 +181,7 @@ def installed(cluster: Cluster) -> Cluster:
     """Images built and loaded into the nodes, the chart installed and rolled out."""
     cluster.run("docker", "build", "-t", IMAGE, str(ROOT), timeout=1200)
     cluster.run("docker", "build", "-t", S3_IMAGE, "-f", str(ROOT / "e2e" / "s3.Dockerfile"),
-                "--build-arg", f"BASE={IMAGE}", str(ROOT / "e2e"), timeout=600)
+                "--build-arg", f"BASE={IMAGE}", str(ROOT / "tests"), timeout=600)
     cluster.run("kind", "load", "docker-image", IMAGE, S3_IMAGE, "--name", cluster.name,
                 timeout=600)
     repository, tag = IMAGE.split(":")
@@ -199,7 +199,7 @@ def installed(cluster: Cluster) -> Cluster:
 def port_forward(cluster: Cluster, namespace: str, target: str, port: int
                  ) -> Iterator[int]:
     """``kubectl port-forward`` to a local port; yields the local port."""
-    from cistern.testing.s3server import free_port, wait_for_port
+    from support.s3server import free_port, wait_for_port
 
     local = free_port()
     process = subprocess.Popen(
@@ -232,7 +232,7 @@ def s3_deployment() -> list[dict[str, Any]]:
          "spec": {"replicas": 1, "selector": {"matchLabels": labels},
                   "template": {"metadata": {"labels": labels}, "spec": {"containers": [{
                       "name": "moto", "image": S3_IMAGE, "imagePullPolicy": "Never",
-                      "command": ["python", "-m", "cistern.testing.s3server",
+                      "command": ["python", "-m", "support.s3server",
                                   "--host", "0.0.0.0", "--port", "5000"],
                       "ports": [{"containerPort": 5000}],
                       "readinessProbe": {"tcpSocket": {"port": 5000},
@@ -292,7 +292,7 @@ def expected_checkpoint() -> tuple[int, str]:
 
 def test_checkpoint_through_a_pvc_lands_in_s3_and_delete_removes_it(installed: Cluster
                                                                     ) -> None:
-    from cistern.testing.s3server import s3_client
+    from support.s3server import s3_client
 
     cluster = installed
     # 1. An S3 inside the cluster, and its bucket (made through a port-forward).

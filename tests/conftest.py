@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from cistern.testing.faultproxy import FaultProxyProcess
-from cistern.testing.node import NodeProcess
-from cistern.testing.s3server import MotoServer
+from support.faultproxy import FaultProxyProcess
+from support.node import NodeProcess
+from support.s3server import MotoServer
 
 FRONTENDS = ("pyfuse3", "passthrough")
 

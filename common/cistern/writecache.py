@@ -22,8 +22,8 @@ from cistern.config import (
     FlushPolicy,
     NodeConfig,
     StoreConfig,
-    parse_duration,
 )
+from cistern.configschema import boolean, check_bucket_name, duration, name_glob, positive_int
 
 __all__ = [
     "CSI_DRIVER_NAME",
@@ -42,7 +42,6 @@ CSI_DRIVER_NAME = "csi.cistern.dev"
 DEFAULT_MOUNT_ROOT = "/var/lib/cistern/mounts"
 DEFAULT_CACHE_HOST_PATH = "/var/lib/cistern/cache"
 
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 
@@ -84,9 +83,7 @@ class ObjectStoreSpec:
         where = "spec.objectStore"
         _known(data, {"bucket", "prefix", "endpoint", "region", "pathStyle",
                       "credentialsSecretRef"}, where)
-        bucket = data.get("bucket")
-        if not isinstance(bucket, str) or not _BUCKET.fullmatch(bucket):
-            raise ConfigError(f"{where}.bucket: {bucket!r} is not a valid S3 bucket name")
+        bucket = check_bucket_name(data.get("bucket"), f"{where}.bucket")
         prefix = str(data.get("prefix") or "").strip("/")
         if ".." in prefix.split("/"):
             raise ConfigError(f"{where}.prefix: must not contain '..'")
@@ -100,7 +97,7 @@ class ObjectStoreSpec:
                               f"got {secret!r}")
         return cls(bucket=bucket, prefix=prefix, endpoint=endpoint,
                    region=data.get("region") or None,
-                   path_style=bool(data.get("pathStyle", False)),
+                   path_style=boolean(data.get("pathStyle", False), f"{where}.pathStyle"),
                    credentials_secret=secret)
 
     @property
@@ -154,20 +151,16 @@ class RetentionSpec:
         where = "spec.retention"
         _known(data, {"keepLastCheckpoints", "keepLastCheckpointsInStore", "checkpointPattern",
                       "cacheTTL"}, where)
-        for key in ("keepLastCheckpoints", "keepLastCheckpointsInStore"):
-            value = data.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ConfigError(f"{where}.{key}: expected a positive integer, got {value!r}")
-        pattern = data.get("checkpointPattern", "step-*")
-        if not isinstance(pattern, str) or not pattern or "/" in pattern:
-            raise ConfigError(f"{where}.checkpointPattern: expected a directory-name glob, "
-                              f"got {pattern!r}")
-        ttl = data.get("cacheTTL")
-        return cls(keep_last_checkpoints=data.get("keepLastCheckpoints"),
-                   keep_last_checkpoints_in_store=data.get("keepLastCheckpointsInStore"),
-                   checkpoint_pattern=pattern,
-                   cache_ttl=None if ttl is None else parse_duration(ttl, f"{where}.cacheTTL"))
+        keep, keep_in_store, ttl = (data.get(key) for key in (
+            "keepLastCheckpoints", "keepLastCheckpointsInStore", "cacheTTL"))
+        return cls(
+            keep_last_checkpoints=None if keep is None else positive_int(
+                keep, f"{where}.keepLastCheckpoints"),
+            keep_last_checkpoints_in_store=None if keep_in_store is None else positive_int(
+                keep_in_store, f"{where}.keepLastCheckpointsInStore"),
+            checkpoint_pattern=name_glob(data.get("checkpointPattern", "step-*"),
+                                         f"{where}.checkpointPattern"),
+            cache_ttl=None if ttl is None else duration(positive=True)(ttl, f"{where}.cacheTTL"))
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cistern.config import DEFAULT_CONTROL, ConfigError, NodeConfig, load_node_config
+from cistern.nodestatus import NodeStatus, NodeStatusError
 
 __all__ = ["main"]
 
@@ -157,6 +159,17 @@ def _call(args: argparse.Namespace, method: str, path: str, timeout: float) -> d
                          f"({reason})") from None
 
 
+def _status(args: argparse.Namespace, method: str, path: str, timeout: float) -> NodeStatus:
+    """A control call whose answer is the node's status (GET /status, POST /flush|drain|resume)."""
+    answer = _call(args, method, path, timeout)
+    try:
+        return NodeStatus.from_json(answer)
+    except NodeStatusError as exc:
+        code = answer.get("http_status")
+        problem = f"HTTP {code}: {answer.get('error', answer)}" if code else str(exc)
+        raise SystemExit(f"cistern-node: error: {args.control}{path}: {problem}") from None
+
+
 def _size(n: float | int | None) -> str:
     value = float(n or 0)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -166,48 +179,52 @@ def _size(n: float | int | None) -> str:
     return str(n)
 
 
-def _summary(status: dict[str, Any]) -> str:
+def _summary(status: NodeStatus) -> str:
     lines = [
-        f"state:          {status.get('state')}",
-        f"front end:      {status.get('frontend')}",
-        f"mount:          {status.get('mount')} -> {status.get('store')}",
-        f"dirty:          {_size(status.get('dirty_bytes'))} in "
-        f"{status.get('dirty_files', 0)} files ({status.get('uploading_files', 0)} uploading)",
-        f"clean (cached): {_size(status.get('clean_bytes'))}",
-        f"uploaded:       {_size(status.get('uploaded_bytes_total'))} in "
-        f"{status.get('uploaded_objects_total', 0)} objects",
-        f"pending:        {status.get('pending_moves', 0)} renames, "
-        f"{status.get('pending_deletes', 0)} deletes",
-        f"errors:         {status.get('errors', 0)}",
+        f"state:          {status.state}",
+        f"front end:      {status.frontend}",
+        f"mount:          {status.mount} -> {status.store}",
+        f"dirty:          {_size(status.dirty_bytes)} in "
+        f"{status.dirty_files} files ({status.uploading_files} uploading)",
+        f"clean (cached): {_size(status.clean_bytes)}",
+        f"uploaded:       {_size(status.uploaded_bytes_total)} in "
+        f"{status.uploaded_objects_total} objects",
+        f"pending:        {status.pending_moves} renames, {status.pending_deletes} deletes",
+        f"errors:         {status.errors}",
     ]
-    drain = status.get("drain")
+    drain = status.drain
     if drain:
-        eta = drain.get("eta_seconds")
-        lines.append(f"drain:          {_size(drain.get('bytes_left'))} left, ETA "
+        eta = drain.eta_seconds
+        lines.append(f"drain:          {_size(drain.bytes_left)} left, ETA "
                      f"{'-' if eta is None else f'{eta:.0f}s'}")
-    for error in status.get("recent_errors", [])[-3:]:
-        lines.append(f"  last error: {error.get('op')}: {error.get('error')}")
+    for error in status.recent_errors[-3:]:
+        lines.append(f"  last error: {error.summary()}")
     return "\n".join(lines)
 
 
-def _progress(args: argparse.Namespace, until_done: Any, deadline: float) -> dict[str, Any]:
+def _show(status: NodeStatus, as_json: bool) -> str:
+    return json.dumps(status.to_json(), indent=1) if as_json else _summary(status)
+
+
+def _progress(args: argparse.Namespace, until_done: Callable[[NodeStatus], bool],
+              deadline: float) -> NodeStatus:
     """Poll /status and print a progress line until ``until_done(status)`` or the deadline."""
     tty = sys.stderr.isatty()
     start_bytes: float | None = None
-    status = _call(args, "GET", "/status", 10)
+    status = _status(args, "GET", "/status", 10)
     while not until_done(status) and time.monotonic() < deadline:
-        left = float(status.get("dirty_bytes") or 0)
+        left = float(status.dirty_bytes)
         start_bytes = left if start_bytes is None else max(start_bytes, left)
         done = start_bytes - left
         pct = 100.0 * done / start_bytes if start_bytes else 100.0
-        line = (f"{status.get('state')}: {_size(left)} left in {status.get('dirty_files', 0)} "
+        line = (f"{status.state}: {_size(left)} left in {status.dirty_files} "
                 f"files, {pct:5.1f}% done")
         if tty:
             print(f"\r{line}\033[K", end="", file=sys.stderr, flush=True)
         else:
             print(line, file=sys.stderr, flush=True)
         time.sleep(0.5 if tty else 5.0)
-        status = _call(args, "GET", "/status", 10)
+        status = _status(args, "GET", "/status", 10)
     if tty:
         print("", file=sys.stderr)
     return status
@@ -215,17 +232,17 @@ def _progress(args: argparse.Namespace, until_done: Any, deadline: float) -> dic
 
 def _client(args: argparse.Namespace) -> int:
     if args.command == "status":
-        status = _call(args, "GET", "/status", 10)
+        status = _status(args, "GET", "/status", 10)
     elif args.command == "resume":
-        status = _call(args, "POST", "/resume", 10)
+        status = _status(args, "POST", "/resume", 10)
     elif args.command == "flush":
         import threading
 
-        result: dict[str, Any] = {}
+        result: list[NodeStatus] = []
 
         def flush() -> None:
-            result.update(_call(args, "POST", f"/flush?timeout={args.timeout}",
-                                args.timeout + 30))
+            result.append(_status(args, "POST", f"/flush?timeout={args.timeout}",
+                                  args.timeout + 30))
 
         worker = threading.Thread(target=flush, daemon=True)
         worker.start()
@@ -233,25 +250,26 @@ def _client(args: argparse.Namespace) -> int:
         if not args.json:
             _progress(args, lambda s: not worker.is_alive(), deadline)
         worker.join(max(0.0, deadline - time.monotonic()))
-        status = result
-        if not status.get("flushed"):
-            print(_summary(status) if not args.json else json.dumps(status, indent=1))
+        if not result or not result[0].flushed:
+            if result:
+                print(_show(result[0], args.json))
             print("cistern-node: flush did not finish in time", file=sys.stderr)
             return 1
+        status = result[0]
     else:
-        status = _call(args, "POST", "/drain", 30)
+        status = _status(args, "POST", "/drain", 30)
         if not args.no_wait:
             deadline = time.monotonic() + args.timeout
-            status = _progress(args, lambda s: s.get("state") == "drained", deadline) \
+            status = _progress(args, lambda s: s.state == "drained", deadline) \
                 if not args.json else status
-            while status.get("state") != "drained" and time.monotonic() < deadline:
+            while status.state != "drained" and time.monotonic() < deadline:
                 time.sleep(0.5)
-                status = _call(args, "GET", "/status", 10)
-            if status.get("state") != "drained":
-                print(_summary(status) if not args.json else json.dumps(status, indent=1))
+                status = _status(args, "GET", "/status", 10)
+            if status.state != "drained":
+                print(_show(status, args.json))
                 print("cistern-node: drain did not finish in time", file=sys.stderr)
                 return 1
-    print(json.dumps(status, indent=1) if args.json else _summary(status))
+    print(_show(status, args.json))
     return 0
 
 

@@ -27,6 +27,13 @@ from cistern.cachenode.s3store import open_store
 from cistern.cachenode.store import StoreError
 from cistern.cachenode.storeclient import StoreClient
 from cistern.config import NodeConfig, parse_hostport
+from cistern.nodestatus import (
+    CheckpointProgress,
+    DrainProgress,
+    FuseStatus,
+    NodeStatus,
+    StoreErrorReport,
+)
 
 __all__ = ["NodeDaemon", "StartupError"]
 
@@ -141,7 +148,7 @@ class NodeDaemon:
         except OSError as exc:  # e.g. capacityBytes larger than the cache file system
             raise StartupError(f"cache dir {cache_dir}: {exc.strerror or exc}") from exc
         self.flusher = Flusher(self.core, client, cfg.flush)
-        self.prom.watch_state(self.status)
+        self.prom.watch_state(self.node_status)
         try:
             self.frontend.mount(self.core, mount, allow_other=cfg.allow_other,
                                 fsname=f"cistern:{cfg.store.url}")
@@ -237,53 +244,60 @@ class NodeDaemon:
     # ---------------------------------------------------------------- control API
 
     def status(self) -> dict[str, Any]:
+        """The /status JSON: ``node_status()`` serialised (the one place it is)."""
+        return self.node_status().to_json()
+
+    def node_status(self) -> NodeStatus:
+        """The node's state from what the core, the flusher and the front end report."""
         core, flusher = self.core, self.flusher
         if core is None or flusher is None:
-            return {"state": self.state}
+            return NodeStatus(state=self.state)
         summary = core.pending_summary()
         state = self.state
         if core.draining and state == "running":
             state = "drained" if core.idle() else "draining"
-        out: dict[str, Any] = {
-            "state": state,
-            "frontend": self.frontend.name if self.frontend else None,
-            "fuse": self.frontend.status() if self.frontend else {},
-            "mount": os.path.abspath(self.config.mount),
-            "store": self.config.store.url,
-            "dirty_bytes": core.dirty_bytes,
-            "dirty_files": summary["dirty_files"],
-            "uploading_files": summary["uploading_files"],
-            "open_writers": summary["open_writers"],
-            "pending_moves": summary["pending_moves"],
-            "pending_deletes": summary["pending_deletes"],
-            "clean_bytes": core.clean_bytes,
-            "uploaded_bytes_total": flusher.client.uploaded_bytes_total,
-            "uploaded_objects_total": flusher.uploaded_objects_total,
-            "last_flush_time": flusher.last_flush_time,
-            "errors": flusher.client.errors.total,
-            "journal_errors": core.journal_errors,
-            "recent_errors": flusher.client.errors.recent,
-            "throttled": flusher.client.adaptive.throttled_now,
-            "upload_rate_limit_requests": flusher.client.request_bucket.rate or 0,
-            "capacity_bytes": core.capacity_bytes,
-            "mode": self.config.flush.mode,
-            "checkpoints": core.checkpoints(),
-            "uptime_seconds": round(time.time() - self._started, 1),
-        }
+        drain = None
         if self._drain_started is not None:
             elapsed = time.monotonic() - self._drain_started
             done = max(0, self._drain_bytes_at_start - core.dirty_bytes)
             rate = done / elapsed if elapsed > 0 else 0.0
-            out["drain"] = {
-                "started_seconds_ago": round(elapsed, 1),
-                "bytes_left": core.dirty_bytes,
-                "files_left": summary["dirty_files"],
-                "eta_seconds": round(core.dirty_bytes / rate, 1) if rate > 0 else None,
-                "timeout_seconds": self.config.drain.timeout,
-                "timed_out": elapsed > self.config.drain.timeout and not core.idle(),
-                "new_writes": self.config.drain.new_writes,
-            }
-        return out
+            drain = DrainProgress(
+                started_seconds_ago=round(elapsed, 1),
+                bytes_left=core.dirty_bytes,
+                files_left=summary["dirty_files"],
+                eta_seconds=round(core.dirty_bytes / rate, 1) if rate > 0 else None,
+                timeout_seconds=self.config.drain.timeout,
+                timed_out=elapsed > self.config.drain.timeout and not core.idle(),
+                new_writes=self.config.drain.new_writes,
+            )
+        return NodeStatus(
+            state=state,
+            frontend=self.frontend.name if self.frontend else None,
+            fuse=FuseStatus.from_json(self.frontend.status()) if self.frontend
+            else FuseStatus(),
+            mount=os.path.abspath(self.config.mount),
+            store=self.config.store.url,
+            dirty_bytes=core.dirty_bytes,
+            dirty_files=summary["dirty_files"],
+            uploading_files=summary["uploading_files"],
+            open_writers=summary["open_writers"],
+            pending_moves=summary["pending_moves"],
+            pending_deletes=summary["pending_deletes"],
+            clean_bytes=core.clean_bytes,
+            uploaded_bytes_total=flusher.client.uploaded_bytes_total,
+            uploaded_objects_total=flusher.uploaded_objects_total,
+            last_flush_time=flusher.last_flush_time,
+            errors=flusher.client.errors.total,
+            recent_errors=tuple(StoreErrorReport.from_json(e)
+                                for e in flusher.client.errors.recent),
+            throttled=flusher.client.adaptive.throttled_now,
+            upload_rate_limit_requests=float(flusher.client.request_bucket.rate or 0),
+            capacity_bytes=core.capacity_bytes,
+            mode=self.config.flush.mode,
+            checkpoints=tuple(CheckpointProgress.from_json(c) for c in core.checkpoints()),
+            uptime_seconds=round(time.time() - self._started, 1),
+            drain=drain,
+        )
 
     def flush(self, timeout: float) -> bool:
         assert self.core and self.flusher

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from cistern.nodestatus import NodeStatus
 
 __all__ = ["THROTTLE_CODES", "Metrics"]
 
@@ -16,40 +17,45 @@ THROTTLE_CODES = frozenset({"SlowDown", "503", "Throttling", "ThrottlingExceptio
 
 
 class _StateCollector(Collector):
-    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+    """Gauges read from the node's typed status at scrape time."""
+
+    def __init__(self, read: Callable[[], NodeStatus]) -> None:
         self._read = read
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        state = self._read()
-        for name, doc in (("dirty_bytes", "Bytes written locally and not yet in the store"),
-                          ("dirty_files", "Files written locally and not yet in the store"),
-                          ("uploading_files", "Files being uploaded now"),
-                          ("clean_bytes", "Bytes cached locally that the store also has"),
-                          ("pending_deletes", "Object deletions waiting for the flusher"),
-                          ("pending_moves", "Object renames waiting for the flusher"),
-                          ("capacity_bytes", "Bytes the cache may use"),
-                          ("upload_rate_limit_requests", "Current adaptive request-rate limit "
-                           "(0: unlimited)")):
-            if name in state:
-                yield GaugeMetricFamily(f"cistern_{name}", doc, value=float(state[name] or 0))
-        fuse = state.get("fuse") or {}
-        for key, name, doc in (
-                ("requests", "cistern_fuse_requests", "FUSE requests read from the kernel"),
-                ("errors", "cistern_fuse_eio_replies",
+        status = self._read()
+        for name, value, doc in (
+                ("dirty_bytes", status.dirty_bytes,
+                 "Bytes written locally and not yet in the store"),
+                ("dirty_files", status.dirty_files,
+                 "Files written locally and not yet in the store"),
+                ("uploading_files", status.uploading_files, "Files being uploaded now"),
+                ("clean_bytes", status.clean_bytes,
+                 "Bytes cached locally that the store also has"),
+                ("pending_deletes", status.pending_deletes,
+                 "Object deletions waiting for the flusher"),
+                ("pending_moves", status.pending_moves, "Object renames waiting for the flusher"),
+                ("capacity_bytes", status.capacity_bytes, "Bytes the cache may use"),
+                ("upload_rate_limit_requests", status.upload_rate_limit_requests,
+                 "Current adaptive request-rate limit (0: unlimited)")):
+            yield GaugeMetricFamily(f"cistern_{name}", doc, value=float(value))
+        fuse = status.fuse
+        for count, name, doc in (
+                (fuse.requests, "cistern_fuse_requests", "FUSE requests read from the kernel"),
+                (fuse.errors, "cistern_fuse_eio_replies",
                  "FUSE requests answered EIO (lost data or a bug; ordinary errnos not counted)"),
-                ("passthroughOpens", "cistern_fuse_passthrough_opens",
+                (fuse.passthrough_opens, "cistern_fuse_passthrough_opens",
                  "Opens served by kernel passthrough to the local data file"),
-                ("directIoOpens", "cistern_fuse_direct_io_opens",
+                (fuse.direct_io_opens, "cistern_fuse_direct_io_opens",
                  "Opens served by the daemon (data not local yet, or no backing file)")):
-            if key in fuse:
-                yield CounterMetricFamily(name, doc, value=float(fuse[key]))
-        if "openBackingFiles" in fuse:
+            if count is not None:
+                yield CounterMetricFamily(name, doc, value=float(count))
+        if fuse.open_backing_files is not None:
             yield GaugeMetricFamily("cistern_fuse_open_backing_files",
                                     "Backing files registered with the kernel now",
-                                    value=float(fuse["openBackingFiles"]))
+                                    value=float(fuse.open_backing_files))
         yield GaugeMetricFamily("cistern_draining", "1 while the node drains",
-                                value=1.0 if state.get("state") in ("draining", "drained")
-                                else 0.0)
+                                value=1.0 if status.draining else 0.0)
 
 
 class Metrics:
@@ -109,7 +115,7 @@ class Metrics:
         self.frontend.clear()
         self.frontend.labels(name).set(1)
 
-    def watch_state(self, read: Callable[[], dict[str, Any]]) -> None:
+    def watch_state(self, read: Callable[[], NodeStatus]) -> None:
         self.registry.register(_StateCollector(read))
 
     def event(self, name: str, value: float) -> None:

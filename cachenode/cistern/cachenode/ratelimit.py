@@ -3,6 +3,9 @@
 S3 answers bursts with 503 SlowDown. ``AdaptiveRate`` lowers the request rate multiplicatively
 when the store throttles and raises it slowly while requests succeed (AIMD), never above the
 configured ``maxRequestsPerSecond``.
+
+Both read time through a ``Clock`` (``MonotonicClock`` unless told otherwise), so tests drive
+them with a clock they advance themselves instead of sleeping.
 """
 
 from __future__ import annotations
@@ -10,19 +13,47 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from typing import Protocol
 
-__all__ = ["AdaptiveRate", "TokenBucket"]
+__all__ = ["AdaptiveRate", "Clock", "MonotonicClock", "TokenBucket"]
+
+
+class Clock(Protocol):
+    """Where the rate limiters read the time and wait."""
+
+    def now(self) -> float:
+        """Seconds on a monotonic scale."""
+        ...
+
+    def sleep(self, seconds: float, stop: threading.Event | None = None) -> None:
+        """Wait ``seconds`` (returning early once ``stop`` is set)."""
+        ...
+
+
+class MonotonicClock:
+    """The real clock: ``time.monotonic`` and a sleep that ``stop`` interrupts."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float, stop: threading.Event | None = None) -> None:
+        if stop is not None:
+            stop.wait(seconds)
+        else:
+            time.sleep(seconds)
 
 
 class TokenBucket:
     """Blocking token bucket; ``rate`` None means unlimited. Thread-safe."""
 
-    def __init__(self, rate: float | None, burst: float | None = None) -> None:
+    def __init__(self, rate: float | None, burst: float | None = None,
+                 clock: Clock | None = None) -> None:
+        self.clock: Clock = clock or MonotonicClock()
         self._lock = threading.Lock()
         self._rate = rate
         self._burst = burst
         self._tokens = self.capacity
-        self._stamp = time.monotonic()
+        self._stamp = self.clock.now()
 
     @property
     def rate(self) -> float | None:
@@ -43,7 +74,7 @@ class TokenBucket:
                 self._tokens = self.capacity
 
     def _refill(self) -> None:
-        now = time.monotonic()
+        now = self.clock.now()
         if self._rate is not None:
             self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self._rate)
         self._stamp = now
@@ -70,10 +101,7 @@ class TokenBucket:
             rate = self._rate
         if deficit > 0:
             waited = deficit / rate
-            if stop is not None:
-                stop.wait(waited)
-            else:
-                time.sleep(waited)
+            self.clock.sleep(waited, stop)
         return waited
 
 
@@ -83,7 +111,9 @@ class AdaptiveRate:
     def __init__(self, bucket: TokenBucket, ceiling: float | None,
                  decrease: float = 0.7, recovery_per_second: float = 0.5,
                  floor: float = 1.0) -> None:
+        """Reads time through ``bucket.clock``."""
         self.bucket = bucket
+        self._clock = bucket.clock
         self.ceiling = ceiling
         self._decrease = decrease
         self._recovery = recovery_per_second
@@ -92,18 +122,18 @@ class AdaptiveRate:
         self._lock = threading.Lock()
         self._recent: deque[float] = deque(maxlen=512)
         self._last_cut = 0.0
-        self._last_raise = time.monotonic()
+        self._last_raise = self._clock.now()
         self.throttled_now = False
 
     def observed_rate(self) -> float:
-        now = time.monotonic()
+        now = self._clock.now()
         with self._lock:
             while self._recent and now - self._recent[0] > 2.0:
                 self._recent.popleft()
             return len(self._recent) / 2.0
 
     def on_success(self) -> None:
-        now = time.monotonic()
+        now = self._clock.now()
         with self._lock:
             self._recent.append(now)
             rate = self.bucket.rate
@@ -130,7 +160,7 @@ class AdaptiveRate:
         return sum(1 for t in self._recent if now - t <= 2.0) / 2.0
 
     def on_throttle(self) -> None:
-        now = time.monotonic()
+        now = self._clock.now()
         with self._lock:
             if now - self._last_cut < 1.0:
                 return

@@ -1,12 +1,16 @@
-"""Calls to the node daemons' control API (``GET /status``, ``POST /drain|/resume``)."""
+"""Calls to the node daemons' control API (``GET /status``, ``POST /drain|/resume``).
+
+Each answers the node's status, parsed into ``cistern.nodestatus.NodeStatus``.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
+
+from cistern.nodestatus import NodeStatus, NodeStatusError
 
 __all__ = ["DaemonClient", "DaemonEndpoint", "DaemonError"]
 
@@ -60,7 +64,7 @@ class DaemonClient:
         return self._session
 
     async def _call(self, method: str, endpoint: DaemonEndpoint, path: str,
-                    token: str | None = None) -> dict[str, Any]:
+                    token: str | None = None) -> NodeStatus:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         url = endpoint.base_url + path
         try:
@@ -73,18 +77,20 @@ class DaemonClient:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise DaemonError(f"{method} {path} on node {endpoint.node}: "
                               f"{type(exc).__name__}: {exc}") from exc
-        if not isinstance(result, dict):
-            raise DaemonError(f"{method} {path} on node {endpoint.node}: not a JSON object")
-        return result
+        try:
+            return NodeStatus.from_json(result)
+        except NodeStatusError as exc:
+            raise DaemonError(f"{method} {path} on node {endpoint.node}: not a node status: "
+                              f"{exc}") from exc
 
-    async def status(self, endpoint: DaemonEndpoint) -> dict[str, Any]:
+    async def status(self, endpoint: DaemonEndpoint) -> NodeStatus:
         return await self._call("GET", endpoint, "/status")
 
-    async def resume(self, endpoint: DaemonEndpoint, token: str | None) -> dict[str, Any]:
+    async def resume(self, endpoint: DaemonEndpoint, token: str | None) -> NodeStatus:
         logger.info("Asking the daemon on node %s (pod %s) to accept writes again",
                     endpoint.node, endpoint.pod)
         return await self._call("POST", endpoint, "/resume", token)
 
-    async def drain(self, endpoint: DaemonEndpoint, token: str | None) -> dict[str, Any]:
+    async def drain(self, endpoint: DaemonEndpoint, token: str | None) -> NodeStatus:
         logger.info("Asking the daemon on node %s (pod %s) to drain", endpoint.node, endpoint.pod)
         return await self._call("POST", endpoint, "/drain", token)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cistern.config import ConfigError, DrainPolicy
+from cistern.nodestatus import NodeStatus
 from cistern.operator import manifests
 from cistern.operator.bucketprobe import BucketProblem, probe_bucket
 from cistern.operator.daemons import DaemonClient, DaemonEndpoint, DaemonError
@@ -50,7 +51,6 @@ logger = logging.getLogger(__name__)
 
 ABANDON_ANNOTATION = "cistern.dev/abandon-dirty-data"
 #: Daemon states in which a drain is already under way.
-DRAINING_STATES = ("draining", "drained")
 
 #: ``(body, type, reason, message)`` -> posts a Kubernetes Event about ``body``.
 EventSink = Callable[[Mapping[str, Any], str, str, str], None]
@@ -72,7 +72,7 @@ class Observed:
     """The daemons of one WriteCache and what they said."""
 
     endpoints: list[DaemonEndpoint]
-    statuses: dict[str, dict[str, Any] | None]
+    statuses: dict[str, NodeStatus | None]
     errors: dict[str, str]
 
 
@@ -295,7 +295,7 @@ class Reconciler:
         endpoints = await self.endpoints(namespace, name)
         answers = await asyncio.gather(*(self.daemons.status(e) for e in endpoints),
                                        return_exceptions=True)
-        statuses: dict[str, dict[str, Any] | None] = {}
+        statuses: dict[str, NodeStatus | None] = {}
         errors: dict[str, str] = {}
         for endpoint, answer in zip(endpoints, answers, strict=True):
             if isinstance(answer, DaemonError):
@@ -376,7 +376,7 @@ class Reconciler:
 
     async def _advance_drain(self, body: Mapping[str, Any], endpoint: DaemonEndpoint,
                              node: Mapping[str, Any] | None,
-                             daemon_status: Mapping[str, Any] | None,
+                             daemon_status: NodeStatus | None,
                              previous: Mapping[str, Any], timeout: float) -> dict[str, Any]:
         """One step of a node's drain; returns the drain fields of its status entry."""
         meta = body["metadata"]
@@ -385,8 +385,8 @@ class Reconciler:
         if reason is None:
             if not meta.get("deletionTimestamp"):
                 await self._ensure_guard(body, endpoint.node)
-            state = str((daemon_status or {}).get("state") or "")
-            if state in DRAINING_STATES:  # the node came back (uncordoned): writes again
+            # The node came back (uncordoned): writes again.
+            if daemon_status is not None and daemon_status.draining:
                 try:
                     await self.daemons.resume(endpoint, await self.control_token(namespace,
                                                                                   name))
@@ -404,8 +404,7 @@ class Reconciler:
                                   "drainOutcome": outcome}
         if outcome:
             return fields
-        state = str((daemon_status or {}).get("state") or "")
-        if daemon_status is not None and state not in DRAINING_STATES:
+        if daemon_status is not None and not daemon_status.draining:
             try:
                 await self.drain_daemon(endpoint, namespace, name)
             except DaemonError as exc:
@@ -414,11 +413,10 @@ class Reconciler:
         if not started:
             self.post_event(body, "Normal", "DrainStarted",
                             f"node {endpoint.node}: {reason}; flushing "
-                            f"{human_bytes(int((daemon_status or {}).get('dirty_bytes') or 0))} "
+                            f"{human_bytes(daemon_status.dirty_bytes if daemon_status else 0)} "
                             "before releasing the node")
-        dirty = None if daemon_status is None else int(daemon_status.get("dirty_bytes") or 0)
-        uploading = 0 if daemon_status is None else int(
-            daemon_status.get("uploading_files") or 0)
+        dirty = None if daemon_status is None else daemon_status.dirty_bytes
+        uploading = 0 if daemon_status is None else daemon_status.uploading_files
         elapsed = (datetime.datetime.now(datetime.UTC)
                    - _parse_time(fields["drainStartedAt"])).total_seconds()
         if dirty == 0 and uploading == 0:
@@ -513,7 +511,7 @@ class Reconciler:
                     continue
                 try:
                     status = await self.daemons.status(endpoint)
-                    if str(status.get("state")) not in DRAINING_STATES:
+                    if not status.draining:
                         await self.drain_daemon(endpoint, endpoint.namespace, endpoint.writecache)
                         calls += 1
                 except DaemonError as exc:
@@ -547,14 +545,14 @@ class Reconciler:
                     waiting.append(f"{endpoint.node}: unreachable "
                                    f"({observed.errors.get(endpoint.node)})")
                     continue
-                if str(daemon_status.get("state")) not in DRAINING_STATES:
+                if not daemon_status.draining:
                     try:
                         await self.daemons.drain(endpoint, token)
                     except DaemonError as exc:
                         waiting.append(f"{endpoint.node}: {exc}")
                         continue
-                dirty = int(daemon_status.get("dirty_bytes") or 0)
-                uploading = int(daemon_status.get("uploading_files") or 0)
+                dirty = daemon_status.dirty_bytes
+                uploading = daemon_status.uploading_files
                 if dirty or uploading:
                     waiting.append(f"{endpoint.node}: {human_bytes(dirty)} dirty")
             if waiting:

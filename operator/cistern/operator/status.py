@@ -6,6 +6,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cistern.nodestatus import NodeStatus
+
 __all__ = [
     "BACKLOG_FRACTION",
     "ClusterView",
@@ -58,19 +60,7 @@ def _int(value: Any) -> int:
     return 0
 
 
-def _error_info(errors: Any) -> tuple[int, str | None]:
-    """Daemons report errors as a count, a list of messages or a mapping of counters."""
-    if isinstance(errors, list):
-        last = errors[-1] if errors else None
-        if isinstance(last, Mapping):
-            last = last.get("message") or str(dict(last))
-        return len(errors), None if last is None else str(last)[:300]
-    if isinstance(errors, Mapping):
-        return sum(_int(v) for v in errors.values()), None
-    return _int(errors), None
-
-
-def node_summary(node: str, pod: str, status: Mapping[str, Any] | None,
+def node_summary(node: str, pod: str, status: NodeStatus | None,
                  error: str | None = None, drain: Mapping[str, Any] | None = None
                  ) -> dict[str, Any]:
     """One entry of ``status.nodes`` from a daemon's ``/status`` answer (None: unreachable)."""
@@ -79,27 +69,21 @@ def node_summary(node: str, pod: str, status: Mapping[str, Any] | None,
         entry.update(phase="Unreachable", dirtyBytes=0, cachedBytes=0, errors=0,
                      lastError=error or "no answer")
     else:
-        state = str(status.get("state") or "unknown")
-        dirty = _int(status.get("dirty_bytes"))
-        count, last_error = _error_info(status.get("errors"))
-        recent = status.get("recent_errors")
-        if isinstance(recent, list) and recent:
-            last_error = _error_info(recent)[1]
         entry.update(
-            phase=state.capitalize(),
-            dirtyBytes=dirty,
-            dirtyFiles=_int(status.get("dirty_files")),
-            uploadingFiles=_int(status.get("uploading_files")),
-            cachedBytes=dirty + _int(status.get("clean_bytes")),
-            uploadedBytesTotal=_int(status.get("uploaded_bytes_total")),
-            errors=count,
+            phase=status.state.capitalize(),
+            dirtyBytes=status.dirty_bytes,
+            dirtyFiles=status.dirty_files,
+            uploadingFiles=status.uploading_files,
+            cachedBytes=status.cached_bytes,
+            uploadedBytesTotal=status.uploaded_bytes_total,
+            errors=status.errors,
         )
-        if status.get("capacity_bytes"):
-            entry["capacityBytes"] = _int(status.get("capacity_bytes"))
-        if status.get("last_flush_time") is not None:
-            entry["lastFlushTime"] = status["last_flush_time"]
-        if last_error:
-            entry["lastError"] = last_error
+        if status.capacity_bytes:
+            entry["capacityBytes"] = status.capacity_bytes
+        if status.last_flush_time is not None:
+            entry["lastFlushTime"] = status.last_flush_time
+        if status.last_error:
+            entry["lastError"] = status.last_error[:300]
     if drain:
         entry.update({k: v for k, v in drain.items() if v is not None})
     return entry

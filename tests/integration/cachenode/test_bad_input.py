@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cistern.testing.s3server import TEST_CREDENTIALS, free_port, list_keys, read_object
+from support.s3server import TEST_CREDENTIALS, free_port, list_keys, read_object
+from support.wait import wait_until
 
 
 def _run_node(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
@@ -117,13 +117,10 @@ def test_s3_outage_while_running_loses_nothing(make_node: Any, bucket: str, s3: 
     proxy.set(outage=True)
     data = os.urandom(64_000)
     (node.mount / "during-outage.bin").write_bytes(data)
-    deadline = time.monotonic() + 30
-    while node.status()["errors"] == 0:
-        assert time.monotonic() < deadline, node.log()
-        time.sleep(0.1)
+    wait_until(lambda: node.status().errors, what="a store error reported in /status")
     status = node.status()
-    assert status["dirty_files"] == 1
-    assert status["recent_errors"], status
+    assert status.dirty_files == 1
+    assert status.recent_errors, status
     assert node.metric("cistern_s3_errors_total") > 0
     assert (node.mount / "during-outage.bin").read_bytes() == data
     proxy.set(outage=False)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+
+from support.wait import wait_until
 
 MiB = 2**20
 
@@ -56,10 +57,8 @@ def test_a_writer_held_in_admission_does_not_freeze_the_mount(make_node: Any,
 
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while "holding a writer" not in node.log_path.read_text(errors="replace"):
-        assert time.monotonic() < deadline, "the writer never reached the capacity hold"
-        time.sleep(0.1)
+    wait_until(lambda: "holding a writer" in node.log_path.read_text(errors="replace"),
+               timeout=60, what="the writer to reach the capacity hold")
     assert _answers(lambda: os.mkdir(node.mount / "d")), "mkdir hung behind the held writer"
     assert _answers(lambda: os.listdir(node.mount)), "readdir hung behind the held writer"
     assert _answers(lambda: (node.mount / "existing").read_bytes()), "a read hung"

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ from cistern.cachenode import kernel_fuse as kf
 from cistern.cachenode.core import CacheCore
 from cistern.cachenode.fuse_passthrough import PassthroughFrontend, probe_passthrough
 from cistern.cachenode.store import LocalDirStore
-from cistern.testing.node import NodeProcess, is_mounted
+from support.node import NodeProcess, is_mounted
+from support.wait import wait_until
 
 _PROBE: tuple[bool, str] | None = None
 
@@ -39,14 +39,6 @@ def _require_passthrough() -> None:
         _PROBE = probe_passthrough()
     if not _PROBE[0]:
         pytest.skip(f"kernel FUSE passthrough unavailable on this machine: {_PROBE[1]}")
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.02)
 
 
 class Mounted:
@@ -119,12 +111,12 @@ def test_file_data_bypasses_the_daemon(mounted: Mounted) -> None:
 def test_opens_of_one_inode_share_one_backing_file(mounted: Mounted) -> None:
     path = mounted.mount / "shared"
     path.write_bytes(b"")
-    _wait_for(lambda: mounted.status()["openBackingFiles"] == 0, what="first release")
+    wait_until(lambda: mounted.status()["openBackingFiles"] == 0, what="first release")
     with open(path, "r+b", buffering=0) as writer, open(path, "rb", buffering=0) as reader:
         assert mounted.status()["openBackingFiles"] == 1
         writer.write(b"written through one descriptor")
         assert os.pread(reader.fileno(), 100, 0) == b"written through one descriptor"
-    _wait_for(lambda: mounted.status()["openBackingFiles"] == 0, what="backing id closed")
+    wait_until(lambda: mounted.status()["openBackingFiles"] == 0, what="backing id closed")
     # A fresh open registers a new backing file and still sees the data.
     assert path.read_bytes() == b"written through one descriptor"
 
@@ -249,7 +241,7 @@ def test_parallel_writers_and_metadata(mounted: Mounted) -> None:
     for index in range(6):
         assert sorted(os.listdir(mounted.mount / f"w{index}")) == sorted(
             f"g{i}" for i in range(50))
-    _wait_for(lambda: mounted.status()["openBackingFiles"] == 0, what="all releases")
+    wait_until(lambda: mounted.status()["openBackingFiles"] == 0, what="all releases")
 
 
 # --- real cistern-node processes ---------------------------------------------------------------
@@ -275,21 +267,20 @@ def node_factory(tmp_path: Path, moto: Any) -> Iterator[Callable[..., NodeProces
 def test_auto_selects_passthrough_and_reports_it(node_factory: Callable[..., NodeProcess],
                                                  bucket: str) -> None:
     node = node_factory(bucket, "auto")
-    assert node.status()["frontend"] == "passthrough"
+    assert node.status().frontend == "passthrough"
     assert node.metric("cistern_fuse_frontend", 'frontend="passthrough"') == 1
     (node.mount / "f").write_bytes(b"through auto")
     assert (node.mount / "f").read_bytes() == b"through auto"
-    fuse = node.status()["fuse"]
-    assert fuse["passthrough"] is True and fuse["kernelProtocol"].startswith("7.")
-    assert fuse["requests"] > 0 and fuse["passthroughOpens"] >= 2 and fuse["errors"] == 0
-    assert node.metric("cistern_fuse_requests_total") >= fuse["requests"]
+    fuse = node.status().fuse
+    assert fuse.passthrough is True and (fuse.kernel_protocol or "").startswith("7.")
+    assert fuse.requests and fuse.passthrough_opens and fuse.passthrough_opens >= 2
+    assert fuse.errors == 0
+    assert node.metric("cistern_fuse_requests_total") >= fuse.requests
     assert node.metric("cistern_fuse_passthrough_opens_total") >= 2
     assert node.metric("cistern_fuse_eio_replies_total") == 0
     # The files above are closed: RELEASE (asynchronous) gives their backing files back.
-    deadline = time.monotonic() + 10
-    while node.metric("cistern_fuse_open_backing_files") != 0:
-        assert time.monotonic() < deadline, node.status()["fuse"]
-        time.sleep(0.05)
+    wait_until(lambda: node.metric("cistern_fuse_open_backing_files") == 0, timeout=10,
+               what="every backing file released")
 
 
 def test_sigkilled_writer_is_released_and_uploaded(node_factory: Callable[..., NodeProcess],
@@ -307,14 +298,14 @@ def test_sigkilled_writer_is_released_and_uploaded(node_factory: Callable[..., N
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        assert node.status()["open_writers"] == 1
+        assert node.status().open_writers == 1
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()
     # The kernel sends RELEASE for the killed writer; the last release schedules the upload.
-    _wait_for(lambda: node.status()["open_writers"] == 0, what="release after SIGKILL")
+    wait_until(lambda: node.status().open_writers == 0, what="release after SIGKILL")
     node.flush()
     body = s3.get_object(Bucket=bucket, Key="killed.bin")["Body"].read()
     assert body == b"k" * (3 << 20)

@@ -10,14 +10,8 @@ from typing import Any
 
 import pytest
 
-from cistern.testing.s3server import list_keys, read_object
-
-
-def _wait(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+from support.s3server import list_keys, read_object
+from support.wait import wait_until
 
 
 def test_write_through_close_returns_after_the_object_is_durable(make_node: Any, bucket: str,
@@ -29,8 +23,8 @@ def test_write_through_close_returns_after_the_object_is_durable(make_node: Any,
     # No flush, one-hour upload delay: only write-through can have put it there.
     assert read_object(s3, bucket, "wt.bin") == data
     status = node.status()
-    assert status["mode"] == "writeThrough"
-    _wait(lambda: node.status()["dirty_bytes"] == 0, what="clean after close")
+    assert status.mode == "writeThrough"
+    wait_until(lambda: node.status().dirty_bytes == 0, what="clean after close")
 
 
 def test_commit_marker_uploaded_last_with_real_dcp(make_node: Any, bucket: str, s3: Any,
@@ -47,16 +41,16 @@ def test_commit_marker_uploaded_last_with_real_dcp(make_node: Any, bucket: str, 
     path = node.mount / "run" / "step-10"
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path), thread_count=4,
                                                         single_file_per_rank=False))
-    checkpoints = node.status()["checkpoints"]
-    assert any(c["path"] == "run/step-10" for c in checkpoints)
+    checkpoints = node.status().checkpoints
+    assert any(c.path == "run/step-10" for c in checkpoints)
     node.flush()
     puts = [e for e in proxy.log() if e.kind in ("PUT", "COMPLETE_MPU") and e.status == 200
             and "step-10" in e.key]
     names = [e.key.rsplit("/", 1)[-1] for e in puts]
     assert names[-1] == ".metadata", names
     assert len(names) == len(os.listdir(path)) >= 3
-    assert [c["state"] for c in node.status()["checkpoints"]
-            if c["path"] == "run/step-10"] == ["durable"]
+    assert [c.state for c in node.status().checkpoints
+            if c.path == "run/step-10"] == ["durable"]
     assert proxy.counts().get("COPY", 0) == 0
 
 
@@ -138,7 +132,7 @@ def test_clean_data_is_evicted_lru_and_fetched_again(make_node: Any, bucket: str
     for name, data in files.items():
         (node.mount / name).write_bytes(data)
     node.flush()
-    _wait(lambda: node.status()["clean_bytes"] <= 3 * 2**20, what="eviction to low watermark")
+    wait_until(lambda: node.status().clean_bytes <= 3 * 2**20, what="eviction to low watermark")
     assert node.metric("cistern_evictions_total", 'reason="capacity"') >= 2
     assert (node.mount / "e0").read_bytes() == files["e0"]
     assert node.metric("cistern_cache_miss_bytes_total") >= 2 * 2**20
@@ -148,7 +142,7 @@ def test_cache_ttl_drops_clean_copies(make_node: Any, bucket: str) -> None:
     node = make_node(bucket, upload_delay=0.0, config={"cache": {"cacheTTL": "1s"}})
     (node.mount / "ttl").write_bytes(b"t" * 1000)
     node.flush()
-    _wait(lambda: node.status()["clean_bytes"] == 0, what="TTL eviction")
+    wait_until(lambda: node.status().clean_bytes == 0, what="TTL eviction")
     assert (node.mount / "ttl").read_bytes() == b"t" * 1000
 
 
@@ -166,9 +160,9 @@ def test_cache_retention_keeps_the_newest_checkpoints_local(make_node: Any, buck
                      config={"cache": {"keepLastCheckpoints": 2, "checkpointPattern": "step-*"}})
     _checkpoints(node, range(8, 12))  # step-8 .. step-11: numeric, not lexical, order
     node.flush()
-    _wait(lambda: node.metric("cistern_retention_deletions_total", 'where="cache"') >= 2,
+    wait_until(lambda: node.metric("cistern_retention_deletions_total", 'where="cache"') >= 2,
           what="cache retention")
-    assert node.status()["clean_bytes"] == 2 * 100_001
+    assert node.status().clean_bytes == 2 * 100_001
     assert len(list_keys(s3, bucket)) == 8, "cache retention must never delete from S3"
     assert len((node.mount / "run" / "step-8" / "shard.pt").read_bytes()) == 100_000
 
@@ -179,25 +173,31 @@ def test_store_retention_is_opt_in_and_deletes_old_checkpoints(make_node: Any, b
                      config={"store": {"keepLastCheckpoints": 2}})
     _checkpoints(node, range(1, 5))
     node.flush()
-    _wait(lambda: {k.split("/")[1] for k in list_keys(s3, bucket)} == {"step-3", "step-4"},
+    wait_until(lambda: {k.split("/")[1] for k in list_keys(s3, bucket)} == {"step-3", "step-4"},
           what="store retention")
     assert sorted(os.listdir(node.mount / "run")) == ["step-3", "step-4"]
 
 
 def test_drain_reject_refuses_new_writes_and_reports_progress(make_node: Any, bucket: str,
                                                               s3: Any, proxy: Any) -> None:
-    proxy.set(latency=0.3)
+    proxy.set(latency=1.0)
     node = make_node(bucket, endpoint=proxy.endpoint, upload_delay=3600,
                      config={"drain": {"newWrites": "reject"}})
     for i in range(4):
         (node.mount / f"d{i}").write_bytes(os.urandom(100_000))
     status = node.drain()
-    assert status["state"] in ("draining", "drained") and "drain" in status
-    assert status["drain"]["bytes_left"] >= 0
+    assert status.state == "draining" and status.drain is not None
+    # Each PUT is held 1 s by the proxy: what is left when the drain starts is whole files.
+    left = status.drain.bytes_left
+    assert left in (100_000, 200_000, 300_000, 400_000), status.drain
+    assert (status.drain.new_writes, status.drain.timeout_seconds) == ("reject", 3600.0)
     with pytest.raises(OSError) as info:
         (node.mount / "new").write_bytes(b"x")
     assert info.value.errno == errno.EROFS
-    _wait(lambda: node.status()["state"] == "drained", timeout=60, what="drained")
+    wait_until(lambda: node.status().state == "drained", timeout=60, what="drained")
+    done = node.status().drain
+    assert done is not None and (done.bytes_left, done.files_left, done.timed_out) == (
+        0, 0, False)
     assert len(list_keys(s3, bucket)) == 4
     assert node.metric("cistern_draining") == 1
 
@@ -205,7 +205,7 @@ def test_drain_reject_refuses_new_writes_and_reports_progress(make_node: Any, bu
 def test_drain_hold_holds_writers_until_resume(make_node: Any, bucket: str) -> None:
     node = make_node(bucket, upload_delay=0.0, config={"drain": {"newWrites": "hold"}})
     node.drain()
-    _wait(lambda: node.status()["state"] == "drained", what="drained")
+    wait_until(lambda: node.status().state == "drained", what="drained")
     done = threading.Event()
     thread = threading.Thread(target=lambda: ((node.mount / "held").write_text("x"),
                                               done.set()))
@@ -239,6 +239,6 @@ def test_drain_uses_the_evacuation_rate(make_node: Any, bucket: str, s3: Any) ->
         (node.mount / f"e{i}").write_bytes(os.urandom(2 * 2**20))
     assert node.metric("cistern_rate_limited_seconds_total") == 0
     node.drain()
-    _wait(lambda: node.status()["state"] == "drained", timeout=60, what="drained")
+    wait_until(lambda: node.status().state == "drained", timeout=60, what="drained")
     assert len(list_keys(s3, bucket)) == 4
     assert node.metric("cistern_rate_limited_seconds_total") > 0.5

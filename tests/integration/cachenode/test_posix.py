@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cistern.testing.s3server import list_keys, read_object
+from support.s3server import list_keys, read_object
 
 
 @pytest.fixture
@@ -30,9 +30,9 @@ def test_create_write_read_stat(node: Any, s3: Any, bucket: str) -> None:
     assert stat.S_ISREG(st.st_mode) and st.st_size == len(data)
     node.flush()
     assert read_object(s3, bucket, "a.bin") == data
-    fuse = node.status()["fuse"]  # the front end in use says so, with its own counters
-    assert fuse["frontend"] == node.frontend
-    assert fuse["passthrough"] is (node.frontend == "passthrough")
+    fuse = node.status().fuse  # the front end in use says so, with its own counters
+    assert fuse.frontend == node.frontend
+    assert fuse.passthrough is (node.frontend == "passthrough")
 
 
 def test_random_offset_writes_and_sparse_holes(node: Any, s3: Any, bucket: str) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from typing import Any
 
-from cistern.testing.s3server import list_keys
+from support.s3server import list_keys
+from support.wait import wait_until
 
 
 def test_fresh_node_lists_stats_and_reads_existing_objects(make_node: Any, bucket: str,
@@ -58,8 +58,8 @@ def test_a_throttled_listing_is_retried_not_hidden(make_node: Any, bucket: str, 
     proxy.set(error_rate=1.0, error_kinds=["LIST"])
     lookups: list[bool] = []
 
-    def clear_soon() -> None:
-        time.sleep(0.3)
+    def clear_soon() -> None:  # once the lookup below has been throttled
+        wait_until(lambda: proxy.counts().get("THROTTLED", 0) >= 1, what="a throttled LIST")
         proxy.set(error_rate=0.0)
 
     threading.Thread(target=clear_soon).start()

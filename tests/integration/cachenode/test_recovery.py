@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from typing import Any
 
-from cistern.testing.s3server import list_keys, read_object
+from support.s3server import list_keys, read_object
+from support.wait import wait_until
 
 
 def _restart(make_node: Any, bucket: str, old: Any, **kwargs: Any) -> Any:
@@ -49,10 +49,8 @@ def test_kill_9_mid_multipart_upload_of_many_files(make_node: Any, bucket: str, 
         with open(node.mount / name, "wb") as f:
             f.write(data)
             os.fsync(f.fileno())
-    deadline = time.monotonic() + 30
-    while proxy.counts().get("PART", 0) < 2:
-        assert time.monotonic() < deadline, node.log()
-        time.sleep(0.02)
+    wait_until(lambda: proxy.counts().get("PART", 0) >= 2, what="two uploaded parts",
+               interval=0.02)
     node.kill()
     in_progress = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     assert in_progress, "the kill should have interrupted at least one multipart upload"

@@ -18,7 +18,7 @@ from cistern.cachenode.store import (
     TemporaryStoreError,
 )
 from cistern.config import StoreConfig
-from cistern.testing.s3server import TEST_CREDENTIALS, free_port
+from support.s3server import TEST_CREDENTIALS, free_port
 
 
 @pytest.fixture(params=["local", "s3"])

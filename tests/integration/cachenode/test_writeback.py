@@ -8,7 +8,8 @@ import threading
 import time
 from typing import Any
 
-from cistern.testing.s3server import list_keys, read_object
+from support.s3server import list_keys, read_object
+from support.wait import wait_until
 
 
 def test_close_and_fsync_do_not_wait_for_s3(make_node: Any, bucket: str, s3: Any,
@@ -27,19 +28,16 @@ def test_close_and_fsync_do_not_wait_for_s3(make_node: Any, bucket: str, s3: Any
     assert "fast.bin" not in list_keys(s3, bucket)
     assert proxy.counts().get("PUT", 0) == 0, f"close waited for a PUT ({elapsed:.2f}s)"
     status = node.status()
-    assert status["dirty_files"] == 1 and status["dirty_bytes"] == 1 << 20
+    assert status.dirty_files == 1 and status.dirty_bytes == 1 << 20
     node.flush()
     assert list_keys(s3, bucket) == {"fast.bin": 1 << 20}
-    assert node.status()["dirty_bytes"] == 0
+    assert node.status().dirty_bytes == 0
 
 
 def test_upload_after_delay_without_flush(make_node: Any, bucket: str, s3: Any) -> None:
     node = make_node(bucket, upload_delay=0.5)
     (node.mount / "later.txt").write_text("soon")
-    deadline = time.monotonic() + 30
-    while "later.txt" not in list_keys(s3, bucket):
-        assert time.monotonic() < deadline, node.log()
-        time.sleep(0.1)
+    wait_until(lambda: "later.txt" in list_keys(s3, bucket), what="the delayed upload")
     assert read_object(s3, bucket, "later.txt") == b"soon"
 
 
@@ -77,10 +75,8 @@ def test_modified_while_uploading_is_uploaded_again(make_node: Any, bucket: str,
                                        "maxConcurrentUploads": 1}})
     path = node.mount / "moving.bin"
     path.write_bytes(os.urandom(12 * 2**20))
-    deadline = time.monotonic() + 20
-    while node.status()["uploading_files"] == 0:
-        assert time.monotonic() < deadline, "upload never started"
-        time.sleep(0.02)
+    wait_until(lambda: node.status().uploading_files, timeout=20, what="the upload to start",
+               interval=0.02)
     final = os.urandom(7 * 2**20)
     with open(path, "r+b") as f:
         f.truncate(0)

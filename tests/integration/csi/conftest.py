@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,7 +21,9 @@ import pytest
 
 from cistern.csi.mounts import read_mount_table, unmount
 from cistern.csi.proto import csi_pb2, csi_pb2_grpc
-from cistern.testing.s3server import free_port
+from cistern.nodestatus import NodeStatus
+from support.s3server import free_port
+from support.wait import WaitTimeout, wait_until
 
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
 CACHE_NODE = shutil.which("cistern-node")
@@ -115,14 +116,14 @@ class CacheNode:
     command: list[str]
     log_path: Path
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> NodeStatus:
         with urllib.request.urlopen(f"http://{self.control}/status", timeout=10) as resp:
-            return dict(json.load(resp))
+            return NodeStatus.from_json(json.load(resp))
 
-    def flush(self) -> dict[str, Any]:
+    def flush(self) -> NodeStatus:
         request = urllib.request.Request(f"http://{self.control}/flush", method="POST", data=b"")
         with urllib.request.urlopen(request, timeout=60) as resp:
-            return dict(json.load(resp))
+            return NodeStatus.from_json(json.load(resp))
 
     def flush_until(self, relative: str, present: bool = True, timeout: float = 15.0) -> Path:
         """Flush until ``relative`` is (or is no longer) in the object store; return its path.
@@ -132,15 +133,14 @@ class CacheNode:
         user waiting for durability does too.
         """
         stored = self.store / relative
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def flushed() -> bool:
             self.flush()
-            if stored.exists() == present:
-                return stored
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{stored} {'never appeared' if present else 'stayed'} "
-                                     f"after flushing for {timeout}s: {self.status()}")
-            time.sleep(0.1)
+            return stored.exists() == present
+
+        wait_until(flushed, timeout=timeout, interval=0.1,
+                   what=f"{stored} to {'appear' if present else 'go'} in the store")
+        return stored
 
     def restart(self) -> None:
         """Start the daemon again after it died, as its pod would be restarted: first remove
@@ -269,19 +269,17 @@ def driver(start_driver: Any) -> Driver:
 
 def wait_for_cache(node: CacheNode, timeout: float = 30.0) -> None:
     """Until the daemon's fuse.cistern mount is in the mount table and /status answers."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def serving() -> bool:
+        if node.process.poll() is not None:
+            raise RuntimeError(f"cistern-node exited: {node.log_path.read_text()}")
         entry = read_mount_table().at(node.mount)
-        if entry is not None and entry.fstype == "fuse.cistern":
-            try:
-                node.status()
-                return
-            except OSError:
-                pass
-        if node.process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"cistern-node did not mount {node.mount}: "
-                               f"{node.log_path.read_text()}")
-        time.sleep(0.05)
+        return entry is not None and entry.fstype == "fuse.cistern" and bool(node.status())
+
+    try:
+        wait_until(serving, timeout=timeout, what=f"cistern-node to mount {node.mount}",
+                   ignore=(OSError,))
+    except WaitTimeout as exc:
+        raise RuntimeError(f"{exc}: {node.log_path.read_text()}") from None
 
 
 @pytest.fixture

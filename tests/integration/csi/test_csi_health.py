@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +15,8 @@ import grpc
 import pytest
 
 from cistern.csi.proto import csi_pb2, csi_pb2_grpc
-from cistern.testing.s3server import free_port
+from support.s3server import free_port
+from support.wait import wait_until
 
 from .conftest import CSI_COMMAND
 
@@ -46,15 +46,13 @@ def plugin(short_tmp: Path, mount_root: Path) -> Iterator[tuple[int, subprocess.
             grpc.channel_ready_future(channel).result(timeout=20)
             probe = csi_pb2_grpc.IdentityStub(channel).Probe(csi_pb2.ProbeRequest())
             assert probe.ready.value is False  # no cache here: Probe stays honest
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                get(port, "/healthz")
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise
-                time.sleep(0.05)
+        def healthz_answers() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"the CSI driver exited with {process.returncode}")
+            get(port, "/healthz")
+            return True
+
+        wait_until(healthz_answers, timeout=20, what="/healthz", ignore=(OSError,))
         yield port, process
     finally:
         if process.poll() is None:

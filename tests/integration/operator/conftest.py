@@ -18,10 +18,8 @@ import base64
 import contextlib
 import copy
 import datetime
-import inspect
 import itertools
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,11 +33,13 @@ import pytest_asyncio
 from aiohttp import web
 from kmock import Request
 
+from cistern.nodestatus import NodeStatus
 from cistern.operator.handlers import build_registry
 from cistern.operator.kubeapi import DAEMONSETS, PODS, Credentials, KubeApi
 from cistern.operator.kubeapi import NODES as NODE_RESOURCE
 from cistern.operator.settings import OperatorSettings
-from cistern.testing.s3server import free_port
+from support.s3server import free_port
+from support.wait import async_wait_until
 
 NAMESPACE = "ml"
 NODES = ("node-a", "node-b")
@@ -150,9 +150,7 @@ class DaemonStandIn:
     node: str
     host: str
     port: int
-    state: dict[str, Any] = field(default_factory=lambda: {
-        "state": "running", "dirty_bytes": 0, "dirty_files": 0, "uploading_files": 0,
-        "clean_bytes": 0, "uploaded_bytes_total": 0, "errors": 0, "last_flush_time": None})
+    state: NodeStatus = field(default_factory=lambda: NodeStatus(state="running"))
     calls: list[tuple[str, str, str | None]] = field(default_factory=list)
     """(method, path, Authorization header) of every call."""
     token: str | None = None
@@ -161,18 +159,22 @@ class DaemonStandIn:
 
     async def _status(self, request: web.Request) -> web.Response:
         self.calls.append(("GET", "/status", request.headers.get("Authorization")))
-        return web.json_response(self.state)
+        return web.json_response(self.state.to_json())
+
+    def update(self, **changes: Any) -> None:
+        """Change what /status reports (``NodeStatus`` fields)."""
+        self.state = self.state.replace(**changes)
 
     async def _post(self, request: web.Request) -> web.Response:
         auth = request.headers.get("Authorization")
         self.calls.append(("POST", request.path, auth))
         if self.token is not None and auth != f"Bearer {self.token}":
             return web.json_response({"error": "unauthorized"}, status=401)
-        if request.path == "/drain" and self.state["state"] == "running":
-            self.state["state"] = "draining" if self.state["dirty_bytes"] else "drained"
+        if request.path == "/drain" and self.state.state == "running":
+            self.update(state="draining" if self.state.dirty_bytes else "drained")
         if request.path == "/resume":
-            self.state["state"] = "running"
-        return web.json_response(self.state)
+            self.update(state="running")
+        return web.json_response(self.state.to_json())
 
     async def start(self) -> None:
         app = web.Application()
@@ -188,23 +190,26 @@ class DaemonStandIn:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    def polls(self) -> int:
+        """GET /status calls so far (the operator reads every daemon on each refresh)."""
+        return sum(1 for call in self.calls if call[:2] == ("GET", "/status"))
+
+    async def polled(self, times: int) -> None:
+        """Until the operator has read this daemon's status ``times`` more times: what it does
+        between those reads is what it does for a steady state, without a fixed sleep."""
+        target = self.polls() + times
+        await async_wait_until(lambda: self.polls() >= target, timeout=15.0,
+                               what=f"{times} status reads of the daemon on {self.node}")
+
     def posts(self, path: str) -> list[tuple[str, str, str | None]]:
         return [c for c in self.calls if c[0] == "POST" and c[1] == path]
 
 
 async def wait_for(predicate: Callable[[], Awaitable[Any] | Any], timeout: float = 15.0,
                    what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(KeyError, IndexError, TypeError):
-            last = predicate()
-            if inspect.isawaitable(last):
-                last = await last
-            if last:
-                return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    """``async_wait_until``, with a half-built object (a missing key) counting as 'not yet'."""
+    return await async_wait_until(predicate, timeout=timeout, what=what,
+                                  ignore=(KeyError, IndexError, TypeError))
 
 
 @dataclass

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from typing import Any
 
 import pytest
 
+from cistern.nodestatus import StoreErrorReport
 from cistern.operator.kubeapi import (
     DAEMONSETS,
     NODES,
@@ -57,9 +57,11 @@ def node_status(cluster: Cluster, node: str) -> dict[str, Any] | None:
 
 async def test_status_reports_each_node_and_totals(cluster: Cluster) -> None:
     async with running_operator(cluster, operator_settings(cluster)):
-        cluster.daemons["node-a"].state.update(dirty_bytes=3 * 2**20, clean_bytes=2**20,
+        cluster.daemons["node-a"].update(dirty_bytes=3 * 2**20, clean_bytes=2**20,
                                                dirty_files=3, last_flush_time=1767225600.0)
-        cluster.daemons["node-b"].state.update(dirty_bytes=2**20, errors=["SlowDown on PUT"])
+        cluster.daemons["node-b"].update(dirty_bytes=2**20, errors=1, recent_errors=(
+            StoreErrorReport(time=1767225600.0, op="PUT step-1/shard-0", error="SlowDown",
+                             code="SlowDown"),))
         await deploy(cluster)
 
         async def totals() -> dict[str, Any] | None:
@@ -76,7 +78,8 @@ async def test_status_reports_each_node_and_totals(cluster: Cluster) -> None:
             "Running", 3 * 2**20, 4 * 2**20, 3)
         assert a["lastFlushTime"] == 1767225600.0
         b = node_status(cluster, "node-b")
-        assert b is not None and (b["errors"], b["lastError"]) == (1, "SlowDown on PUT")
+        assert b is not None
+        assert (b["errors"], b["lastError"]) == (1, "PUT step-1/shard-0: SlowDown")
         ready = cluster.condition("ckpt", "Ready")
         assert ready is not None and ready["status"] == "True", ready
         assert (cluster.condition("ckpt", "Draining") or {}).get("status") == "False"
@@ -99,7 +102,7 @@ async def test_cordon_drains_and_holds_the_node_until_clean(
     async with running_operator(cluster, operator_settings(cluster), namespaces):
         token = await deploy(cluster)
         daemon_a, daemon_b = cluster.daemons["node-a"], cluster.daemons["node-b"]
-        daemon_a.state["dirty_bytes"] = 64 * 2**20
+        daemon_a.update(dirty_bytes=64 * 2**20)
         guard_pod = await cluster.api.get(PODS, GUARD_A, NAMESPACE)
         assert guard_pod is not None and guard_pod["spec"]["nodeName"] == "node-a"
         pdb = await cluster.api.get(PDBS, GUARD_A, NAMESPACE)
@@ -110,22 +113,22 @@ async def test_cordon_drains_and_holds_the_node_until_clean(
         await cluster.api.patch(NODES, "node-a", {"spec": {"unschedulable": True}})
         await wait_for(lambda: daemon_a.posts("/drain"), what="POST /drain on node-a")
         assert daemon_a.posts("/drain")[0][2] == f"Bearer {token}"
-        assert daemon_a.state["state"] == "draining"
+        assert daemon_a.state.state == "draining"
         draining = await wait_for(lambda: _condition(cluster, "Draining", "True"))
         assert draining["reason"] == "NodesDraining" and "node-a" in draining["message"]
         assert await wait_for(lambda: cluster.events("DrainStarted"))
 
         # While dirty bytes remain, the guard holds the node through several status polls.
-        await asyncio.sleep(1.2)
+        await daemon_a.polled(3)
         assert await cluster.api.get(PDBS, GUARD_A, NAMESPACE) is not None
         assert await cluster.api.get(PODS, GUARD_A, NAMESPACE) is not None
         assert not (node_status(cluster, "node-a") or {}).get("drainOutcome")
 
-        daemon_a.state.update(dirty_bytes=32 * 2**20)
-        await asyncio.sleep(0.8)
+        daemon_a.update(dirty_bytes=32 * 2**20)
+        await daemon_a.polled(2)
         assert await cluster.api.get(PDBS, GUARD_A, NAMESPACE) is not None
 
-        daemon_a.state.update(dirty_bytes=0, state="drained")
+        daemon_a.update(dirty_bytes=0, state="drained")
         await wait_for(lambda: _gone(cluster, PDBS, GUARD_A), what="the guard PDB released")
         assert await cluster.api.get(PODS, GUARD_A, NAMESPACE) is None
         completed = await wait_for(lambda: cluster.events("DrainCompleted"))
@@ -161,11 +164,11 @@ async def test_removal_taint_drain_times_out_and_releases(cluster: Cluster) -> N
     async with running_operator(cluster, operator_settings(cluster)):
         await deploy(cluster, drain_timeout="2s")
         daemon_b = cluster.daemons["node-b"]
-        daemon_b.state["dirty_bytes"] = 5 * 2**30
+        daemon_b.update(dirty_bytes=5 * 2**30)
         await cluster.api.patch(NODES, "node-b", {"spec": {"taints": [
             {"key": "karpenter.sh/disrupted", "effect": "NoSchedule"}]}})
         await wait_for(lambda: daemon_b.posts("/drain"), what="POST /drain on node-b")
-        await asyncio.sleep(1.0)
+        await daemon_b.polled(1)  # the next refresh, well inside the 2 s drain timeout
         assert await cluster.api.get(PDBS, GUARD_B, NAMESPACE) is not None
         await wait_for(lambda: _gone(cluster, PDBS, GUARD_B), timeout=10,
                        what="release after the drain timeout")
@@ -182,18 +185,19 @@ async def test_delete_waits_for_every_node_to_flush(cluster: Cluster) -> None:
     async with running_operator(cluster, operator_settings(cluster)):
         await deploy(cluster)
         daemon_a, daemon_b = cluster.daemons["node-a"], cluster.daemons["node-b"]
-        daemon_a.state["dirty_bytes"] = 2**20
-        await asyncio.sleep(0.5)
+        daemon_a.update(dirty_bytes=2**20)
+        await wait_for(lambda: ((cluster.writecache("ckpt") or {}).get("status") or {})
+                       .get("totals", {}).get("dirtyBytes") == 2**20, what="dirty bytes seen")
         await cluster.api.delete(WRITECACHES, "ckpt", NAMESPACE)
         await wait_for(lambda: daemon_a.posts("/drain") and daemon_b.posts("/drain"),
                        what="drain calls to both daemons")
-        await asyncio.sleep(1.0)
+        await daemon_a.polled(2)  # the finalizer looks again and still waits
         wc = cluster.writecache("ckpt")
         assert wc is not None and wc["metadata"].get("deletionTimestamp")
         assert "cistern.dev/finalizer" in wc["metadata"]["finalizers"]
         assert await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE) is not None
 
-        daemon_a.state.update(dirty_bytes=0, state="drained")
+        daemon_a.update(dirty_bytes=0, state="drained")
         await wait_for(lambda: cluster.writecache("ckpt") is None, what="the WriteCache gone")
         assert await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE) is None
         assert cluster.obj("storage.k8s.io/v1/storageclasses", "cistern-ckpt", None) is None
@@ -204,7 +208,7 @@ async def test_delete_waits_for_every_node_to_flush(cluster: Cluster) -> None:
 async def test_delete_with_abandon_annotation_skips_the_flush(cluster: Cluster) -> None:
     async with running_operator(cluster, operator_settings(cluster)):
         await deploy(cluster)
-        cluster.daemons["node-a"].state["dirty_bytes"] = 7 * 2**20
+        cluster.daemons["node-a"].update(dirty_bytes=7 * 2**20)
         await wait_for(lambda: ((cluster.writecache("ckpt") or {}).get("status") or {})
                        .get("totals", {}).get("dirtyBytes") == 7 * 2**20)
         await cluster.api.patch(WRITECACHES, "ckpt", {"metadata": {"annotations": {
@@ -226,7 +230,7 @@ async def test_guard_follows_the_daemon_pods(cluster: Cluster) -> None:
         await cluster.api.delete(PODS, "cistern-ckpt-node-b", NAMESPACE)
         terminating = await cluster.api.get(PODS, "cistern-ckpt-node-b", NAMESPACE)
         assert terminating is not None and terminating["metadata"]["deletionTimestamp"]
-        await asyncio.sleep(1.0)
+        await cluster.daemons["node-a"].polled(3)  # refreshes that see the terminating pod
         assert await cluster.api.get(PDBS, GUARD_B, NAMESPACE) is not None
         # ... a node that no longer runs a daemon (nodeSelector changed) loses it.
         await cluster.api.patch(PODS, "cistern-ckpt-node-b", {"metadata": {"finalizers": []}},

@@ -10,7 +10,7 @@ import yaml
 
 from cistern.config import NodeConfig
 from cistern.operator.kubeapi import CONFIGMAPS, DAEMONSETS, SECRETS, WRITECACHES
-from cistern.testing.s3server import MotoServer, free_port
+from support.s3server import MotoServer, free_port
 
 from .conftest import NAMESPACE, Cluster, operator_settings, running_operator, wait_for
 
@@ -106,7 +106,7 @@ async def test_spec_change_rolls_out_and_unchanged_spec_writes_nothing(cluster: 
         # Steady state: several status polls, no writes to the owned objects.
         before = {r: len(cluster.writes(r)) for r in ("daemonsets", "configmaps",
                                                       "storageclasses", "secrets")}
-        await asyncio.sleep(1.5)
+        await cluster.daemons["node-a"].polled(3)
         after = {r: len(cluster.writes(r)) for r in before}
         assert after == before
 

@@ -19,7 +19,7 @@ import yaml
 
 from cistern.config import NodeConfig
 from cistern.operator.kubeapi import CONFIGMAPS, DAEMONSETS, NODES, PDBS, PODS, SECRETS, WRITECACHES
-from cistern.testing.s3server import TEST_CREDENTIALS, MotoServer
+from support.s3server import TEST_CREDENTIALS, MotoServer
 
 from .conftest import NAMESPACE, Cluster, operator_settings, running_operator, wait_for
 

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from support.powercut.blockdev import CacheDevice, missing_capability
 from support.powercut.cut import Cut, node_on, power_cut
 from support.powercut.verdict import CutFigures, judge_bucket, judge_local
 from support.powercut.workload import Mark, read_ledger
+from support.wait import wait_until
 
 TESTS = Path(__file__).resolve().parents[2]
 PART = 5 << 20
@@ -55,13 +57,15 @@ class _Writer:
     def wait_ops(self, count: int, timeout: float) -> None:
         """Wait until ``count`` more operations have completed (the workload must live)."""
         target = self.ops() + count
-        deadline = time.monotonic() + timeout
-        while self.ops() < target:
+
+        def progressed() -> bool:
             if self.proc.poll() is not None:
-                raise AssertionError(f"the workload died: {self.proc.stderr.read()!r}"
-                                     if self.proc.stderr else "the workload died")
-            assert time.monotonic() < deadline, "the workload made no progress"
-            time.sleep(0.02)
+                stderr = self.proc.stderr.read() if self.proc.stderr else b""
+                raise AssertionError(f"the workload died: {stderr!r}")
+            return self.ops() >= target
+
+        wait_until(progressed, timeout, what=f"{count} more workload operations",
+                   interval=0.02)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

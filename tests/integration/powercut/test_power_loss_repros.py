@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from support.powercut.blockdev import CacheDevice, missing_capability
 from support.powercut.cut import node_on, power_cut
-
-from cistern.testing.s3server import read_object
+from support.s3server import read_object
 
 _reason = missing_capability()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"power-cut harness: {_reason}")

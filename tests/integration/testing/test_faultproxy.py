@@ -18,8 +18,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionClosedError
 
-from cistern.testing.faultproxy import FaultProxy, FaultProxyProcess, ProxyControl, classify
-from cistern.testing.s3server import MotoServer
+from support.faultproxy import FaultProxy, FaultProxyProcess, ProxyControl, classify
+from support.s3server import MotoServer
 
 BUCKET = "proxy-tests"
 

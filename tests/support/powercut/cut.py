@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from support.node import NodeProcess
 from support.powercut.blockdev import CacheDevice, Snapshot
 from support.powercut.verdict import copy_bucket, empty_bucket
-
-from cistern.testing.node import NodeProcess
 
 __all__ = ["Cut", "node_on", "power_cut"]
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,35 @@ def test_commits_go_to_the_wal_and_a_new_connection_sees_them(tmp_path: Path) ->
     other = sqlite3.connect(tmp_path / "j.sqlite")
     assert other.execute("SELECT name FROM entries").fetchall() == [("a",)]
     other.close()
+
+
+def test_committed_changes_survive_a_process_that_dies_without_closing(tmp_path: Path) -> None:
+    """kill -9 of the daemon: no close(), no checkpoint; recovery reads the WAL."""
+    path = tmp_path / "j.sqlite"
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from cistern.cachenode.journal import DIRTY, Entry, Journal\n"
+        "j = Journal(Path(sys.argv[1]))\n"
+        "for name in ('a', 'b'):\n"
+        "    j.insert(Entry(ino=0, parent=1, name=name, is_dir=False, mode=0o100644, uid=0,\n"
+        "                   gid=0, size=1, mtime_ns=1, ctime_ns=1, state=DIRTY, local=True))\n"
+        "j.add_tombstone('gone')\n"
+        "j.sync()\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=60,
+                   env=os.environ)
+    assert Path(f"{path}-wal").exists()  # nothing checkpointed it
+    journal = Journal(path)
+    assert sorted(e.name for e in journal.load()) == ["a", "b"]
+    assert journal.tombstones() == {"gone"}
+
+
+def test_a_new_upload_attempt_forgets_the_old_multipart_id(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.add_upload(7, "k")
+    journal.set_upload_id(7, "k", "upload-1")
+    journal.add_upload(7, "k")
+    (intent,) = journal.uploads()
+    assert intent.upload_id is None

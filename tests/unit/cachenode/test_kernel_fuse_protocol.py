@@ -5,6 +5,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -69,11 +72,33 @@ def test_opcode_names_cover_the_opcodes() -> None:
     assert kf.OPCODE_NAMES[kf.BATCH_FORGET] == "BATCH_FORGET"
 
 
-def test_cap_sys_admin_matches_the_process_capabilities() -> None:
-    with open("/proc/self/status") as status:
-        cap_eff = next(int(line.split()[1], 16) for line in status
-                       if line.startswith("CapEff:"))
-    assert kf.has_cap_sys_admin() == bool(cap_eff & (1 << 21))
+_HAS_CAP = ("from cistern.cachenode import kernel_fuse as kf; "
+            "print(kf.has_cap_sys_admin())")
+
+
+def _has_cap_sys_admin_under(*setpriv_args: str) -> str:
+    """has_cap_sys_admin() in a child whose capabilities setpriv(1) set, not re-derived."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    result = subprocess.run([setpriv, *setpriv_args, sys.executable, "-c", _HAS_CAP],
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode != 0 and "setpriv:" in result.stderr:
+        pytest.skip(f"this machine cannot set those capabilities: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_cap_sys_admin_is_false_once_the_capability_is_dropped() -> None:
+    assert _has_cap_sys_admin_under("--bounding-set", "-sys_admin",
+                                    "--inh-caps", "-sys_admin") == "False"
+
+
+def test_cap_sys_admin_is_true_when_the_process_holds_it() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can raise CAP_SYS_ADMIN into a child's ambient set")
+    assert _has_cap_sys_admin_under("--inh-caps", "+sys_admin",
+                                    "--ambient-caps", "+sys_admin") == "True"
 
 
 def test_unmount_of_a_plain_directory_reports_nothing_mounted(tmp_path: object) -> None:

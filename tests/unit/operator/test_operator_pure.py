@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cistern.nodestatus import NodeStatus
 from cistern.operator.disruption import disruption_reason
 from cistern.operator.patches import contains, merge_patch
 from cistern.operator.status import (
@@ -68,8 +69,8 @@ def by_type(conditions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def test_healthy_cache_conditions() -> None:
-    nodes = [node_summary("n1", "p1", {"state": "running", "dirty_bytes": 10,
-                                       "clean_bytes": 5})]
+    nodes = [node_summary("n1", "p1", NodeStatus(state="running", dirty_bytes=10,
+                                                 clean_bytes=5))]
     c = by_type(build_conditions(ClusterView(2, None, daemonset(1, 1, 1), nodes), now="t0"))
     assert [c[k]["status"] for k in ("Ready", "Progressing", "Degraded", "FlushBacklog",
                                      "Draining")] == ["True", "False", "False", "False", "False"]
@@ -79,7 +80,7 @@ def test_healthy_cache_conditions() -> None:
 
 def test_rollout_backlog_drain_and_unreachable() -> None:
     nodes = [
-        node_summary("n1", "p1", {"state": "draining", "dirty_bytes": 60, "capacity_bytes": 100},
+        node_summary("n1", "p1", NodeStatus(state="draining", dirty_bytes=60, capacity_bytes=100),
                      drain={"drainStartedAt": "t", "drainReason": "the node is cordoned"}),
         node_summary("n2", "p2", None, error="connection refused"),
     ]

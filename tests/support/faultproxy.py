@@ -18,7 +18,7 @@ Use it in-process::
         ...
         proxy.counts()["PUT"]
 
-or as a process (``python -m cistern.testing.faultproxy --upstream URL --port N``), whose
+or as a process (``python -m support.faultproxy --upstream URL --port N``), whose
 control endpoints ``GET /__proxy/stats``, ``GET /__proxy/log``, ``POST /__proxy/config``
 and ``POST /__proxy/reset`` are wrapped by ``ProxyControl``; ``FaultProxyProcess`` starts
 such a process. Control endpoints are never delayed, failed or counted (``__proxy`` is not
@@ -40,7 +40,6 @@ import random
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -52,7 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, NamedTuple
 
-from cistern.testing.s3server import free_port, stop_child, wait_for_port
+from .s3server import free_port, stop_child, support_module_command, wait_for_port
 
 __all__ = [
     "KINDS",
@@ -653,7 +652,7 @@ class ProxyControl:
 
 
 class FaultProxyProcess:
-    """``python -m cistern.testing.faultproxy`` as a child process on a free port."""
+    """``python -m support.faultproxy`` as a child process on a free port."""
 
     def __init__(self, upstream: str, latency: float = 0.0, error_rate: float = 0.0,
                  *, port: int | None = None, extra_args: list[str] | None = None) -> None:
@@ -669,8 +668,9 @@ class FaultProxyProcess:
         self.control = ProxyControl(self.endpoint)
 
     def start(self) -> FaultProxyProcess:
+        command, env = support_module_command("faultproxy")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "cistern.testing.faultproxy", *self._args],
+            [*command, *self._args], env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:

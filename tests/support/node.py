@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +16,10 @@ from typing import Any
 
 import yaml
 
-from cistern.testing.s3server import TEST_CREDENTIALS, free_port
+from cistern.nodestatus import NodeStatus
+
+from .s3server import TEST_CREDENTIALS, free_port
+from .wait import WaitTimeout, wait_until
 
 __all__ = ["NodeProcess", "is_mounted", "unmount"]
 
@@ -86,19 +88,21 @@ class NodeProcess:
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.command(), env=env, stdout=self._log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"cistern-node exited with {self.proc.returncode}:\n"
-                                   f"{self.log()}")
-            try:
-                if is_mounted(self.mount) and self.status()["state"] == "running":
-                    return self
-            except (OSError, urllib.error.URLError, ValueError):
-                pass
-            time.sleep(0.05)
-        self.kill()
-        raise TimeoutError(f"cistern-node did not come up in {timeout}s:\n{self.log()}")
+        proc = self.proc
+
+        def running() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"cistern-node exited with {proc.returncode}:\n{self.log()}")
+            return is_mounted(self.mount) and self.status().state == "running"
+
+        try:
+            wait_until(running, timeout=timeout, what="cistern-node to mount and run",
+                       ignore=(OSError, urllib.error.URLError, ValueError))
+        except WaitTimeout:
+            self.kill()
+            raise TimeoutError(f"cistern-node did not come up in {timeout}s:\n"
+                               f"{self.log()}") from None
+        return self
 
     def log(self) -> str:
         try:
@@ -115,8 +119,8 @@ class NodeProcess:
         except urllib.error.HTTPError as exc:
             return dict(json.loads(exc.read())) | {"http_status": exc.code}
 
-    def status(self) -> dict[str, Any]:
-        return self._request("GET", "/status", timeout=5)
+    def status(self) -> NodeStatus:
+        return NodeStatus.from_json(self._request("GET", "/status", timeout=5))
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://{self.control}/metrics", timeout=5) as response:
@@ -134,14 +138,16 @@ class NodeProcess:
                 total += float(value)
         return total
 
-    def flush(self, timeout: float = 120.0) -> dict[str, Any]:
+    def flush(self, timeout: float = 120.0) -> NodeStatus:
         result = self._request("POST", f"/flush?timeout={timeout}", timeout=timeout + 10)
-        if not result.get("flushed"):
+        status = NodeStatus.from_json(result)
+        if not status.flushed:
             raise AssertionError(f"flush did not finish: {result}\n{self.log()}")
-        return result
+        return status
 
-    def drain(self, wait: float = 0.0) -> dict[str, Any]:
-        return self._request("POST", f"/drain?wait={wait}", timeout=wait + 10)
+    def drain(self, wait: float = 0.0) -> NodeStatus:
+        return NodeStatus.from_json(self._request("POST", f"/drain?wait={wait}",
+                                                  timeout=wait + 10))
 
     def kill(self) -> None:
         """``kill -9``: no chance to persist anything beyond what is already journaled."""

@@ -1,6 +1,6 @@
 """A real S3 HTTP server for tests and benchmarks: moto in server mode on 127.0.0.1.
 
-Run it as a process (``python -m cistern.testing.s3server --port 0``) or use
+Run it as a process (``python -m support.s3server --port 0`` with tests/ on the path) or use
 ``MotoServer`` which starts that process on a free port and waits for it.
 
 moto 5.2 computes an object's ETag lazily by reading a buffer shared with concurrent
@@ -17,12 +17,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 __all__ = [
     "MotoServer", "free_port", "list_keys", "read_object", "s3_client", "stop_child",
-    "wait_for_port",
+    "support_module_command", "wait_for_port",
 ]
 
 TEST_CREDENTIALS = {
@@ -30,6 +31,20 @@ TEST_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+def support_module_command(module: str) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run ``<this package>.<module>`` with ``python -m``.
+
+    This package is imported as ``support`` by pytest (``pythonpath = ["tests"]``) and as
+    ``tests.support`` by bench/ (run from the repository root); the child gets the same
+    package name and a PYTHONPATH that reaches it, whatever the parent's working directory.
+    """
+    package = __package__ or "support"
+    root = Path(__file__).resolve().parents[package.count(".") + 1]
+    path = os.environ.get("PYTHONPATH")
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{path}" if path else str(root))
+    return [sys.executable, "-m", f"{package}.{module}"], env
 
 
 def free_port() -> int:
@@ -98,10 +113,10 @@ class MotoServer:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> MotoServer:
-        env = dict(os.environ, **TEST_CREDENTIALS)
+        command, env = support_module_command("s3server")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "cistern.testing.s3server", "--port", str(self.port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [*command, "--port", str(self.port)],
+            env=env | TEST_CREDENTIALS, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
             wait_for_port(self.port)
