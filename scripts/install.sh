@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc fio rsync rclone s3fs util-linux mount)
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc fio rsync rclone s3fs util-linux mount xfsprogs)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \

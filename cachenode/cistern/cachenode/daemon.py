@@ -161,9 +161,13 @@ class NodeDaemon:
         except FrontendUnavailable as exc:
             raise StartupError(str(exc)) from exc
         self.prom.set_frontend(self.frontend.name)
-        self.core = CacheCore(cache_dir, client, flush=cfg.flush, cache=cfg.cache, drain=cfg.drain,
-                              store_keep_last=cfg.store.keep_last_checkpoints,
-                              on_event=self.prom.event)
+        try:
+            self.core = CacheCore(cache_dir, client, flush=cfg.flush, cache=cfg.cache,
+                                  drain=cfg.drain,
+                                  store_keep_last=cfg.store.keep_last_checkpoints,
+                                  on_event=self.prom.event)
+        except OSError as exc:  # e.g. capacityBytes larger than the cache file system
+            raise StartupError(f"cache dir {cache_dir}: {exc.strerror or exc}") from exc
         self.flusher = Flusher(self.core, client, cfg.flush)
         self.prom.watch_state(self.node_status)
         self._prepare_s3_endpoint(self.core, cache_dir)

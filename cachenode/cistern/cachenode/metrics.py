@@ -107,6 +107,11 @@ class Metrics:
                                            registry=r)
         self.data_loss = Counter("cistern_data_loss",
                                  "Files whose local data could not be recovered", registry=r)
+        self.recovery_events = Counter(
+            "cistern_durability_events",
+            "unsynced_kept: after a power loss, a file's unsynced local data was set aside "
+            "(lost+found) and the store's version kept; journal_error: an upload result "
+            "could not be journaled (it is retried)", ["kind"], registry=r)
         self.rate_limited_seconds = Counter("cistern_rate_limited_seconds",
                                             "Time uploads waited for the rate limiter",
                                             registry=r)
@@ -126,6 +131,8 @@ class Metrics:
         kind, _, label = name.partition(":")
         if kind == "data_loss":
             self.data_loss.inc(value)
+        elif kind in ("unsynced_kept", "journal_error"):
+            self.recovery_events.labels(kind).inc(value)
         elif kind == "fetched_bytes":
             self.miss_bytes.inc(value)
         elif kind == "hit_bytes":

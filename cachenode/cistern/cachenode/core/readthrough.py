@@ -146,6 +146,8 @@ class ReadThrough:
             os.fsync(fd)
             with tree.lock:
                 os.replace(tmp, self._files.create_path(entry.ino))
+                # Rule: a CLEAN row is never durable before its data file is.
+                self._files.sync_dir(self._files.path(entry.ino).parent)
                 entry.local = True
                 entry.state = CLEAN
                 entry.last_access = time.monotonic()
