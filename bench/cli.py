@@ -44,6 +44,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         "model_size": _size(args.model_size) if args.model_size else None,
         "tensors": args.tensors,
         "small_files": args.small_files,
+        "s3api_size": _size(args.s3api_size) if args.s3api_size else None,
         "latency_ms": args.latency_ms,
         "error_rate": args.error_rate,
         "upload_delay": args.upload_delay,
@@ -71,13 +72,15 @@ def main(argv: list[str] | None = None) -> None:
                         "(boto3: local save, then upload_file with TransferConfig defaults)")
     parser.add_argument("--frontends", help="Cistern front ends (default pyfuse3,passthrough)")
     parser.add_argument("--workloads",
-                        help="comma list of fio,checkpoints,smallfiles (default: all)")
+                        help="comma list of fio,checkpoints,smallfiles,s3api (default: all)")
     parser.add_argument("--reps", type=int, help="repetitions (default 3)")
     parser.add_argument("--fio-size", help="bytes per fio run, e.g. 2G")
     parser.add_argument("--fio-jobs", help="fio job counts, e.g. 1,4 (default 1,4)")
     parser.add_argument("--model-size", help="checkpoint tensor bytes, e.g. 1G")
     parser.add_argument("--tensors", type=int, help="tensors per checkpoint (default 16)")
     parser.add_argument("--small-files", type=int, help="files for cp -r")
+    parser.add_argument("--s3api-size", help="tensor bytes of the s3api workload's "
+                        "S3Checkpoint save, e.g. 1G (default 1 GiB; smoke 8 MiB)")
     parser.add_argument("--latency-ms", type=float, help="S3 latency per request (default 35)")
     parser.add_argument("--error-rate", type=float, help="S3 503 SlowDown rate (default 0)")
     parser.add_argument("--upload-delay", type=float, help="Cistern --upload-delay (default 1)")

@@ -27,7 +27,8 @@ _METRIC_KINDS: dict[str, tuple[str, str, bool]] = {
     "cold_read_s": ("cold-restart load (empty cache)", "s", False),
     "cp_s": ("cp -r of the small files", "s", False),
 }
-_WORKLOADS = {"dcp": "DCP save", "torchsave": "torch.save+rename", "smallfiles": "small files"}
+_WORKLOADS = {"dcp": "DCP save", "torchsave": "torch.save+rename", "smallfiles": "small files",
+              "s3ckpt": "S3Checkpoint save (S3 API)"}
 
 
 def metric_label(name: str) -> tuple[str, str, bool]:
@@ -170,6 +171,7 @@ def to_markdown(data: dict[str, Any]) -> str:
         "checkpoints": f"checkpoints of {cfg['model_size'] / (1 << 20):g} MiB "
                        f"({cfg['tensors']} tensors)",
         "smallfiles": f"{cfg['small_files']} small files of {cfg['small_file_size']} B",
+        "s3api": f"S3Checkpoint saves of {cfg.get('s3api_size', 0) / (1 << 20):g} MiB",
     }
     lines = [
         f"Profile `{cfg['profile']}`, {cfg['reps']} repetition(s), medians; "
@@ -208,6 +210,8 @@ def to_markdown(data: dict[str, Any]) -> str:
     lines += ["", "Targets:", "", "| target | status | what | version |", "|---|---|---|---|"]
     for name, target in data["targets"].items():
         status = "measured" if target["available"] else f"not measured: {target['reason']}"
+        if target["available"] and not summary.get(name):
+            status = "not run by the selected workloads"
         errors = data["errors"].get(name) or []
         if errors:
             status += f"; {len(errors)} failed repetition(s): {errors[0][:200]}"

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import workloads
+from bench import s3api_bench, workloads
 from bench.s3env import S3Env
 from bench.targets import Mounted, Target, build_targets
 
@@ -22,8 +22,9 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 #: fio: bandwidth and latency; checkpoints: DCP and torch.save saves, then cold loads after a
-#: remount; smallfiles: cp -r of many small files (a phase of its own, see _small_files_phase).
-WORKLOADS = ("fio", "checkpoints", "smallfiles")
+#: remount; smallfiles: cp -r of many small files (a phase of its own, see _small_files_phase);
+#: s3api: an S3Checkpoint save straight to S3 vs through a node's S3 endpoint (bench.s3api_bench).
+WORKLOADS = ("fio", "checkpoints", "smallfiles", "s3api")
 
 
 @dataclass
@@ -52,6 +53,8 @@ class BenchConfig:
                 "would take longer than the whole benchmark",
     })
     small_files_timeout: float = 180.0
+    s3api_size: int = 1 * GiB
+    """Bytes of tensors in the S3Checkpoint save of the s3api workload."""
     latency_ms: float = 35.0
     error_rate: float = 0.0
     upload_delay: float = 1.0
@@ -70,6 +73,7 @@ FULL = dict(profile="full", fio_size=2 * GiB, model_size=1 * GiB, small_files=10
             small_files_timeout=600.0)
 SMOKE = dict(profile="smoke", targets=["raw", "cistern"], reps=1, fio_size=16 * MiB,
              model_size=8 * MiB, tensors=4, small_files=200, small_files_timeout=60.0,
+             s3api_size=8 * MiB,
              quiet_settle=0.4, durable_timeout=60.0, step_timeout=120.0)
 
 
@@ -183,6 +187,8 @@ def run_bench(cfg: BenchConfig) -> BenchRun:
             main_phase = bool({"fio", "checkpoints"} & set(cfg.workloads))
             for rep in range(cfg.reps):
                 for target in available:
+                    if not main_phase and "smallfiles" not in cfg.workloads:
+                        continue
                     if not main_phase:  # the small-files phase fills in this repetition
                         result.runs[target.name].append(TargetRun())
                         continue
@@ -199,6 +205,8 @@ def run_bench(cfg: BenchConfig) -> BenchRun:
                         available = [t for t in available if t is not target]
             if "smallfiles" in cfg.workloads:
                 _small_files_phase(cfg, env, available, root, small_src, result)
+            if "s3api" in cfg.workloads:
+                s3api_bench.s3api_phase(cfg, env, root, result)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     result.finished = time.time()

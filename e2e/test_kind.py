@@ -314,7 +314,7 @@ def test_checkpoint_through_a_pvc_lands_in_s3_and_delete_removes_it(installed: C
         node_name = cluster.get("nodes")["items"][0]["metadata"]["name"]
         wait_until("the operator's node label",
                    lambda: cluster.get("node", node_name)["metadata"]["labels"].get(
-                       f"csi.cistern.dev/{WRITECACHE}") == "true" or None,
+                       f"csi.cistern.dev/{NS}.{WRITECACHE}") == "true" or None,
                    timeout=120, cluster=cluster)
 
         # 3. A trainer pod writes a checkpoint through a PVC.
@@ -327,7 +327,7 @@ def test_checkpoint_through_a_pvc_lands_in_s3_and_delete_removes_it(installed: C
         pv_name = pvc["spec"]["volumeName"]
         pv = cluster.get("pv", pv_name)
         volume_id = pv["spec"]["csi"]["volumeHandle"]
-        assert volume_id.startswith(f"{WRITECACHE}/{NS}/checkpoints-"), volume_id
+        assert volume_id.startswith(f"{NS}.{WRITECACHE}/{NS}/checkpoints-"), volume_id
         directory = volume_id.split("/", 1)[1]
 
         # 4. The objects are in the bucket, byte for byte.
@@ -367,7 +367,7 @@ def test_checkpoint_through_a_pvc_lands_in_s3_and_delete_removes_it(installed: C
         cluster.kubectl("-n", NS, "delete", f"writecache/{WRITECACHE}", "--wait=true",
                         "--timeout=300s", timeout=330)
         wait_until("the node label removed",
-                   lambda: f"csi.cistern.dev/{WRITECACHE}" not in cluster.get(
+                   lambda: f"csi.cistern.dev/{NS}.{WRITECACHE}" not in cluster.get(
                        "node", node_name)["metadata"]["labels"] or None,
                    timeout=120, cluster=cluster)
         assert cluster.kubectl("get", "storageclass", f"cistern-{WRITECACHE}",

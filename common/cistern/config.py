@@ -58,6 +58,7 @@ __all__ = [
     "FuseFrontend",
     "NewWrites",
     "NodeConfig",
+    "S3EndpointConfig",
     "StoreConfig",
     "check_bucket_name",
     "load_node_config",
@@ -90,6 +91,16 @@ def parse_hostport(value: str, where: str = "address") -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{where}: expected HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP (127.0.0.0/8, ::1); tenancy (issue 13)."""
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _hostport(value: Any, where: str) -> str:
@@ -299,6 +310,37 @@ class DrainPolicy(Section):
 
 
 @dataclass(frozen=True)
+class S3EndpointConfig(Section):
+    """``s3Endpoint``: the node's S3-compatible endpoint over the cache namespace, served by
+    cistern.cachenode.s3api (docs/s3-endpoint.md). Off unless an address is given."""
+
+    WHERE: ClassVar[str] = "s3Endpoint"
+
+    listen: str | None = setting(
+        "listen", None, _unset_if_empty(_hostport),
+        "`HOST:PORT` of the endpoint (the node's address or loopback)", shown="unset")
+    socket: str | None = setting(
+        "socket", None, _unset_if_empty(text), "a unix socket serving the same endpoint",
+        shown="unset")
+    credentials_dir: str | None = setting(
+        "credentialsDir", None, _unset_if_empty(text),
+        "directory with files `accessKeyId` and `secretAccessKey`; requests must be "
+        "SigV4-signed with them (required when the endpoint is on)", shown="unset")
+    bucket: str | None = setting(
+        "bucket", None, _unset_if_empty(text),
+        "bucket name clients use (path-style); unset: the store's bucket", shown="unset")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen or self.socket)
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.credentials_dir:
+            raise ConfigError(f"{self.WHERE}.credentialsDir: required when the endpoint is on "
+                              "(requests are authenticated with AWS SigV4)")
+
+
+@dataclass(frozen=True)
 class NodeConfig(Section):
     """Everything one cache node daemon needs; one per WriteCache per node."""
 
@@ -317,8 +359,9 @@ class NodeConfig(Section):
         shown=f"`{DEFAULT_CONTROL}`")
     control_token_file: str | None = setting(
         "controlTokenFile", None, _unset_if_empty(text),
-        "file with a bearer token that `POST /flush`, `/drain`, `/resume` must present; set it "
-        "whenever `control` is not loopback", shown="unset")
+        "file with a bearer token that `POST /flush`, `/drain`, `/resume` must present; required "
+        "(the config is refused without it) when `control` is not a loopback address; an empty "
+        "file is refused at start-up", shown="unset")
     fuse_frontend: FuseFrontend = setting(
         "fuseFrontend", "auto", choice(FuseFrontend),
         "`passthrough` (kernel FUSE passthrough: the kernel reads and writes the cache file "
@@ -327,6 +370,22 @@ class NodeConfig(Section):
     allow_other: bool = setting(
         "allowOther", True, boolean,
         "let other users (pods) use the mount (a YAML boolean)", shown="`true`")
+    fuse_holder: str | None = setting(
+        "fuseHolder", None, _unset_if_empty(text),
+        "unix socket of a `cistern-node holder`: the mount then survives a crash, restart or "
+        "upgrade of the daemon (applications see a pause, not `ENOTCONN`); takeovers need the "
+        "passthrough front end (docs/restarts.md)", shown="unset")
+    # Restored in stream's merge of main: main's merge of wip/s3api + wip/restart lost this
+    # line (main's config.py did not compile at 75d6d51).
+    s3_endpoint: S3EndpointConfig = section(
+        "s3Endpoint", S3EndpointConfig, "the S3-compatible endpoint (off by default)")
+
+    def __post_init__(self) -> None:
+        # tenancy (issue 13): any address but loopback needs a token (docs/security.md).
+        host, _ = parse_hostport(self.control, "control")
+        if not self.control_token_file and not _is_loopback(host):
+            raise ConfigError(f"control: {host} is not a loopback address; set "
+                              "controlTokenFile to protect the control API")
 
     def replace(self, **changes: Any) -> NodeConfig:
         return dataclasses.replace(self, **changes)

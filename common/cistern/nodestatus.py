@@ -26,6 +26,7 @@ __all__ = [
     "NodeState",
     "NodeStatus",
     "NodeStatusError",
+    "S3EndpointStatus",
     "StoreErrorReport",
 ]
 
@@ -167,8 +168,35 @@ class DrainProgress:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class S3EndpointStatus:
+    """The node's S3 endpoint (present only when it is configured)."""
+
+    url: str | None = None
+    """``http://HOST:PORT`` to put in AWS_ENDPOINT_URL; None: unix socket only."""
+    socket: str | None = None
+    bucket: str = ""
+    requests: int = 0
+    errors: int = 0
+    """Requests answered with an S3 error since start."""
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "s3_endpoint") -> S3EndpointStatus:
+        data = _object(data, where)
+        return cls(url=_field(data, "url", str, None, where),
+                   socket=_field(data, "socket", str, None, where),
+                   bucket=_field(data, "bucket", str, "", where),
+                   requests=_field(data, "requests", int, 0, where),
+                   errors=_field(data, "errors", int, 0, where))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 _FUSE_KEYS = {"kernel_protocol": "kernelProtocol", "passthrough_opens": "passthroughOpens",
-              "direct_io_opens": "directIoOpens", "open_backing_files": "openBackingFiles"}
+              "direct_io_opens": "directIoOpens", "open_backing_files": "openBackingFiles",
+              "last_takeover_pause_seconds": "lastTakeoverPauseSeconds",
+              "resent_requests": "resentRequests"}
 
 
 @dataclass(frozen=True)
@@ -185,6 +213,15 @@ class FuseStatus:
     passthrough_opens: int | None = None
     direct_io_opens: int | None = None
     open_backing_files: int | None = None
+    held: bool = False
+    """A FUSE holder keeps this connection: it survives the daemon (docs/restarts.md)."""
+    takeovers: int | None = None
+    """Daemons that took this connection over from a dead one since it was mounted."""
+    last_takeover_pause_seconds: float | None = None
+    """Seconds the mount went without a daemon before this one served it (None: mounted
+    by this daemon)."""
+    resent_requests: int | None = None
+    """Requests the kernel sent again after the takeover (FUSE_NOTIFY_RESEND)."""
 
     @classmethod
     def from_json(cls, data: Any, where: str = "fuse") -> FuseStatus:
@@ -192,8 +229,8 @@ class FuseStatus:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             key = _FUSE_KEYS.get(f.name, f.name)
-            kind: Any = {"frontend": str, "kernel_protocol": str, "passthrough": bool}.get(
-                f.name, int)
+            kind: Any = {"frontend": str, "kernel_protocol": str, "passthrough": bool,
+                         "held": bool, "last_takeover_pause_seconds": float}.get(f.name, int)
             values[f.name] = _field(data, key, kind, f.default, where)
         return cls(**values)
 
@@ -235,6 +272,8 @@ class NodeStatus:
     checkpoints: tuple[CheckpointProgress, ...] = ()
     uptime_seconds: float = 0.0
     drain: DrainProgress | None = None
+    s3_endpoint: S3EndpointStatus | None = None
+    """The S3 endpoint over the same namespace, when configured."""
     flushed: bool | None = None
     """Only in the answer to ``POST /flush``: whether everything reached the store in time."""
 
@@ -260,6 +299,7 @@ class NodeStatus:
         recent = _field(data, "recent_errors", list, [], w)
         checkpoints = _field(data, "checkpoints", list, [], w)
         flushed = data.get("flushed")
+        s3_endpoint = data.get("s3_endpoint")
         return cls(
             state=_literal(data, "state", NodeState, None, w),
             frontend=_field(data, "frontend", str, None, w),
@@ -285,6 +325,7 @@ class NodeStatus:
             checkpoints=tuple(CheckpointProgress.from_json(c) for c in checkpoints),
             uptime_seconds=_field(data, "uptime_seconds", float, 0.0, w),
             drain=None if drain is None else DrainProgress.from_json(drain),
+            s3_endpoint=None if s3_endpoint is None else S3EndpointStatus.from_json(s3_endpoint),
             flushed=None if flushed is None else _field(data, "flushed", bool, None, w),
         )
 
@@ -296,9 +337,9 @@ class NodeStatus:
                 out["fuse"] = value.to_json()
             elif f.name in ("recent_errors", "checkpoints"):
                 out[f.name] = [item.to_json() for item in value]
-            elif f.name == "drain":
+            elif f.name in ("drain", "s3_endpoint"):
                 if value is not None:
-                    out["drain"] = value.to_json()
+                    out[f.name] = value.to_json()
             elif f.name == "flushed":
                 if value is not None:
                     out["flushed"] = value

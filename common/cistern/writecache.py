@@ -10,6 +10,7 @@ raises ``ConfigError`` with the field path, so the operator can report it in a c
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ __all__ = [
     "CacheSpec",
     "ObjectStoreSpec",
     "RetentionSpec",
+    "AccessSpec",
     "WriteCacheSpec",
+    "cache_key",
     "render_node_config",
     "storage_class_name",
 ]
@@ -44,6 +47,28 @@ DEFAULT_CACHE_HOST_PATH = "/var/lib/cistern/cache"
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+
+
+_CACHE_KEY_MAX = 63
+
+
+def cache_key(namespace: str, name: str) -> str:
+    r"""The node-wide name of WriteCache ``namespace/name``; unique across namespaces.
+
+    It names the mount ``<mountRoot>/<key>``, the node label and CSI topology key
+    ``csi.cistern.dev/<key>``, the access policy ``<key>.json`` and the operator's objects
+    (the host cache directory is ``<hostPath>/<namespace>/<name>``), so it is at most 63
+    characters of ``[a-z0-9.\-_]``: ``<namespace>.<name>``
+    (namespaces and WriteCache names are DNS labels, so the first dot separates them), or, when
+    that is longer, its first 46 characters, ``_`` and 16 hex digits of its SHA-256 (``_``
+    never occurs in the plain form, so a hashed key never equals a plain one). Without a
+    namespace (a stand-alone daemon, tests) the key is the name itself.
+    """
+    plain = f"{namespace}.{name}" if namespace else name
+    if len(plain) <= _CACHE_KEY_MAX:
+        return plain
+    digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:16]
+    return f"{plain[:_CACHE_KEY_MAX - 17]}_{digest}"
 
 
 def _mapping(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
@@ -187,6 +212,35 @@ class CSISpec:
 
 
 @dataclass(frozen=True)
+class AccessSpec:
+    """``spec.access``: which namespaces may use this cache (its own always may)."""
+
+    namespaces: tuple[str, ...] = ()
+    """Namespaces (besides the WriteCache's own) whose pods and PVCs may use the cache;
+    ``*``: every namespace."""
+    namespace_selector: dict[str, Any] | None = None
+    """A label selector (``matchLabels``/``matchExpressions``) over namespaces that may use
+    it; the operator resolves it to a list."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AccessSpec:
+        where = "spec.access"
+        _known(data, {"namespaces", "namespaceSelector"}, where)
+        names = data.get("namespaces") or []
+        if not isinstance(names, list) or not all(
+                isinstance(n, str) and (n == "*" or (len(n) <= 63 and _DNS_LABEL.fullmatch(n)))
+                for n in names):
+            raise ConfigError(f"{where}.namespaces: expected a list of namespace names or '*'")
+        selector = data.get("namespaceSelector")
+        if selector is not None:
+            if not isinstance(selector, Mapping):
+                raise ConfigError(f"{where}.namespaceSelector: expected a label selector")
+            _known(selector, {"matchLabels", "matchExpressions"}, f"{where}.namespaceSelector")
+        return cls(namespaces=tuple(dict.fromkeys(names)),
+                   namespace_selector=dict(selector) if selector is not None else None)
+
+
+@dataclass(frozen=True)
 class WriteCacheSpec:
     """A parsed, validated WriteCache ``spec``."""
 
@@ -202,13 +256,14 @@ class WriteCacheSpec:
     csi: CSISpec = field(default_factory=CSISpec)
     resources: dict[str, Any] = field(default_factory=dict)
     """Daemon container resources (requests/limits); empty: the operator's defaults."""
+    access: AccessSpec = field(default_factory=AccessSpec)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WriteCacheSpec:
         if not isinstance(data, Mapping):
             raise ConfigError(f"spec: expected a mapping, got {type(data).__name__}")
         _known(data, {"objectStore", "nodeSelector", "tolerations", "cache", "flush",
-                      "retention", "drain", "csi", "resources"}, "spec")
+                      "retention", "drain", "csi", "resources", "access"}, "spec")
         if not data.get("objectStore"):
             raise ConfigError("spec.objectStore: required (at least objectStore.bucket)")
         selector = _mapping(data, "nodeSelector", "spec")
@@ -233,6 +288,7 @@ class WriteCacheSpec:
             drain=drain,
             csi=CSISpec.from_dict(_mapping(data, "csi", "spec")),
             resources=dict(_mapping(data, "resources", "spec")),
+            access=AccessSpec.from_dict(_mapping(data, "access", "spec")),
         )
 
 
@@ -245,16 +301,17 @@ def render_node_config(
     name: str,
     spec: WriteCacheSpec,
     *,
+    namespace: str = "",
     mount_root: str = DEFAULT_MOUNT_ROOT,
     cache_dir: str | None = None,
-    control: str = "0.0.0.0:9464",
+    control: str = "127.0.0.1:9464",
     control_token_file: str | None = None,
 ) -> NodeConfig:
     """The configuration the daemon of WriteCache ``name`` runs with on every selected node.
 
     ``cache_dir`` is where the daemon sees its cache directory (inside its container);
-    by default ``spec.cache.hostPath`` itself. The FUSE mount is ``<mount_root>/<name>``,
-    where the CSI driver looks for it.
+    by default ``spec.cache.hostPath`` itself. The FUSE mount is
+    ``<mount_root>/<cache_key(namespace, name)>``, where the CSI driver looks for it.
     """
     if not _DNS_LABEL.fullmatch(name) or len(name) > 63:
         raise ConfigError(f"metadata.name: {name!r} must be a DNS label (a-z, 0-9, '-')")
@@ -265,7 +322,7 @@ def render_node_config(
         store=StoreConfig(url=store.url, endpoint_url=store.endpoint, region=store.region,
                           path_style=store.path_style,
                           keep_last_checkpoints=retention.keep_last_checkpoints_in_store),
-        mount=f"{mount_root.rstrip('/')}/{name}",
+        mount=f"{mount_root.rstrip('/')}/{cache_key(namespace, name)}",
         cache=CacheConfig(
             dir=cache_dir or spec.cache.host_path,
             capacity_bytes=cache.capacity_bytes,

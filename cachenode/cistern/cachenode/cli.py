@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -40,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                          "foreground. Logs go to stderr. SIGINT unmounts at once (dirty data "
                          "stays journaled and uploads on the next start); SIGTERM drains "
                          "first.")
-    run.add_argument("--mount", help="mount point (default ./mnt, created if missing "
-                     "when it is the default)")
+    run.add_argument("--mount", help="mount point (default ./mnt; ./mnt, and a config "
+                     "file's mount point whose parent exists, are created if missing)")
     run.add_argument("--cache-dir", help="local cache directory on fast disk "
                      "(default ./.cistern/cache)")
     run.add_argument("--store", help="s3://bucket[/prefix] or file:///path "
@@ -57,11 +58,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fuse-frontend", choices=("auto", "passthrough", "pyfuse3"),
                      help="FUSE implementation (default auto: kernel passthrough when "
                      "available)")
+    run.add_argument("--fuse-holder", metavar="SOCKET",
+                     help="unix socket of a FUSE holder (cistern-node holder): the mount "
+                     "then survives a crash, restart or upgrade of this daemon")
     run.add_argument("--config", metavar="FILE", help="YAML node config (flags override it); "
                      "see docs/configuration.md")
     run.add_argument("--log-level", default="info",
                      choices=("debug", "info", "warning", "error"))
     run.add_argument("--log-format", default="text", choices=("text", "json"))
+
+    holder = sub.add_parser("holder", help="keep FUSE connections open across daemon "
+                            "restarts (foreground)",
+                            description="Hold the /dev/fuse connections that cistern-node run "
+                            "--fuse-holder SOCKET hands over, so that a new daemon can take "
+                            "over a mount after a crash, restart or upgrade of the old one. "
+                            "Stopping the holder ends the mounts no daemon serves.")
+    holder.add_argument("--socket", required=True, help="unix socket to listen on")
+    holder.add_argument("--log-level", default="info",
+                        choices=("debug", "info", "warning", "error"))
+    holder.add_argument("--log-format", default="text", choices=("text", "json"))
 
     for name, text in (("status", "show the state of a running node"),
                        ("flush", "upload everything dirty now and wait"),
@@ -113,10 +128,30 @@ def _build_config(args: argparse.Namespace) -> NodeConfig:
         data["control"] = args.control
     if args.fuse_frontend:
         data["fuseFrontend"] = args.fuse_frontend
+    if args.fuse_holder:
+        data["fuseHolder"] = args.fuse_holder
     config = NodeConfig.from_dict(data)
+    if args.config and not args.mount:
+        _create_configured_mount(config.mount)
     if config.store.scheme == "file":
         os.makedirs(config.store.local_path, exist_ok=True) if not args.store else None
     return config
+
+
+def _create_configured_mount(path: str) -> None:
+    """Create a config file's mount point (one level) if it is missing.
+
+    The operator's config names ``<mountRoot>/<writecache>`` while the DaemonSet's hostPath
+    volume is the mount *root*, so on a fresh node only the root exists. Only the last
+    component is created: a missing root is still the error ``prepare()`` reports, so a
+    mistyped path never grows a tree of directories. A dead FUSE mount left at ``path`` by a
+    killed daemon exists (EEXIST, or ENOTCONN on the stat); ``prepare()`` detaches it.
+    """
+    try:
+        os.mkdir(path, 0o755)
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOENT, errno.ENOTCONN):
+            raise
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -136,6 +171,25 @@ def _run(args: argparse.Namespace) -> int:
         print(f"cistern-node: error: {exc}", file=sys.stderr)
         return 1
     return daemon.run()
+
+
+def _holder(args: argparse.Namespace) -> int:
+    import signal
+
+    from cistern.cachenode.holder import HolderServer
+    from cistern.logs import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
+    try:
+        server = HolderServer(args.socket)
+    except OSError as exc:
+        print(f"cistern-node: error: holder socket {args.socket}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.stop())
+    server.serve_forever()
+    return 0
 
 
 def _call(args: argparse.Namespace, method: str, path: str, timeout: float) -> dict[str, Any]:
@@ -277,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "holder":
+        return _holder(args)
     return _client(args)
 
 

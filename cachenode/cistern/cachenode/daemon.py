@@ -19,10 +19,14 @@ from cistern.cachenode.flusher import Flusher
 from cistern.cachenode.frontend import (
     FrontendUnavailable,
     FuseFrontend,
+    attach_frontend,
+    claim_held,
     is_mountpoint,
     select_frontend,
 )
+from cistern.cachenode.holder import Held, HolderClient, HolderError
 from cistern.cachenode.metrics import Metrics
+from cistern.cachenode.s3api import S3Endpoint, load_credential
 from cistern.cachenode.s3store import open_store
 from cistern.cachenode.store import StoreError
 from cistern.cachenode.storeclient import StoreClient
@@ -94,7 +98,9 @@ class NodeDaemon:
         self.core: CacheCore | None = None
         self.flusher: Flusher | None = None
         self.control: ControlServer | None = None
+        self.s3_endpoint: S3Endpoint | None = None
         self._lock_fd = -1
+        self._holder: HolderClient | None = None
         self._drain_started: float | None = None
         self._drain_bytes_at_start = 0
         self._stopping = threading.Event()
@@ -106,7 +112,14 @@ class NodeDaemon:
         """Validate everything that can be validated before mounting; raise StartupError."""
         cfg = self.config
         mount = os.path.abspath(cfg.mount)
-        _check_mountpoint(mount)
+        held: Held | None = None
+        if cfg.fuse_holder:  # a held connection is live: never stat it before serving it
+            try:
+                self._holder, held = claim_held(cfg.fuse_holder, mount)
+            except HolderError as exc:
+                raise StartupError(str(exc)) from exc
+        if held is None:
+            _check_mountpoint(mount)
         cache_dir = Path(cfg.cache.dir).absolute()
         _check_cache_dir(cache_dir)
         self._lock_fd = os.open(cache_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -125,7 +138,11 @@ class NodeDaemon:
             # Throttling or a blip at start-up is retried; a missing bucket is not.
             client.check()
         except StoreError as exc:
-            raise StartupError(f"object store {store.description}: {exc}") from exc
+            if held is None:
+                raise StartupError(f"object store {store.description}: {exc}") from exc
+            # Applications wait on the held mount: serve it; uploads retry until S3 is back.
+            log.error("object store %s: %s; serving the held mount anyway", store.description,
+                      exc)
         token = None
         if cfg.control_token_file:
             try:
@@ -133,33 +150,71 @@ class NodeDaemon:
             except OSError as exc:
                 raise StartupError(f"control token file {cfg.control_token_file}: "
                                    f"{exc.strerror}") from exc
+            if not token:  # an empty token would accept "Bearer "
+                raise StartupError(f"control token file {cfg.control_token_file} is empty")
         host, port = parse_hostport(cfg.control, "control")
         try:
             self.control = ControlServer(self, host, port, token)
         except OSError as exc:
             raise StartupError(f"control address {cfg.control}: {exc.strerror}") from exc
+        except ValueError as exc:  # a non-loopback address without a token
+            raise StartupError(str(exc)) from exc
         try:
-            self.frontend = select_frontend(cfg.fuse_frontend)
+            self.frontend = select_frontend(cfg.fuse_frontend, takeover=held is not None)
         except FrontendUnavailable as exc:
             raise StartupError(str(exc)) from exc
         self.prom.set_frontend(self.frontend.name)
-        self.core = CacheCore(cache_dir, client, flush=cfg.flush, cache=cfg.cache, drain=cfg.drain,
-                              store_keep_last=cfg.store.keep_last_checkpoints,
-                              on_event=self.prom.event)
+        try:
+            self.core = CacheCore(cache_dir, client, flush=cfg.flush, cache=cfg.cache,
+                                  drain=cfg.drain,
+                                  store_keep_last=cfg.store.keep_last_checkpoints,
+                                  on_event=self.prom.event)
+        except OSError as exc:  # e.g. capacityBytes larger than the cache file system
+            raise StartupError(f"cache dir {cache_dir}: {exc.strerror or exc}") from exc
         self.flusher = Flusher(self.core, client, cfg.flush)
         self.prom.watch_state(self.node_status)
+        self._prepare_s3_endpoint(self.core, cache_dir)
         try:
-            self.frontend.mount(self.core, mount, allow_other=cfg.allow_other,
-                                fsname=f"cistern:{cfg.store.url}")
+            attach_frontend(self.frontend, self.core, mount, allow_other=cfg.allow_other,
+                            fsname=f"cistern:{cfg.store.url}", holder=self._holder, held=held)
+        except HolderError as exc:
+            self.core.close()
+            raise StartupError(f"FUSE holder, mount point {mount}: {exc}") from exc
         except Exception as exc:
             self.core.close()
             raise StartupError(f"cannot mount FUSE at {mount}: {exc}") from exc
+
+    def _prepare_s3_endpoint(self, core: CacheCore, cache_dir: Path) -> None:
+        """The S3-compatible endpoint over the same namespace, when configured (s3api/)."""
+        cfg = self.config.s3_endpoint
+        if not cfg.enabled:
+            return
+        assert cfg.credentials_dir is not None  # enforced by the config
+        try:
+            credential = load_credential(cfg.credentials_dir)
+        except (OSError, ValueError) as exc:
+            core.close()
+            raise StartupError(f"s3Endpoint credentials in {cfg.credentials_dir}: "
+                               f"{getattr(exc, 'strerror', None) or exc}") from exc
+        self.s3_endpoint = S3Endpoint(core, bucket=cfg.bucket or self.config.store.bucket
+                                      or "cistern", credential=credential,
+                                      state_dir=cache_dir / "s3api", listen=cfg.listen,
+                                      socket=cfg.socket)
+        self.s3_endpoint.recover()  # before the flusher runs: crash leftovers never upload
 
     def run(self) -> int:
         """Serve until stopped; return the process exit code."""
         assert self.frontend and self.core and self.flusher and self.control
         self.flusher.start()
         self.control.start()
+        if self.s3_endpoint is not None:
+            try:
+                self.s3_endpoint.start()
+            except Exception as exc:
+                print(f"cistern-node: error: cannot start the S3 endpoint: {exc}", flush=True)
+                self.s3_endpoint = None
+                self._shutdown()
+                return 1
         threading.Thread(target=self._maintain, name="maintenance", daemon=True).start()
         threading.Thread(target=self._keep_spares, name="spares", daemon=True).start()
         self.state = "running"
@@ -202,21 +257,30 @@ class NodeDaemon:
         self.state = "stopping"
         self._stopping.set()
         assert self.frontend and self.core and self.flusher and self.control
+        if self.s3_endpoint is not None:
+            self.s3_endpoint.stop()
         self.frontend.close()
         self.flusher.stop()
         self.control.stop()
         self.core.close()
+        if self._holder is not None:
+            self._holder.close()
         left = self.core.dirty_bytes
         if left:
             log.info("stopped with %d dirty bytes journaled; they upload on the next start",
                      left)
-        log.info("unmounted %s", os.path.abspath(self.config.mount))
+        log.info("%s %s", "left to the FUSE holder:" if getattr(self.frontend, "held", False)
+                 else "unmounted", os.path.abspath(self.config.mount))
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         log.info("interrupted: unmounting (dirty data stays journaled)")
         self._stop_now()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if getattr(self.frontend, "held", False):  # a restart or upgrade: no drain needed
+            log.info("SIGTERM: leaving the mount to the FUSE holder for the next daemon")
+            self._stop_now()
+            return
         if self._drain_started is not None or self._stopping.is_set():
             log.info("second SIGTERM: stopping now")
             self._stop_now()
@@ -296,6 +360,7 @@ class NodeDaemon:
             checkpoints=tuple(CheckpointProgress.from_json(c) for c in core.checkpoints()),
             uptime_seconds=round(time.time() - self._started, 1),
             drain=drain,
+            s3_endpoint=self.s3_endpoint.status() if self.s3_endpoint is not None else None,
         )
 
     def flush(self, timeout: float) -> bool:

@@ -30,6 +30,10 @@ POLL_SECONDS = 0.05
 """How often the flusher asks the core for work when it found none."""
 
 
+class _SourceChanged(Exception):
+    """The file was opened for writing while its upload read it: upload it again later."""
+
+
 class Flusher:
     def __init__(self, core: CacheCore, client: StoreClient, policy: FlushPolicy) -> None:
         self.core = core
@@ -88,6 +92,11 @@ class Flusher:
                 # would otherwise rescan the pending set once per file.
                 self._stop.wait(POLL_SECONDS)
                 continue
+            if any(not isinstance(item, UploadWork) for item in work):
+                # Power-loss rule: a rename or delete is durable in the journal before the
+                # store is changed for it (a copy + delete done for a rename the crash
+                # undid would leave the file pointing at a deleted object).
+                self.core.sync_journal()
             with self._lock:
                 self._busy += len(work)
             for item in work:
@@ -128,10 +137,17 @@ class Flusher:
         etag: str | None = None
         error: Exception | None = None
         try:
+            # Rules: data and intent durable before the upload; never a torn object.
+            if not self.core.prepare_upload(work):
+                raise _SourceChanged(work.path)
             if work.size >= self.policy.multipart_threshold:
                 etag = self._multipart(work)
             else:
-                etag = self.client.put_file(work.key, work.fd, work.size, work.metadata)
+                etag = self._put_snapshot(work)
+        except _SourceChanged as exc:
+            error = exc
+            log.debug("%s was opened for writing during its upload; it is uploaded again",
+                      work.path)
         except (StoreError, OSError) as exc:
             error = exc
             if not isinstance(exc, StoreError):
@@ -150,6 +166,23 @@ class Flusher:
             log.debug("uploaded %s (%d bytes) in %.3fs", work.key, work.size,
                       time.monotonic() - started)
 
+    def _put_snapshot(self, work: UploadWork) -> str:
+        """A single PUT from a private copy of the file, taken while nobody wrote it: a
+        rewrite racing the upload then costs a retry, never a torn object in the store."""
+        snap = os.memfd_create(f"upload-{work.ino}", os.MFD_CLOEXEC)
+        try:
+            copied = 0
+            while copied < work.size:
+                sent = os.sendfile(snap, work.fd, copied, work.size - copied)
+                if sent == 0:
+                    raise _SourceChanged(work.path)  # it shrank: a truncate raced us
+                copied += sent
+            if not self.core.upload_source_current(work):
+                raise _SourceChanged(work.path)
+            return self.client.put_file(work.key, snap, work.size, work.metadata)
+        finally:
+            os.close(snap)
+
     def _multipart(self, work: UploadWork) -> str:
         client = self.client
         upload_id = client.create_multipart(work.key, work.metadata)
@@ -167,6 +200,8 @@ class Flusher:
                 futures.append(self._parts.submit(client.upload_part, work.key, upload_id,
                                                   number, work.fd, offset, length))
             parts = [(n + 1, f.result()) for n, f in enumerate(futures)]
+            if not self.core.upload_source_current(work):
+                raise _SourceChanged(work.path)  # aborted below: no torn object
             return client.complete_multipart(work.key, upload_id, parts)
         except BaseException:
             for f in futures:

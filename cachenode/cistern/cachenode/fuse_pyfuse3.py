@@ -267,6 +267,7 @@ class Pyfuse3Frontend:
         options.add("default_permissions")
         if allow_other:
             options.add("allow_other")
+        options |= {"nosuid", "nodev"}  # issue 13: every mount the node makes
         pyfuse3.init(_Operations(core), mountpoint, options)
         self._mounted = True
 

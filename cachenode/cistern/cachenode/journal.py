@@ -36,8 +36,10 @@ CREATE TABLE IF NOT EXISTS entries (
     remote_size INTEGER,
     listed INTEGER NOT NULL,
     meta_dirty INTEGER NOT NULL DEFAULT 0,
+    synced INTEGER NOT NULL DEFAULT 0,
     UNIQUE (parent, name)
 );
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tombstones (key TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS uploads (
     ino INTEGER NOT NULL,
@@ -48,7 +50,8 @@ CREATE TABLE IF NOT EXISTS uploads (
 """
 
 _COLUMNS = ("ino", "parent", "name", "is_dir", "mode", "uid", "gid", "size", "mtime_ns",
-            "ctime_ns", "state", "local", "remote_key", "remote_size", "listed", "meta_dirty")
+            "ctime_ns", "state", "local", "remote_key", "remote_size", "listed", "meta_dirty",
+            "synced")
 
 DIRTY, CLEAN, REMOTE, DIR = "dirty", "clean", "remote", "dir"
 
@@ -79,6 +82,10 @@ class Entry:
     remote_size: int | None = None
     listed: bool = True
     meta_dirty: bool = False
+    #: Power-loss rule (docs/dev/cachenode.md): the data file was fsync'd with this row's size
+    #: and mtime and no open for writing or truncate has happened since. Set False durably
+    #: (if the file has an object) before a modifying operation is acknowledged.
+    synced: bool = False
     # runtime only
     gen: int = 0
     writers: int = 0
@@ -100,7 +107,8 @@ class Entry:
     def row(self) -> tuple[object, ...]:
         return (self.ino, self.parent, self.name, int(self.is_dir), self.mode, self.uid,
                 self.gid, self.size, self.mtime_ns, self.ctime_ns, self.state, int(self.local),
-                self.remote_key, self.remote_size, int(self.listed), int(self.meta_dirty))
+                self.remote_key, self.remote_size, int(self.listed), int(self.meta_dirty),
+                int(self.synced))
 
 
 @dataclass(frozen=True)
@@ -124,7 +132,11 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(entries)")}
+        if "synced" not in columns:  # a journal written before the power-loss rules
+            self._db.execute("ALTER TABLE entries ADD COLUMN synced INTEGER NOT NULL DEFAULT 0")
         self._depth = 0
+        self._sync_at_commit = False
 
     def close(self) -> None:
         with self._lock:
@@ -148,9 +160,22 @@ class Journal:
             self._depth -= 1
             if self._depth == 0:
                 self._db.execute("COMMIT")
+                if self._sync_at_commit:
+                    self._sync_at_commit = False
+                    self._sync_wal()
 
     def sync(self) -> None:
-        """Make every committed change durable against power loss (fsync the WAL)."""
+        """Make every committed change durable against power loss (fsync the WAL).
+
+        Inside ``transaction()`` the sync happens right after its commit (a change not yet
+        committed cannot be made durable)."""
+        with self._lock:
+            if self._depth:
+                self._sync_at_commit = True
+                return
+        self._sync_wal()
+
+    def _sync_wal(self) -> None:
         wal = f"{self.path}-wal"
         try:
             fd = os.open(wal, os.O_RDONLY)
@@ -167,7 +192,18 @@ class Journal:
         return [Entry(ino=r[0], parent=r[1], name=r[2], is_dir=bool(r[3]), mode=r[4], uid=r[5],
                       gid=r[6], size=r[7], mtime_ns=r[8], ctime_ns=r[9], state=r[10],
                       local=bool(r[11]), remote_key=r[12], remote_size=r[13],
-                      listed=bool(r[14]), meta_dirty=bool(r[15])) for r in rows]
+                      listed=bool(r[14]), meta_dirty=bool(r[15]), synced=bool(r[16]))
+                for r in rows]
+
+    def get_meta(self, name: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, name: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                             (name, value))
 
     def insert(self, entry: Entry) -> int:
         """Insert a new entry (``entry.ino`` 0 lets the journal pick one); return its ino."""

@@ -29,6 +29,7 @@ __all__ = [
     "has_cap_sys_admin",
     "mount_fuse",
     "negotiate_init",
+    "notify_resend",
     "open_fuse_device",
     "read_buffer_size",
     "unmount",
@@ -121,6 +122,14 @@ FUSE_PASSTHROUGH = 1 << 37
 #: Never combined with FUSE_PASSTHROUGH: the kernel silently turns passthrough off and
 #: FUSE_DEV_IOC_BACKING_OPEN then fails with EPERM.
 FORBIDDEN_WITH_PASSTHROUGH = FUSE_WRITEBACK_CACHE
+
+#: Set by the kernel in ``fuse_in_header.unique`` of a request it sends again after
+#: FUSE_NOTIFY_RESEND (the daemon that had read it died without answering).
+FUSE_UNIQUE_RESEND = 1 << 63
+#: fuse_notify_code: ask the kernel to queue again every request that was read from this
+#: /dev/fuse file but not answered (protocol 7.40, Linux 6.9).
+FUSE_NOTIFY_RESEND = 7
+MIN_RESEND_MINOR = 40
 
 # --- fuse_open_out.open_flags -----------------------------------------------------------------
 FOPEN_DIRECT_IO = 1 << 0
@@ -320,6 +329,15 @@ def backing_close(devfd: int, backing_id: int) -> None:
     arg = ctypes.c_uint32(backing_id)
     if _libc.ioctl(devfd, FUSE_DEV_IOC_BACKING_CLOSE, ctypes.byref(arg)) < 0:
         _raise_errno("FUSE_DEV_IOC_BACKING_CLOSE")
+
+
+def notify_resend(devfd: int) -> None:
+    """FUSE_NOTIFY_RESEND: requests read from ``devfd`` but never answered (their reader
+    died) go back to the head of the queue, with ``FUSE_UNIQUE_RESEND`` set in ``unique``.
+
+    Kernels before 6.9 answer EINVAL (an unknown notify code).
+    """
+    os.write(devfd, OUT_HEADER.pack(OUT_HEADER.size, FUSE_NOTIFY_RESEND, 0))
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,17 @@ class _StateCollector(Collector):
                 (fuse.passthrough_opens, "cistern_fuse_passthrough_opens",
                  "Opens served by kernel passthrough to the local data file"),
                 (fuse.direct_io_opens, "cistern_fuse_direct_io_opens",
-                 "Opens served by the daemon (data not local yet, or no backing file)")):
+                 "Opens served by the daemon (data not local yet, or no backing file)"),
+                (fuse.takeovers, "cistern_fuse_takeovers",
+                 "Daemons that took this FUSE connection over from a dead one (holder)"),
+                (fuse.resent_requests, "cistern_fuse_resent_requests",
+                 "Requests the kernel sent again after a takeover (FUSE_NOTIFY_RESEND)")):
             if count is not None:
                 yield CounterMetricFamily(name, doc, value=float(count))
+        if fuse.last_takeover_pause_seconds is not None:
+            yield GaugeMetricFamily("cistern_fuse_last_takeover_pause_seconds",
+                                    "Seconds the mount went without a daemon before the last "
+                                    "takeover", value=fuse.last_takeover_pause_seconds)
         if fuse.open_backing_files is not None:
             yield GaugeMetricFamily("cistern_fuse_open_backing_files",
                                     "Backing files registered with the kernel now",
@@ -99,6 +107,11 @@ class Metrics:
                                            registry=r)
         self.data_loss = Counter("cistern_data_loss",
                                  "Files whose local data could not be recovered", registry=r)
+        self.recovery_events = Counter(
+            "cistern_durability_events",
+            "unsynced_kept: after a power loss, a file's unsynced local data was set aside "
+            "(lost+found) and the store's version kept; journal_error: an upload result "
+            "could not be journaled (it is retried)", ["kind"], registry=r)
         self.rate_limited_seconds = Counter("cistern_rate_limited_seconds",
                                             "Time uploads waited for the rate limiter",
                                             registry=r)
@@ -118,6 +131,8 @@ class Metrics:
         kind, _, label = name.partition(":")
         if kind == "data_loss":
             self.data_loss.inc(value)
+        elif kind in ("unsynced_kept", "journal_error"):
+            self.recovery_events.labels(kind).inc(value)
         elif kind == "fetched_bytes":
             self.miss_bytes.inc(value)
         elif kind == "hit_bytes":

@@ -30,7 +30,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from cistern.cachenode.core import CacheCore, StreamWork
+from cistern.cachenode.core import CacheCore, StreamWork, UploadWork
 from cistern.cachenode.store import PermanentStoreError, StoreError
 from cistern.cachenode.storeclient import StoreClient
 from cistern.config import FlushPolicy
@@ -44,6 +44,12 @@ POLL_SECONDS = 0.02
 PARTS_PER_STREAM = 4
 """Parts of one file in flight at once (the node-wide cap is ``maxConcurrentParts``)."""
 MAX_PARTS = 10000
+
+
+def _as_upload(work: StreamWork, gen: int, size: int) -> UploadWork:
+    """The finished stream as the upload it amounts to (generation and size at close)."""
+    return UploadWork(ino=work.ino, key=work.key, gen=gen, fd=work.fd, size=size,
+                      metadata=work.metadata, path=work.path)
 
 
 class StreamAbandoned(Exception):
@@ -116,8 +122,11 @@ class Streamer:
     def _stream(self, work: StreamWork) -> None:
         client = self.client
         try:
+            # Power-loss rule (as for every upload): the intent is durable before the
+            # multipart upload exists, so a restart after a crash aborts it.
+            self.core.sync_journal()
             upload_id = client.create_multipart(work.key, work.metadata)
-        except StoreError as exc:
+        except (StoreError, OSError) as exc:
             self.core.finish_stream(work, -1, 0, None, exc)
             return
         self.core.set_upload_id(work, upload_id)
@@ -201,7 +210,11 @@ class Streamer:
         """Send the tail, check every early part against the final content, complete."""
         part = self.policy.part_size
         started = time.monotonic()
-        os.fsync(work.fd)
+        final = _as_upload(work, gen, size)
+        # The final content and its size are durable (data file, directory, journal) before
+        # the tail leaves; False if the file was opened for writing again meanwhile.
+        if not self.core.prepare_upload(final):
+            raise StreamAbandoned("opened for writing again after close")
         early = set(sent)
         log.debug("%s closed: %d bytes, %d parts sent early (%d acknowledged)", work.path,
                   size, len(early), sum(1 for f in sent.values() if f.done()))
@@ -230,7 +243,8 @@ class Streamer:
         log.debug("%s: parts acknowledged after %.2fs, checked after %.2fs", work.path,
                   sent_at - started, time.monotonic() - started)
         state = self.core.stream_state(work, size)
-        if state.gone or state.gen != gen or not state.closed or state.size != size:
+        if state.gone or state.gen != gen or not state.closed or state.size != size \
+                or not self.core.upload_source_current(final):
             raise StreamAbandoned("written again while its parts were checked")
         return self.client.complete_multipart(work.key, upload_id, sorted(etags.items()))
 

@@ -1,7 +1,8 @@
 """Where the node's cache mounts are, and whether they are healthy.
 
 Convention (shared with the node daemon, the operator and the chart): the daemon of WriteCache
-``NAME`` mounts its FUSE file system at ``<mount-root>/NAME``. A cache is
+``NAMESPACE/NAME`` mounts its FUSE file system at ``<mount-root>/<cache-key>``
+(``cistern.writecache.cache_key``: ``NAMESPACE.NAME``, bounded). A cache is
 
 * **absent** when ``<mount-root>/NAME`` does not exist: no daemon of that WriteCache has ever run
   on this node (NOT_FOUND);
@@ -33,7 +34,7 @@ from cistern.csi.mounts import MountEntry, MountTable, read_mount_table
 __all__ = ["CACHE_FSTYPE", "CacheMounts", "HealthyCache", "call_with_timeout"]
 
 CACHE_FSTYPE = "fuse.cistern"
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_CACHE_KEY = re.compile(r"[a-z0-9]([-a-z0-9._]*[a-z0-9])?")
 
 T = TypeVar("T")
 
@@ -81,7 +82,8 @@ class CacheMounts:
         except FileNotFoundError:
             return []
         return sorted(e.name for e in entries
-                      if _DNS_LABEL.fullmatch(e.name) and e.is_dir(follow_symlinks=False))
+                      if len(e.name) <= 63 and _CACHE_KEY.fullmatch(e.name)
+                      and e.is_dir(follow_symlinks=False))
 
     def require(self, name: str, table: MountTable | None = None) -> HealthyCache:
         """The healthy mount of WriteCache ``name``, or the CSI error that says why not."""

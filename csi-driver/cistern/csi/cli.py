@@ -11,7 +11,7 @@ import threading
 from types import FrameType
 
 from cistern.csi.health import HealthServer, parse_address
-from cistern.csi.settings import MODES, DriverSettings, socket_path
+from cistern.csi.settings import DEFAULT_ACCESS_DIR, MODES, DriverSettings, socket_path
 from cistern.writecache import DEFAULT_MOUNT_ROOT
 
 __all__ = ["main", "parse_settings"]
@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mount-root", default=DEFAULT_MOUNT_ROOT, metavar="DIR",
                         help=f"where cache daemons mount WriteCache NAME at DIR/NAME "
                              f"(default {DEFAULT_MOUNT_ROOT})")
+    parser.add_argument("--access-dir", default=DEFAULT_ACCESS_DIR, metavar="DIR",
+                        help="the caches' access policies, <cache-key>.json (the ConfigMap "
+                             f"cistern-access; default {DEFAULT_ACCESS_DIR})")
+    parser.add_argument("--state-file", default="", metavar="FILE",
+                        help="controller: remember provisioned volumes here across restarts "
+                             "(default: memory only)")
     parser.add_argument("--health-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="how long a cache mount may take to answer (default 5)")
     parser.add_argument("--health-address", default="", metavar="HOST:PORT",
@@ -60,7 +66,8 @@ def parse_settings(argv: list[str] | None = None
         version = "0.0.0+unknown"
     try:
         settings = DriverSettings(endpoint=args.endpoint, node_id=args.node_id, mode=args.mode,
-                                  mount_root=args.mount_root,
+                                  mount_root=args.mount_root, access_dir=args.access_dir,
+                                  state_file=args.state_file,
                                   health_timeout=args.health_timeout, version=version)
     except ValueError as exc:
         parser.error(str(exc))

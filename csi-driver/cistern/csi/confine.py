@@ -24,12 +24,13 @@ def fd_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-def open_beneath(root: str, relative: str, *, create_mode: int | None = None) -> int:
+def open_beneath(root: str, relative: str, *, create_mode: int | None = None,
+                 group: int | None = None) -> int:
     """An ``O_PATH`` descriptor of ``root/relative``; creates missing components if asked.
 
     ``relative`` must already be normalised (no empty, ``.`` or ``..`` components). New
-    directories get exactly ``create_mode`` (not filtered by the umask). The caller closes the
-    descriptor.
+    directories get exactly ``create_mode`` (not filtered by the umask) and, if given, group
+    ``group``. The caller closes the descriptor.
     """
     parts = relative.split("/")
     for part in parts:
@@ -41,7 +42,7 @@ def open_beneath(root: str, relative: str, *, create_mode: int | None = None) ->
             if create_mode is not None:
                 try:
                     os.mkdir(part, create_mode, dir_fd=fd)
-                    _chmod_beneath(fd, part, create_mode)
+                    _chmod_beneath(fd, part, create_mode, group)
                 except FileExistsError:
                     pass
             try:
@@ -59,9 +60,11 @@ def open_beneath(root: str, relative: str, *, create_mode: int | None = None) ->
         raise
 
 
-def _chmod_beneath(dir_fd: int, name: str, mode: int) -> None:
+def _chmod_beneath(dir_fd: int, name: str, mode: int, group: int | None) -> None:
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
     try:
+        if group is not None:
+            os.fchown(fd, -1, group)  # before the chmod: a chown may clear setgid
         os.fchmod(fd, mode)
     finally:
         os.close(fd)

@@ -1,9 +1,12 @@
 """The CSI Controller service: dynamic provisioning of directories in a WriteCache's namespace.
 
-CreateVolume is a pure function of its request: the volume id ``<writecache>/<dir>`` follows
-from the StorageClass parameter ``writeCache`` and the PVC (``<namespace>/<pvc>-<uid8>`` when
-the provisioner passes PVC metadata, else the CO's volume name), so a repeated call with the
-same name returns the same volume. The directory itself is created on first publish.
+CreateVolume derives the volume from its request: the volume id ``<cache-key>/<dir>`` follows
+from the StorageClass parameters ``writeCache`` (and ``writeCacheNamespace``, default: the
+PVC's namespace) and the PVC (``<namespace>/<pvc>-<uid8>`` when the provisioner passes PVC
+metadata, else the CO's volume name), bounded to the spec's 128 bytes by truncating and adding
+a hash, so a repeated call with the same name returns the same volume; the registry answers a
+repeat with an incompatible capacity with ALREADY_EXISTS. The PVC's namespace must be admitted
+by the cache's access policy (PERMISSION_DENIED). The directory is created on first publish.
 
 DeleteVolume removes the directory (and so, through the cache, its objects) and is only ever
 called by the CO for volumes whose reclaim policy is Delete. It needs the cache mounted where
@@ -21,6 +24,7 @@ import shutil
 
 import grpc
 
+from cistern.csi.access import AccessPolicies
 from cistern.csi.caches import CacheMounts, call_with_timeout
 from cistern.csi.errors import (
     FailedPrecondition,
@@ -32,8 +36,11 @@ from cistern.csi.errors import (
 )
 from cistern.csi.locks import OperationLocks
 from cistern.csi.proto import csi_pb2, csi_pb2_grpc
+from cistern.csi.registry import VolumeRegistry
 from cistern.csi.settings import DriverSettings, topology_key
 from cistern.csi.volumes import (
+    CONTEXT_NAMESPACE,
+    CONTEXT_PATH,
     CONTEXT_WRITE_CACHE,
     VolumeRef,
     capabilities_supported,
@@ -41,8 +48,10 @@ from cistern.csi.volumes import (
     parse_volume_id,
     resolve_volume,
     validate_dir,
+    validate_namespace,
     validate_write_cache,
 )
+from cistern.writecache import cache_key
 
 __all__ = ["PVC_NAME", "PVC_NAMESPACE", "ControllerService", "volume_for"]
 
@@ -57,35 +66,55 @@ _BANNED = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _PV_UID = re.compile(r"pvc-([0-9a-f]{8})")
 
 
-def volume_for(name: str, parameters: dict[str, str]) -> VolumeRef:
-    """The volume CreateVolume(name, parameters) provisions; deterministic (idempotency)."""
+def _truncate_utf8(text: str, limit: int) -> str:
+    return text.encode()[:limit].decode(errors="ignore")
+
+
+def volume_for(name: str, parameters: dict[str, str]) -> tuple[VolumeRef, dict[str, str]]:
+    """The volume CreateVolume(name, parameters) provisions and its volume_context;
+    deterministic (idempotency). The id is at most 128 bytes for any name of up to 128."""
     write_cache = parameters.get(CONTEXT_WRITE_CACHE, "")
     if not write_cache:
         raise InvalidArgument(f"parameters.{CONTEXT_WRITE_CACHE} is required: the StorageClass "
                               f"names the WriteCache its volumes live in")
     validate_write_cache(write_cache, f"parameters.{CONTEXT_WRITE_CACHE}")
-    unknown = sorted(k for k in parameters
-                     if k != CONTEXT_WRITE_CACHE and not k.startswith(_PROVISIONER_PREFIX))
+    unknown = sorted(k for k in parameters if k not in (CONTEXT_WRITE_CACHE, CONTEXT_NAMESPACE)
+                     and not k.startswith(_PROVISIONER_PREFIX))
     if unknown:
         raise InvalidArgument(f"unknown StorageClass parameter(s) {', '.join(unknown)}; "
-                              f"Cistern takes {CONTEXT_WRITE_CACHE}")
+                              f"Cistern takes {CONTEXT_WRITE_CACHE} and {CONTEXT_NAMESPACE}")
     pvc, namespace = parameters.get(PVC_NAME, ""), parameters.get(PVC_NAMESPACE, "")
+    if namespace:
+        validate_namespace(namespace, f"parameters.{PVC_NAMESPACE}")
+    cache_namespace = parameters.get(CONTEXT_NAMESPACE, "") or namespace
+    if cache_namespace:
+        validate_namespace(cache_namespace, f"parameters.{CONTEXT_NAMESPACE}")
+    key = cache_key(cache_namespace, write_cache)
     if pvc and namespace:
         match = _PV_UID.match(name)
         suffix = match.group(1) if match else hashlib.sha256(name.encode()).hexdigest()[:8]
-        ref = VolumeRef(write_cache, validate_dir(f"{namespace}/{pvc}-{suffix}"))
-        if len(ref.volume_id.encode()) <= _MAX_ID:
-            return ref
-    ref = VolumeRef(write_cache, validate_dir(name.replace("/", "-"), "name"))
-    if len(ref.volume_id.encode()) > _MAX_ID:
-        raise InvalidArgument(f"name: too long for a volume id ({len(ref.volume_id)} > {_MAX_ID})")
-    return ref
+        base = f"{namespace}/{pvc}-{suffix}"
+    else:
+        base = name.replace("/", "-")
+    if base in (".", "..") or len(f"{key}/{base}".encode()) > _MAX_ID:
+        # Keep a readable prefix, make it unique with a hash of the CO's name.
+        budget = _MAX_ID - len(key) - 1 - 17
+        base = (f"{_truncate_utf8(base, budget).rstrip('/')}-"
+                f"{hashlib.sha256(name.encode()).hexdigest()[:16]}")
+    ref = VolumeRef(key, validate_dir(base, "name"))
+    context = {CONTEXT_WRITE_CACHE: write_cache, CONTEXT_PATH: ref.dir}
+    if cache_namespace:
+        context[CONTEXT_NAMESPACE] = cache_namespace
+    return ref, context
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, settings: DriverSettings, caches: CacheMounts) -> None:
+    def __init__(self, settings: DriverSettings, caches: CacheMounts,
+                 policies: AccessPolicies, registry: VolumeRegistry) -> None:
         self.settings = settings
         self.caches = caches
+        self.policies = policies
+        self.registry = registry
         self.locks = OperationLocks()
 
     @grpc_boundary
@@ -111,14 +140,22 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise InvalidArgument("volume_content_source: Cistern cannot clone volumes or "
                                   "restore snapshots")
         capacity = self._capacity(request)
-        ref = volume_for(request.name, dict(request.parameters))
+        ref, volume_context = volume_for(request.name, dict(request.parameters))
+        pvc_namespace = request.parameters.get(PVC_NAMESPACE, "")
+        if pvc_namespace:
+            self.policies.check(ref.cache, pvc_namespace, f"PVC {pvc_namespace}/"
+                                f"{request.parameters.get(PVC_NAME, request.name)}")
         topology = self._topology(ref, request.accessibility_requirements)
+        with self.locks.hold(request.name):
+            made = self.registry.claim(request.name, ref.volume_id, capacity,
+                                       request.capacity_range.required_bytes,
+                                       request.capacity_range.limit_bytes)
         log.info("provisioned volume %s for %s (capacity %d, %s)", ref.volume_id, request.name,
-                 capacity, "pinned to cache nodes" if topology else "no topology")
+                 made.capacity, "pinned to cache nodes" if topology else "no topology")
         return csi_pb2.CreateVolumeResponse(volume=csi_pb2.Volume(
             volume_id=ref.volume_id,
-            capacity_bytes=capacity,
-            volume_context=ref.context(),
+            capacity_bytes=made.capacity,
+            volume_context=volume_context,
             accessible_topology=topology))
 
     @staticmethod
@@ -132,14 +169,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         volume without topology may land on a node without the cache, where publishing fails
         with NOT_FOUND and says so.
         """
-        key = topology_key(ref.write_cache)
+        key = topology_key(ref.cache)
         mentioned = [t for t in (*requirement.requisite, *requirement.preferred)
                      if key in t.segments]
         if not mentioned:
             return []
         if not any(t.segments[key] == "true" for t in mentioned):
-            raise ResourceExhausted(f"no node in the requested topology runs WriteCache "
-                                    f"{ref.write_cache!r} (topology key {key})")
+            raise ResourceExhausted(f"no node in the requested topology runs cache "
+                                    f"{ref.cache!r} (topology key {key})")
         return [csi_pb2.Topology(segments={key: "true"})]
 
     @staticmethod
@@ -169,7 +206,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             return csi_pb2.DeleteVolumeResponse()
         with self.locks.hold(request.volume_id):
             try:
-                cache = self.caches.require(ref.write_cache)
+                cache = self.caches.require(ref.cache)
             except NotFound as exc:
                 raise FailedPrecondition(
                     f"cannot delete volume {ref.volume_id} here: {exc.message} (the controller "
@@ -177,6 +214,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             path = os.path.join(cache.path, ref.dir)
             if not os.path.lexists(path):
                 log.info("delete: volume %s is already gone", ref.volume_id)
+                self.registry.forget(ref.volume_id)
                 return csi_pb2.DeleteVolumeResponse()
             try:
                 if os.path.isdir(path) and not os.path.islink(path):
@@ -195,6 +233,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
                 except (OSError, TimeoutError):
                     break
                 parent = os.path.dirname(parent)
+            self.registry.forget(ref.volume_id)
         log.info("deleted volume %s (%s)", ref.volume_id, path)
         return csi_pb2.DeleteVolumeResponse()
 

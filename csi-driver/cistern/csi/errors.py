@@ -23,6 +23,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "OutOfRange",
+    "PermissionDenied",
     "ResourceExhausted",
     "Unavailable",
     "grpc_boundary",
@@ -47,6 +48,10 @@ class InvalidArgument(CSIError):
 
 class NotFound(CSIError):
     code = grpc.StatusCode.NOT_FOUND
+
+
+class PermissionDenied(CSIError):
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class AlreadyExists(CSIError):

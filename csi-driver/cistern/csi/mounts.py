@@ -136,14 +136,15 @@ def _flag_bits(flags: tuple[str, ...]) -> int:
 
 def bind_mount(source: str, target: str, *, read_only: bool,
                flags: tuple[str, ...] = ()) -> None:
-    """Bind ``source`` onto ``target``; a read-only bind needs a second, remounting call.
+    """Bind ``source`` onto ``target``, always ``nosuid,nodev``; the flags need a second,
+    remounting call (a bind ignores them).
 
-    If the remount fails, the fresh bind is undone, so a writable mount never stays where a
-    read-only one was asked for.
+    If the remount fails, the fresh bind is undone, so a writable (or suid-honouring) mount never
+    stays where a read-only (nosuid) one was asked for.
     """
-    _check(_libc.mount(source.encode(), target.encode(), None, MS_BIND, None), "bind mount",
-           target)
-    extra = _flag_bits(flags) | (MS_RDONLY if read_only else 0)
+    _check(_libc.mount(source.encode(), target.encode(), None,
+                       MS_BIND | MS_NOSUID | MS_NODEV, None), "bind mount", target)
+    extra = _flag_bits(flags) | (MS_RDONLY if read_only else 0) | MS_NOSUID | MS_NODEV
     if extra:
         result = _libc.mount(None, target.encode(), None, MS_BIND | MS_REMOUNT | extra, None)
         if result != 0:

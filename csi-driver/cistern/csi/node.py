@@ -1,9 +1,11 @@
 """The CSI Node service: bind-mount a directory of the node's cache mount into a pod.
 
-NodePublishVolume binds ``<mount-root>/<writecache>/<dir>`` onto the target path, creating the
-directory on first use; NodeUnpublishVolume unmounts and removes the target. Both decide
+NodePublishVolume binds ``<mount-root>/<cache-key>/<dir>`` onto the target path (always
+``nosuid,nodev``), creating the directory on first use (mode 2775, group ``volume_mount_group``
+= the pod's fsGroup); NodeUnpublishVolume unmounts and removes the target. Both decide
 "already done" from the mount table, so repeating a call is harmless. A cache that is down or
-broken is an error, never an empty directory in the pod.
+broken is an error, never an empty directory in the pod. The pod's namespace (``podInfoOnMount``)
+must be admitted by the cache's access policy, else PERMISSION_DENIED.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import errno
 import logging
 import os
 import posixpath
+from collections.abc import Mapping
 
 import grpc
 
+from cistern.csi.access import AccessPolicies
 from cistern.csi.caches import CACHE_FSTYPE, CacheMounts, HealthyCache, call_with_timeout
 from cistern.csi.confine import ConfinementError, fd_path, open_beneath
 from cistern.csi.errors import (
@@ -22,6 +26,7 @@ from cistern.csi.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unavailable,
     grpc_boundary,
 )
@@ -30,6 +35,8 @@ from cistern.csi.mounts import bind_mount, read_mount_table, unmount
 from cistern.csi.proto import csi_pb2, csi_pb2_grpc
 from cistern.csi.settings import DriverSettings, topology_key
 from cistern.csi.volumes import (
+    CONTEXT_POD_NAMESPACE,
+    EPHEMERAL_CONTEXT,
     READ_ONLY_MODES,
     VolumeRef,
     check_capability,
@@ -41,9 +48,10 @@ __all__ = ["VOLUME_DIR_MODE", "NodeService"]
 
 log = logging.getLogger(__name__)
 RPC = csi_pb2.NodeServiceCapability.RPC
-#: New volume directories are writable by every pod user (pods rarely run as root); the bind
-#: mount confines a pod to its own directory.
-VOLUME_DIR_MODE = 0o777
+#: New volume directories: owner root, group the pod's fsGroup (``volume_mount_group``),
+#: group-writable and setgid so that files made inside keep that group; the bind mount confines
+#: a pod to its own directory. Never world-writable.
+VOLUME_DIR_MODE = 0o2775
 _DEAD_FS = {errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ESHUTDOWN}
 
 
@@ -60,15 +68,26 @@ def _absolute(path: str, name: str) -> str:
     return os.path.normpath(path)
 
 
+def _mount_group(value: str) -> int | None:
+    """``volume_mount_group`` (the pod's fsGroup) as a gid; None when not given."""
+    if not value:
+        return None
+    if not value.isdigit() or int(value) > 0xFFFFFFFE:
+        raise InvalidArgument(f"volume_mount_group: expected a numeric group id, got {value!r}")
+    return int(value)
+
+
 def _unknown_volume(volume_id: str) -> NotFound:
     return NotFound(f"volume {volume_id!r} is not a Cistern volume: expected an id "
                     f"<writecache>/<dir> or volume_context writeCache and path")
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
-    def __init__(self, settings: DriverSettings, caches: CacheMounts) -> None:
+    def __init__(self, settings: DriverSettings, caches: CacheMounts,
+                 policies: AccessPolicies) -> None:
         self.settings = settings
         self.caches = caches
+        self.policies = policies
         self.locks = OperationLocks()
 
     # ------------------------------------------------------------------ info
@@ -85,7 +104,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def NodeGetCapabilities(self, request: csi_pb2.NodeGetCapabilitiesRequest,
                             context: grpc.ServicerContext
                             ) -> csi_pb2.NodeGetCapabilitiesResponse:
-        types = (RPC.GET_VOLUME_STATS, RPC.VOLUME_CONDITION, RPC.SINGLE_NODE_MULTI_WRITER)
+        types = (RPC.GET_VOLUME_STATS, RPC.VOLUME_CONDITION, RPC.SINGLE_NODE_MULTI_WRITER,
+                 RPC.VOLUME_MOUNT_GROUP)
         return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[
             csi_pb2.NodeServiceCapability(rpc=RPC(type=t)) for t in types])
 
@@ -103,12 +123,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         flags = tuple(f for f in cap.mount.mount_flags if f not in ("ro", "rw"))
         read_only = (request.readonly or cap.access_mode.mode in READ_ONLY_MODES
                      or "ro" in cap.mount.mount_flags)
+        group = _mount_group(cap.mount.volume_mount_group)
         ref = resolve_volume(volume_id, request.volume_context)
         if ref is None:
             raise _unknown_volume(volume_id)
+        self._check_access(ref, volume_id, request.volume_context)
         with self.locks.hold(target):
             table = read_mount_table()
-            cache = self.caches.require(ref.write_cache, table)
+            cache = self.caches.require(ref.cache, table)
             expected_root = posixpath.normpath(posixpath.join(cache.entry.root, ref.dir))
             existing = table.at(target)
             if existing is not None:
@@ -121,20 +143,20 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     raise AlreadyExists(
                         f"{target} is already mounted ({existing.fstype} {existing.root}, "
                         f"{'ro' if existing.read_only else 'rw'}), which is not volume "
-                        f"{volume_id} ({ref.write_cache}:/{ref.dir}, "
+                        f"{volume_id} ({ref.cache}:/{ref.dir}, "
                         f"{'ro' if read_only else 'rw'})")
                 # The volume's bind from before the daemon restarted: its FUSE connection is
                 # dead. Replace it with a bind of the new cache mount.
                 log.warning("volume %s at %s is bound to a dead cache connection; re-publishing "
                             "onto the restarted cache", volume_id, target)
                 unmount(target)
-            source = self._open_volume_dir(cache, ref)
+            source = self._open_volume_dir(cache, ref, group)
             try:
                 self._ensure_target_dir(target)
                 bind_mount(fd_path(source), target, read_only=read_only, flags=flags)
             except OSError as exc:
                 if exc.errno in _DEAD_FS:
-                    raise Unavailable(f"cache mount of WriteCache {ref.write_cache!r} broke "
+                    raise Unavailable(f"cache mount of WriteCache {ref.cache!r} broke "
                                       f"while publishing {volume_id}: {exc.strerror}") from exc
                 raise
             finally:
@@ -144,20 +166,34 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                  " read-only" if read_only else "")
         return csi_pb2.NodePublishVolumeResponse()
 
+    def _check_access(self, ref: VolumeRef, volume_id: str, context: Mapping[str, str]) -> None:
+        """The pod's namespace must be admitted by the cache's policy. An inline volume
+        without one is refused (the CSIDriver object sets podInfoOnMount); a PV without one
+        was admitted by CreateVolume or made by a cluster admin."""
+        namespace = context.get(CONTEXT_POD_NAMESPACE, "")
+        if namespace:
+            self.policies.check(ref.cache, namespace, f"volume {volume_id}")
+        elif context.get(EPHEMERAL_CONTEXT) == "true":
+            raise PermissionDenied(f"inline volume {volume_id} of cache {ref.cache!r}: the "
+                                   f"pod's namespace is unknown (the CSIDriver object needs "
+                                   f"podInfoOnMount: true)")
+
     @staticmethod
-    def _open_volume_dir(cache: HealthyCache, ref: VolumeRef) -> int:
-        """An O_PATH descriptor of ``<cache>/<dir>``, created (mode 0777) on first use.
+    def _open_volume_dir(cache: HealthyCache, ref: VolumeRef, group: int | None) -> int:
+        """An O_PATH descriptor of ``<cache>/<dir>``, created (mode 2775, group ``group``) on
+        first use.
 
         Walked without following symlinks, so the directory is inside the cache namespace.
         """
         try:
-            return open_beneath(str(cache.path), ref.dir, create_mode=VOLUME_DIR_MODE)
+            return open_beneath(str(cache.path), ref.dir, create_mode=VOLUME_DIR_MODE,
+                                group=group)
         except ConfinementError as exc:
             raise FailedPrecondition(f"volume {ref.volume_id} cannot be published: "
                                      f"{exc.strerror}") from exc
         except OSError as exc:
             if exc.errno in _DEAD_FS:
-                raise Unavailable(f"cache mount of WriteCache {ref.write_cache!r} broke: "
+                raise Unavailable(f"cache mount of WriteCache {ref.cache!r} broke: "
                                   f"{exc.strerror}") from exc
             raise FailedPrecondition(f"cannot create the directory of volume {ref.volume_id} "
                                      f"in {cache.path}: {exc.strerror}") from exc
@@ -216,8 +252,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             # no cache on this node names a volume that cannot exist here: NOT_FOUND. Ids made
             # up by the kubelet (inline volumes) carry no context here, so they get OK.
             ref = parse_volume_id(volume_id)
-            if ref is not None and not os.path.isdir(self.caches.path_of(ref.write_cache)):
-                raise NotFound(f"volume {volume_id}: WriteCache {ref.write_cache!r} has no cache "
+            if ref is not None and not os.path.isdir(self.caches.path_of(ref.cache)):
+                raise NotFound(f"volume {volume_id}: WriteCache {ref.cache!r} has no cache "
                                f"on this node, and nothing is published at {target}")
         return csi_pb2.NodeUnpublishVolumeResponse()
 

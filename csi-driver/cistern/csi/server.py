@@ -9,12 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from cistern.csi.access import AccessPolicies
 from cistern.csi.caches import CacheMounts
 from cistern.csi.controller import ControllerService
 from cistern.csi.identity import IdentityService
 from cistern.csi.interceptor import LoggingInterceptor
 from cistern.csi.node import NodeService
 from cistern.csi.proto import csi_pb2_grpc
+from cistern.csi.registry import VolumeRegistry
 from cistern.csi.settings import DriverSettings, socket_path
 
 __all__ = ["build_server"]
@@ -40,11 +42,13 @@ def build_server(settings: DriverSettings) -> grpc.Server:
                                             thread_name_prefix="csi"),
                          interceptors=[LoggingInterceptor()])
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityService(settings, caches), server)
+    policies = AccessPolicies(settings.access_dir)
     if settings.runs_node:
-        csi_pb2_grpc.add_NodeServicer_to_server(NodeService(settings, caches), server)
+        csi_pb2_grpc.add_NodeServicer_to_server(NodeService(settings, caches, policies), server)
     if settings.runs_controller:
-        csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(settings, caches),
-                                                      server)
+        registry = VolumeRegistry(settings.state_file or None)
+        csi_pb2_grpc.add_ControllerServicer_to_server(
+            ControllerService(settings, caches, policies, registry), server)
     path = socket_path(settings.endpoint)
     _prepare_socket(path)
     server.add_insecure_port(f"unix://{path}")

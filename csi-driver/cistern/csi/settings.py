@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 from cistern.writecache import CSI_DRIVER_NAME, DEFAULT_MOUNT_ROOT
 
-__all__ = ["DRIVER_NAME", "MODES", "TOPOLOGY_PREFIX", "DriverSettings", "socket_path",
-           "topology_key"]
+DEFAULT_ACCESS_DIR = "/etc/cistern/access"
+
+__all__ = ["DEFAULT_ACCESS_DIR", "DRIVER_NAME", "MODES", "TOPOLOGY_PREFIX", "DriverSettings",
+           "socket_path", "topology_key"]
 
 DRIVER_NAME = CSI_DRIVER_NAME
 MODES = ("node", "controller", "all")
@@ -15,8 +17,9 @@ MODES = ("node", "controller", "all")
 TOPOLOGY_PREFIX = f"{DRIVER_NAME}/"
 
 
-def topology_key(write_cache: str) -> str:
-    return f"{TOPOLOGY_PREFIX}{write_cache}"
+def topology_key(cache: str) -> str:
+    """``csi.cistern.dev/<cache-key>`` (the key is at most 63 characters: a valid label name)."""
+    return f"{TOPOLOGY_PREFIX}{cache}"
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,11 @@ class DriverSettings:
     mode: str = "all"
     """``node`` (Identity + Node), ``controller`` (Identity + Controller) or ``all``."""
     mount_root: str = DEFAULT_MOUNT_ROOT
-    """The daemon of WriteCache NAME mounts its FUSE file system at ``<mount_root>/NAME``."""
+    """The daemon of a cache mounts its FUSE file system at ``<mount_root>/<cache-key>``."""
+    access_dir: str = DEFAULT_ACCESS_DIR
+    """Where the caches' access policies (``<cache-key>.json``) are; see access.py."""
+    state_file: str = ""
+    """The controller's record of provisioned volumes; empty: memory only."""
     health_timeout: float = 5.0
     """Seconds a cache mount may take to answer ``stat`` before it counts as broken."""
     workers: int = 8

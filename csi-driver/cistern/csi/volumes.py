@@ -1,10 +1,13 @@
 """Volume identities and capabilities: pure parsing and validation, no I/O.
 
-A Cistern volume is a directory in the namespace of one WriteCache. Its id is
-``<writecache>/<dir>`` (static PVs and dynamically provisioned ones); inline ephemeral volumes
-arrive with an id the kubelet made up and name their directory in ``volume_context``
-(``writeCache``, ``path``). Every path is confined to the cache namespace: no ``..``, no empty
-or absolute components, no NUL.
+A Cistern volume is a directory in the namespace of one WriteCache. The node knows a cache by
+its key (``cistern.writecache.cache_key``: ``<namespace>.<name>``, bounded, unique across
+namespaces). A volume's id is ``<cache-key>/<dir>`` (static PVs and dynamically provisioned
+ones), in exactly one spelling: ``wc//x`` or ``wc/x/`` are refused, never read as ``wc/x``.
+Inline ephemeral volumes arrive with an id the kubelet made up and name their directory in
+``volume_context`` (``writeCache``, optional ``writeCacheNamespace`` (default: the pod's
+namespace), ``path``). Every path is confined to the cache namespace: no ``..``, no empty or
+absolute components, no NUL; lengths are counted in bytes.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from dataclasses import dataclass
 
 from cistern.csi.errors import InvalidArgument
 from cistern.csi.proto import csi_pb2
+from cistern.writecache import cache_key
 
 __all__ = [
+    "CONTEXT_NAMESPACE",
     "CONTEXT_PATH",
+    "CONTEXT_POD_NAMESPACE",
     "CONTEXT_WRITE_CACHE",
     "EPHEMERAL_CONTEXT",
     "READ_ONLY_MODES",
@@ -32,10 +38,14 @@ __all__ = [
 ]
 
 CONTEXT_WRITE_CACHE = "writeCache"
+CONTEXT_NAMESPACE = "writeCacheNamespace"
 CONTEXT_PATH = "path"
 EPHEMERAL_CONTEXT = "csi.storage.k8s.io/ephemeral"
+#: Added by the kubelet when the CSIDriver object has ``podInfoOnMount: true``.
+CONTEXT_POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_CACHE_KEY = re.compile(r"[a-z0-9]([-a-z0-9._]*[a-z0-9])?")
 _MAX_DIR = 1024
 _MAX_COMPONENT = 255
 
@@ -57,17 +67,20 @@ SUPPORTED_MOUNT_FLAGS = frozenset({"ro", "rw", "nosuid", "nodev", "noexec",
 
 @dataclass(frozen=True)
 class VolumeRef:
-    """Where a volume lives: directory ``dir`` in the namespace of WriteCache ``write_cache``."""
+    """Where a volume lives: directory ``dir`` in the cache whose key is ``cache``."""
 
-    write_cache: str
+    cache: str
     dir: str
 
     @property
     def volume_id(self) -> str:
-        return f"{self.write_cache}/{self.dir}"
+        return f"{self.cache}/{self.dir}"
 
-    def context(self) -> dict[str, str]:
-        return {CONTEXT_WRITE_CACHE: self.write_cache, CONTEXT_PATH: self.dir}
+
+def validate_namespace(name: str, where: str) -> str:
+    if not name or len(name) > 63 or not _DNS_LABEL.fullmatch(name):
+        raise InvalidArgument(f"{where}: {name!r} is not a namespace name")
+    return name
 
 
 def validate_write_cache(name: str, where: str = "writeCache") -> str:
@@ -85,43 +98,55 @@ def validate_dir(path: str, where: str = "path") -> str:
     if not cleaned:
         raise InvalidArgument(f"{where}: a volume needs a directory below the cache root, "
                               f"got {path!r}")
-    if len(cleaned) > _MAX_DIR:
-        raise InvalidArgument(f"{where}: longer than {_MAX_DIR} characters")
+    if len(cleaned.encode()) > _MAX_DIR:
+        raise InvalidArgument(f"{where}: longer than {_MAX_DIR} bytes")
     for part in cleaned.split("/"):
         if part in ("", ".", ".."):
             raise InvalidArgument(f"{where}: {path!r} must not contain empty, '.' or '..' "
                                   f"components")
-        if len(part) > _MAX_COMPONENT:
+        if len(part.encode()) > _MAX_COMPONENT:
             raise InvalidArgument(f"{where}: component {part[:20]!r}... is longer than "
                                   f"{_MAX_COMPONENT} bytes")
     return cleaned
 
 
 def parse_volume_id(volume_id: str) -> VolumeRef | None:
-    """``<writecache>/<dir>`` -> VolumeRef; None if the id does not have that shape.
+    """``<cache-key>/<dir>`` -> VolumeRef; None if the id does not have that shape.
 
-    Raises InvalidArgument when it has the shape but escapes the namespace (``wc/../x``).
+    Raises InvalidArgument when it has the shape but escapes the namespace (``wc/../x``) or is
+    not spelt canonically (``wc//x``, ``wc/x/``: one directory has one id).
     """
-    name, sep, rest = volume_id.partition("/")
-    if not sep or not rest.strip("/") or not _DNS_LABEL.fullmatch(name) or len(name) > 63:
+    key, sep, rest = volume_id.partition("/")
+    if not sep or not rest or len(key) > 63 or not _CACHE_KEY.fullmatch(key):
         return None
-    return VolumeRef(name, validate_dir(rest, "volume_id"))
+    directory = validate_dir(rest, "volume_id")
+    if directory != rest:
+        raise InvalidArgument(f"volume_id {volume_id!r} is not canonical (expected "
+                              f"{key}/{directory}): empty components are not allowed")
+    return VolumeRef(key, directory)
 
 
 def resolve_volume(volume_id: str, context: Mapping[str, str]) -> VolumeRef | None:
     """The volume a request names: ``volume_context`` (writeCache + path) wins, else the id.
 
-    None when neither names a volume (the caller answers NOT_FOUND).
+    The cache's namespace is ``writeCacheNamespace``, else, for inline (ephemeral) volumes, the
+    pod's namespace. None when neither names a volume (the caller answers NOT_FOUND).
     """
     write_cache = context.get(CONTEXT_WRITE_CACHE, "")
     path = context.get(CONTEXT_PATH, "")
-    if write_cache or path:
+    namespace = context.get(CONTEXT_NAMESPACE, "")
+    if write_cache or path or namespace:
         if not write_cache or not path:
             raise InvalidArgument(f"volume_context: {CONTEXT_WRITE_CACHE!r} and "
                                   f"{CONTEXT_PATH!r} go together; got "
                                   f"{CONTEXT_WRITE_CACHE}={write_cache!r}, "
                                   f"{CONTEXT_PATH}={path!r}")
-        return VolumeRef(validate_write_cache(write_cache, f"volume_context.{CONTEXT_WRITE_CACHE}"),
+        name = validate_write_cache(write_cache, f"volume_context.{CONTEXT_WRITE_CACHE}")
+        if namespace:
+            validate_namespace(namespace, f"volume_context.{CONTEXT_NAMESPACE}")
+        elif context.get(EPHEMERAL_CONTEXT) == "true":
+            namespace = context.get(CONTEXT_POD_NAMESPACE, "")
+        return VolumeRef(cache_key(namespace, name),
                          validate_dir(path, f"volume_context.{CONTEXT_PATH}"))
     return parse_volume_id(volume_id)
 

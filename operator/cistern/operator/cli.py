@@ -52,6 +52,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="seconds between status polls of the daemons")
     parser.add_argument("--priority-class", default=defaults.priority_class_name,
                         help="priority class of the daemon pods ('' for none)")
+    parser.add_argument("--workload-namespace",
+                        default=env("POD_NAMESPACE", defaults.workload_namespace),
+                        help="the operator's own namespace, where the privileged daemons run "
+                             "(env POD_NAMESPACE)")
+    parser.add_argument("--allowed-node-selector-key", action="append", metavar="KEY",
+                        dest="allowed_node_selector_keys",
+                        help="a node label key WriteCaches may select on (repeatable; "
+                             "default: any)")
+    parser.add_argument("--allow-control-plane", action="store_true",
+                        help="let WriteCaches place daemons on control-plane nodes")
+    parser.add_argument("--max-drain-timeout", type=float, default=defaults.max_drain_timeout,
+                        metavar="SECONDS", help="largest drain.timeout a WriteCache may set")
+    parser.add_argument("--finalizer-timeout", type=float, default=defaults.finalizer_timeout,
+                        metavar="SECONDS", help="how long a deletion waits past the drain "
+                        "timeout before it gives up (keeping the data)")
     parser.add_argument("--no-bucket-check", action="store_true",
                         help="do not probe the bucket before rolling out a spec")
     parser.add_argument("--log-format", choices=["plain", "full", "json"], default="json",
@@ -72,6 +87,13 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         status_interval=args.status_interval,
         priority_class_name=args.priority_class or None,
         check_object_store=not args.no_bucket_check,
+        workload_namespace=args.workload_namespace,
+        # "--allowed-node-selector-key=" alone: no key is allowed.
+        allowed_node_selector_keys=tuple(k for k in args.allowed_node_selector_keys if k)
+        if args.allowed_node_selector_keys is not None else None,
+        forbid_control_plane=not args.allow_control_plane,
+        max_drain_timeout=args.max_drain_timeout,
+        finalizer_timeout=args.finalizer_timeout,
     )
 
 

@@ -115,7 +115,9 @@ def build_registry(settings: OperatorSettings, credentials: Credentials,
         except ApiError as exc:
             raise kopf.TemporaryError(f"API error during deletion: {exc}", delay=10) from exc
         if waiting:
-            raise kopf.TemporaryError(waiting, delay=settings.finalizer_poll)
+            gave_up = waited >= reconciler.finalize_deadline(body)
+            raise kopf.TemporaryError(waiting, delay=settings.finalizer_gave_up_poll
+                                      if gave_up else settings.finalizer_poll)
 
     @kopf.on.event("", "v1", "nodes", registry=registry)
     async def node_changed(body: kopf.Body, type: str | None, logger: kopf.Logger,

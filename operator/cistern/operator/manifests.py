@@ -1,21 +1,32 @@
 """Pure builders of the objects one WriteCache owns (no I/O; the reconciler applies them).
 
-Per WriteCache ``NAME`` in namespace ``NS``:
+Per WriteCache ``NAME`` in namespace ``NS``, with ``KEY`` = ``cache_key(NS, NAME)``
+(``NS.NAME``, bounded; unique across namespaces):
 
-- ConfigMap ``cistern-NAME-config``: ``node.yaml`` = ``render_node_config(...).to_dict()``;
-- Secret ``cistern-NAME-control``: the bearer token for the daemons' mutating control calls;
-- DaemonSet ``cistern-NAME``: the privileged cache daemons on the selected nodes;
+- in the operator's own namespace (the workload namespace, never the tenant's: the daemons are
+  privileged), labelled ``cistern.dev/writecache=NAME`` and
+  ``cistern.dev/writecache-namespace=NS`` (no owner reference can cross namespaces; the
+  finalizer deletes them):
+
+  - ConfigMap ``cistern-KEY-config``: ``node.yaml`` = ``render_node_config(...).to_dict()``;
+  - Secret ``cistern-KEY-control``: the bearer token for the daemons' mutating control calls;
+  - Secret ``cistern-KEY-credentials``: a copy of the tenant's credentials Secret, kept in sync;
+  - DaemonSet ``cistern-KEY``: the privileged cache daemons on the selected nodes;
+  - the entry ``KEY.json`` of the ConfigMap ``cistern-access``: the namespaces that may use the
+    cache, read by the CSI driver;
+
 - StorageClass (``spec.csi.storageClassName`` or ``cistern-NAME``, cluster-scoped, so it
   cannot carry an owner reference; the finalizer deletes it);
-- per node, a drain guard: a tiny Pod bound to the node plus a PodDisruptionBudget that
-  forbids evicting it, so ``kubectl drain``, the cluster autoscaler and Karpenter cannot
-  finish emptying a node until the operator releases the guard (dirty bytes reached zero or
-  the drain timed out).
+- per node, in ``NS``, a drain guard: a tiny unprivileged Pod bound to the node plus a
+  PodDisruptionBudget that forbids evicting it, so ``kubectl drain``, the cluster autoscaler
+  and Karpenter cannot finish emptying a node until the operator releases the guard (dirty
+  bytes reached zero or the bounded drain timed out).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -25,22 +36,29 @@ import yaml
 from cistern.config import NodeConfig
 from cistern.operator.patches import fingerprint
 from cistern.operator.settings import OperatorSettings
+from cistern.operator.tenancy import CONTROL_PLANE_LABELS
 from cistern.writecache import (
     CSI_DRIVER_NAME,
     WriteCacheSpec,
+    cache_key,
     render_node_config,
     storage_class_name,
 )
 
 __all__ = [
+    "ACCESS_CONFIGMAP",
     "CONFIG_DIR",
     "CONFIG_HASH",
+    "CREDENTIAL_KEYS",
+    "LABEL_NAMESPACE",
     "LABEL_NODE",
     "LABEL_ROLE",
     "LABEL_WRITECACHE",
     "TOKEN_DIR",
+    "access_policy",
     "configmap",
     "control_secret",
+    "credentials_secret",
     "daemonset",
     "guard_name",
     "guard_pdb",
@@ -54,6 +72,10 @@ __all__ = [
 LABEL_WRITECACHE = "cistern.dev/writecache"
 LABEL_ROLE = "cistern.dev/role"
 LABEL_NODE = "cistern.dev/node"
+LABEL_NAMESPACE = "cistern.dev/writecache-namespace"
+ACCESS_CONFIGMAP = "cistern-access"
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
 CONFIG_HASH = "cistern.dev/config-hash"
 CONFIG_DIR = "/etc/cistern"
 TOKEN_DIR = "/etc/cistern-control"
@@ -62,27 +84,38 @@ CONFIG_KEY = "node.yaml"
 
 
 class Names:
-    """Object names derived from a WriteCache name."""
+    """Object names derived from a WriteCache's namespace and name (see ``cache_key``)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, namespace: str) -> None:
         self.writecache = name
-        self.daemonset = f"cistern-{name}"
-        self.configmap = f"cistern-{name}-config"
-        self.secret = f"cistern-{name}-control"
+        self.namespace = namespace
+        self.key = cache_key(namespace, name)
+        self.daemonset = f"cistern-{self.key}"
+        self.configmap = f"cistern-{self.key}-config"
+        self.secret = f"cistern-{self.key}-control"
+        self.credentials = f"cistern-{self.key}-credentials"
 
 
-def names(name: str) -> Names:
-    return Names(name)
+def names(name: str, namespace: str) -> Names:
+    return Names(name, namespace)
 
 
-def labels(name: str, role: str) -> dict[str, str]:
-    return {
+def labels(name: str, role: str, namespace: str | None = None) -> dict[str, str]:
+    out = {
         "app.kubernetes.io/name": "cistern",
         "app.kubernetes.io/component": role,
         "app.kubernetes.io/managed-by": "cistern-operator",
         LABEL_WRITECACHE: name,
         LABEL_ROLE: role,
     }
+    if namespace is not None:
+        out[LABEL_NAMESPACE] = namespace
+    return out
+
+
+def workload_selector(name: str, namespace: str, role: str) -> dict[str, str]:
+    """Labels that find one WriteCache's objects of ``role`` in the workload namespace."""
+    return {LABEL_WRITECACHE: name, LABEL_NAMESPACE: namespace, LABEL_ROLE: role}
 
 
 def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,55 +139,106 @@ def _meta(body: Mapping[str, Any], name: str, role: str) -> dict[str, Any]:
     }
 
 
-def node_config(name: str, spec: WriteCacheSpec, settings: OperatorSettings) -> NodeConfig:
+def _workload_meta(body: Mapping[str, Any], name: str, role: str,
+                   settings: OperatorSettings) -> dict[str, Any]:
+    """Metadata of an object in the workload namespace (no owner reference: other namespace)."""
+    meta = body["metadata"]
+    return {
+        "name": name,
+        "namespace": settings.workload_namespace,
+        "labels": labels(meta["name"], role, meta["namespace"]),
+    }
+
+
+def names_of(body: Mapping[str, Any]) -> Names:
+    return Names(body["metadata"]["name"], body["metadata"]["namespace"])
+
+
+def node_config(name: str, namespace: str, spec: WriteCacheSpec,
+                settings: OperatorSettings) -> NodeConfig:
     """The configuration every daemon of this WriteCache runs with (paths as seen in the pod)."""
     return render_node_config(
-        name, spec, mount_root=settings.mount_root, cache_dir=CACHE_DIR_IN_POD,
-        control=f"0.0.0.0:{settings.control_port}",
+        name, spec, namespace=namespace, mount_root=settings.mount_root,
+        cache_dir=CACHE_DIR_IN_POD, control=f"0.0.0.0:{settings.control_port}",
         control_token_file=f"{TOKEN_DIR}/token")
 
 
-def configmap(body: Mapping[str, Any], config: NodeConfig) -> dict[str, Any]:
-    name = body["metadata"]["name"]
+def configmap(body: Mapping[str, Any], config: NodeConfig,
+              settings: OperatorSettings) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _meta(body, names(name).configmap, "cache-node"),
+        "metadata": _workload_meta(body, names_of(body).configmap, "cache-node", settings),
         "data": {CONFIG_KEY: yaml.safe_dump(config.to_dict(), sort_keys=True)},
     }
 
 
-def control_secret(body: Mapping[str, Any], token: str) -> dict[str, Any]:
-    name = body["metadata"]["name"]
+def control_secret(body: Mapping[str, Any], token: str,
+                   settings: OperatorSettings) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": _meta(body, names(name).secret, "cache-node"),
+        "metadata": _workload_meta(body, names_of(body).secret, "cache-node", settings),
         "stringData": {"token": token},
     }
 
 
-def _credential_env(spec: WriteCacheSpec) -> list[dict[str, Any]]:
-    secret = spec.object_store.credentials_secret
-    if not secret:
+def credentials_secret(body: Mapping[str, Any], source: Mapping[str, Any],
+                       settings: OperatorSettings) -> dict[str, Any]:
+    """The workload namespace's copy of the tenant's credentials Secret (only the AWS keys,
+    still base64 as read)."""
+    data = source.get("data") or {}
+    meta = _workload_meta(body, names_of(body).credentials, "credentials", settings)
+    meta["annotations"] = {"cistern.dev/copied-from":
+                           f"{body['metadata']['namespace']}/"
+                           f"{(source.get('metadata') or {}).get('name', '')}"}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": meta,
+        "data": {k: data[k] for k in CREDENTIAL_KEYS if k in data},
+    }
+
+
+def access_policy(body: Mapping[str, Any], spec: WriteCacheSpec,
+                  selected: list[str]) -> tuple[str, str]:
+    """``(key, json)`` of this cache's entry in the ``cistern-access`` ConfigMap: its own
+    namespace, ``spec.access.namespaces`` and the namespaces its selector matched."""
+    meta = body["metadata"]
+    allowed = sorted({meta["namespace"], *spec.access.namespaces, *selected})
+    policy = {"writeCache": f"{meta['namespace']}/{meta['name']}", "namespaces": allowed}
+    return f"{names_of(body).key}.json", json.dumps(policy, sort_keys=True)
+
+
+def _credential_env(body: Mapping[str, Any], spec: WriteCacheSpec) -> list[dict[str, Any]]:
+    if not spec.object_store.credentials_secret:
         return []
+    secret = names_of(body).credentials
     return [
         {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key,
                                                       **({"optional": True} if optional else {})}}}
-        for key, optional in (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False),
-                              ("AWS_SESSION_TOKEN", True))
+        for key, optional in zip(CREDENTIAL_KEYS, (False, False, True), strict=True)
     ]
+
+
+def _no_control_plane() -> dict[str, Any]:
+    """Node affinity that keeps the daemons off control-plane nodes."""
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": key, "operator": "DoesNotExist"} for key in CONTROL_PLANE_LABELS]}]}}}
 
 
 def daemonset(body: Mapping[str, Any], spec: WriteCacheSpec, config: NodeConfig,
               settings: OperatorSettings) -> dict[str, Any]:
-    """The cache daemons: privileged for FUSE, the mount root shared Bidirectionally."""
+    """The cache daemons: privileged for FUSE, the mount root shared Bidirectionally; in the
+    workload namespace, never the tenant's."""
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
-    n = names(name)
-    pod_labels = labels(name, "cache-node")
-    selector = {LABEL_WRITECACHE: name, LABEL_ROLE: "cache-node"}
+    n = names_of(body)
+    pod_labels = labels(name, "cache-node", namespace)
+    selector = workload_selector(name, namespace, "cache-node")
     host_cache = f"{spec.cache.host_path.rstrip('/')}/{namespace}/{name}"
     grace = int(min(spec.drain.timeout, 24 * 3600)) + 30
     pod_spec: dict[str, Any] = {
@@ -163,6 +247,7 @@ def daemonset(body: Mapping[str, Any], spec: WriteCacheSpec, config: NodeConfig,
         "enableServiceLinks": False,
         "nodeSelector": dict(spec.node_selector),
         "tolerations": [dict(t) for t in spec.tolerations],
+        "affinity": _no_control_plane(),
         "containers": [{
             "name": "cache",
             "image": settings.daemon_image,
@@ -170,7 +255,7 @@ def daemonset(body: Mapping[str, Any], spec: WriteCacheSpec, config: NodeConfig,
             "command": ["cistern-node", "run", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
             "env": [{"name": "NODE_NAME",
                      "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-                    *_credential_env(spec)],
+                    *_credential_env(body, spec)],
             "ports": [{"name": "control", "containerPort": settings.control_port,
                        "protocol": "TCP"}],
             "readinessProbe": {
@@ -202,7 +287,7 @@ def daemonset(body: Mapping[str, Any], spec: WriteCacheSpec, config: NodeConfig,
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
-        "metadata": _meta(body, n.daemonset, "cache-node"),
+        "metadata": _workload_meta(body, n.daemonset, "cache-node", settings),
         "spec": {
             "selector": {"matchLabels": selector},
             "updateStrategy": {"type": "RollingUpdate",
@@ -227,17 +312,17 @@ def storage_class(body: Mapping[str, Any], spec: WriteCacheSpec) -> dict[str, An
                        "cistern.dev/writecache-namespace": meta["namespace"]},
         },
         "provisioner": CSI_DRIVER_NAME,
-        "parameters": {"writeCache": meta["name"]},
+        "parameters": {"writeCache": meta["name"], "writeCacheNamespace": meta["namespace"]},
         "reclaimPolicy": spec.csi.reclaim_policy,
         "volumeBindingMode": "WaitForFirstConsumer",
         "allowVolumeExpansion": False,
     }
 
 
-def topology_label(name: str) -> str:
-    """The node label ``csi.cistern.dev/<writecache>``: the topology key the CSI node plugin
-    reports (value ``"true"``) for a WriteCache whose cache it finds on the node."""
-    return f"{CSI_DRIVER_NAME}/{name}"
+def topology_label(name: str, namespace: str) -> str:
+    """The node label ``csi.cistern.dev/<cache-key>``: the topology key the CSI node plugin
+    reports (value ``"true"``) for a cache it finds on the node; one per namespace and name."""
+    return f"{CSI_DRIVER_NAME}/{cache_key(namespace, name)}"
 
 
 def node_matches(node: Mapping[str, Any], selector: Mapping[str, str]) -> bool:

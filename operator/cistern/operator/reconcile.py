@@ -34,6 +34,7 @@ from cistern.operator.kubeapi import (
     ApiError,
     KubeApi,
 )
+from cistern.operator.mirrors import Mirrors
 from cistern.operator.settings import OperatorSettings
 from cistern.operator.status import (
     ClusterView,
@@ -43,6 +44,7 @@ from cistern.operator.status import (
     node_summary,
     totals,
 )
+from cistern.operator.tenancy import PlacementError, check_placement
 from cistern.writecache import WriteCacheSpec, storage_class_name
 
 __all__ = ["ABANDON_ANNOTATION", "EventSink", "Problem", "Reconciler"]
@@ -96,6 +98,7 @@ class Reconciler:
         self.daemons = daemons
         self.settings = settings
         self.post_event = post_event
+        self.mirrors = Mirrors(api, settings)
 
     # ---------------------------------------------------------------- spec -> objects
 
@@ -104,9 +107,19 @@ class Reconciler:
         meta = body["metadata"]
         try:
             spec = WriteCacheSpec.from_dict(body.get("spec") or {})
-            manifests.node_config(meta["name"], spec, self.settings)
+            manifests.node_config(meta["name"], meta["namespace"], spec, self.settings)
         except ConfigError as exc:
             raise Problem("InvalidSpec", str(exc), temporary=False) from None
+        try:
+            check_placement(spec, self.settings.allowed_node_selector_keys,
+                            self.settings.forbid_control_plane)
+        except PlacementError as exc:
+            raise Problem("PlacementForbidden", str(exc), temporary=False) from None
+        if spec.drain.timeout > self.settings.max_drain_timeout:
+            raise Problem("DrainTimeoutTooLong", f"spec.drain.timeout: {spec.drain.timeout:.0f}s "
+                          f"is more than this cluster allows "
+                          f"({self.settings.max_drain_timeout:.0f}s, chart value "
+                          "drain.maxTimeout)", temporary=False)
         secret_name = spec.object_store.credentials_secret
         if secret_name:
             secret = await self.api.get(SECRETS, secret_name, meta["namespace"])
@@ -133,14 +146,22 @@ class Reconciler:
         """Create or update every owned object; returns ``{kind: created|patched|unchanged}``."""
         meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
-        config = manifests.node_config(name, spec, self.settings)
-        names = manifests.names(name)
+        workload = self.settings.workload_namespace
+        config = manifests.node_config(name, namespace, spec, self.settings)
+        names = manifests.names(name, namespace)
         results: dict[str, str] = {}
-        if await self.api.get(SECRETS, names.secret, namespace) is None:
+        if await self.api.get(SECRETS, names.secret, workload) is None:
             await self.api.create(SECRETS, manifests.control_secret(
-                body, secrets.token_urlsafe(32)), namespace)
+                body, secrets.token_urlsafe(32), self.settings), workload)
             results["Secret"] = "created"
-        results["ConfigMap"] = await self.api.apply(CONFIGMAPS, manifests.configmap(body, config))
+        copied = await self.mirrors.credentials(body, spec)
+        if copied != "unchanged":
+            results["Credentials"] = copied
+        access = await self.mirrors.access(body, spec)
+        if access != "unchanged":
+            results["AccessPolicy"] = access
+        results["ConfigMap"] = await self.api.apply(
+            CONFIGMAPS, manifests.configmap(body, config, self.settings))
         results["DaemonSet"] = await self.api.apply(
             DAEMONSETS, manifests.daemonset(body, spec, config, self.settings))
         results["StorageClass"] = await self._apply_storage_class(body, spec)
@@ -220,8 +241,8 @@ class Reconciler:
 
     async def report_applied(self, body: Mapping[str, Any], spec: WriteCacheSpec) -> None:
         meta = body["metadata"]
-        ds = await self.api.get(DAEMONSETS, manifests.names(meta["name"]).daemonset,
-                                meta["namespace"])
+        ds = await self.api.get(DAEMONSETS, manifests.names(
+            meta["name"], meta["namespace"]).daemonset, self.settings.workload_namespace)
 
         async def compute(fresh: Mapping[str, Any]) -> dict[str, Any]:
             status = fresh.get("status") or {}
@@ -240,8 +261,8 @@ class Reconciler:
     async def report_problem(self, body: Mapping[str, Any], problem: Problem) -> None:
         """Degraded with the reason; nothing owned is touched, so a working cache keeps working."""
         meta = body["metadata"]
-        ds = await self.api.get(DAEMONSETS, manifests.names(meta["name"]).daemonset,
-                                meta["namespace"])
+        ds = await self.api.get(DAEMONSETS, manifests.names(
+            meta["name"], meta["namespace"]).daemonset, self.settings.workload_namespace)
         old: dict[str, Any] = {}
 
         async def compute(fresh: Mapping[str, Any]) -> dict[str, Any]:
@@ -261,12 +282,18 @@ class Reconciler:
 
     # ---------------------------------------------------------------- daemons
 
-    async def endpoints(self, namespace: str, name: str | None = None) -> list[DaemonEndpoint]:
+    async def endpoints(self, namespace: str | None = None,
+                        name: str | None = None) -> list[DaemonEndpoint]:
+        """The daemon pods (in the workload namespace) of WriteCache ``namespace/name``, or of
+        every WriteCache when both are None."""
         selector = {manifests.LABEL_ROLE: "cache-node"}
         if name:
             selector[manifests.LABEL_WRITECACHE] = name
+        if namespace:
+            selector[manifests.LABEL_NAMESPACE] = namespace
         result = []
-        for pod in await self.api.list(PODS, namespace or None, label_selector=selector):
+        for pod in await self.api.list(PODS, self.settings.workload_namespace,
+                                       label_selector=selector):
             node = (pod.get("spec") or {}).get("nodeName")
             ip = (pod.get("status") or {}).get("podIP")
             if node and ip and not pod["metadata"].get("deletionTimestamp"):
@@ -276,19 +303,22 @@ class Reconciler:
                 result.append(DaemonEndpoint(
                     node=node, pod=pod["metadata"]["name"], host=ip,
                     port=self.settings.control_port, ready=ready,
-                    namespace=pod["metadata"].get("namespace") or namespace,
+                    namespace=pod["metadata"].get("labels", {}).get(
+                        manifests.LABEL_NAMESPACE, namespace or ""),
                     writecache=pod["metadata"].get("labels", {}).get(
                         manifests.LABEL_WRITECACHE, "")))
         return sorted(result, key=lambda e: e.node)
 
     async def daemon_nodes(self, namespace: str, name: str) -> set[str]:
         """Nodes with a daemon pod of this WriteCache in any phase."""
-        pods = await self.api.list(PODS, namespace, label_selector={
-            manifests.LABEL_ROLE: "cache-node", manifests.LABEL_WRITECACHE: name})
+        pods = await self.api.list(PODS, self.settings.workload_namespace,
+                                   label_selector=manifests.workload_selector(
+                                       name, namespace, "cache-node"))
         return {node for pod in pods if (node := (pod.get("spec") or {}).get("nodeName"))}
 
     async def control_token(self, namespace: str, name: str) -> str | None:
-        secret = await self.api.get(SECRETS, manifests.names(name).secret, namespace)
+        secret = await self.api.get(SECRETS, manifests.names(name, namespace).secret,
+                                    self.settings.workload_namespace)
         return None if secret is None else _decode_secret(secret).get("token")
 
     async def observe(self, namespace: str, name: str) -> Observed:
@@ -325,10 +355,11 @@ class Reconciler:
             return {}
         meta = fresh["metadata"]
         name, namespace = meta["name"], meta["namespace"]
+        await self._keep_in_sync(fresh)
         status = fresh.get("status") or {}
         previous_nodes = {n.get("node"): n for n in status.get("nodes") or []}
         observed = await self.observe(namespace, name)
-        drain_timeout = _drain_timeout(fresh)
+        drain_timeout = min(_drain_timeout(fresh), self.settings.max_drain_timeout)
         node_objects = {n["metadata"]["name"]: n for n in await self.api.list(NODES)}
         summaries = []
         running_nodes = set()
@@ -345,7 +376,8 @@ class Reconciler:
         await self._remove_stale_guards(fresh, running_nodes)
         await self._sync_node_labels(fresh, running_nodes, node_objects)
 
-        ds = await self.api.get(DAEMONSETS, manifests.names(name).daemonset, namespace)
+        ds = await self.api.get(DAEMONSETS, manifests.names(name, namespace).daemonset,
+                                self.settings.workload_namespace)
         desired = int(((ds or {}).get("status") or {}).get("desiredNumberScheduled") or 0)
         ready = sum(1 for s in summaries if s["phase"] not in ("Unreachable",))
         total = totals(summaries)
@@ -373,6 +405,18 @@ class Reconciler:
             return fields
 
         return await self._update_status(fresh, compute) or {}
+
+    async def _keep_in_sync(self, body: Mapping[str, Any]) -> None:
+        """The credentials copy follows its source, the access policy follows namespace labels
+        (a rolled-out spec only: an invalid or refused one keeps the last good state)."""
+        spec = WriteCacheSpec.from_dict(body.get("spec") or {}) if _valid(body) else None
+        if spec is None or (body.get("status") or {}).get("specProblem"):
+            return
+        for what, result in (("credentials", await self.mirrors.credentials(body, spec)),
+                             ("access policy", await self.mirrors.access(body, spec))):
+            if result != "unchanged":
+                logger.info("WriteCache %s/%s: %s %s", body["metadata"]["namespace"],
+                            body["metadata"]["name"], what, result)
 
     async def _advance_drain(self, body: Mapping[str, Any], endpoint: DaemonEndpoint,
                              node: Mapping[str, Any] | None,
@@ -469,12 +513,12 @@ class Reconciler:
         the daemon pods: set where a daemon pod is scheduled on a node that still matches the
         WriteCache's ``nodeSelector``, removed everywhere else.
         """
-        name = body["metadata"]["name"]
+        name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
         try:
             selector = WriteCacheSpec.from_dict(body.get("spec") or {}).node_selector
         except ConfigError:  # an invalid spec keeps the last good placement
             return
-        key = manifests.topology_label(name)
+        key = manifests.topology_label(name, namespace)
         for node_name, node in node_objects.items():
             has = (node.get("metadata", {}).get("labels") or {}).get(key) == "true"
             wants = node_name in daemon_nodes and manifests.node_matches(node, selector)
@@ -491,8 +535,10 @@ class Reconciler:
             return
         logger.info("Node %s: %s label %s", node, "set" if present else "removed", key)
 
-    async def _remove_node_labels(self, name: str) -> None:
-        key = manifests.topology_label(name)
+    async def _remove_node_labels(self, name: str, namespace: str) -> None:
+        """Remove this cache's label only: a same-named cache of another namespace keeps its
+        own (``csi.cistern.dev/<namespace>.<name>``)."""
+        key = manifests.topology_label(name, namespace)
         for node in await self.api.list(NODES):
             if key in (node.get("metadata", {}).get("labels") or {}):
                 await self._set_node_label(node["metadata"]["name"], key, False)
@@ -505,7 +551,8 @@ class Reconciler:
             return 0
         node_name = node["metadata"]["name"]
         calls = 0
-        for namespace in namespaces or [""]:
+        scopes: list[str | None] = list(namespaces) if namespaces else [None]
+        for namespace in scopes:
             for endpoint in await self.endpoints(namespace):
                 if endpoint.node != node_name:
                     continue
@@ -562,6 +609,14 @@ class Reconciler:
                 if waited >= timeout:
                     message += (f" (past the drain timeout of {timeout:.0f}s; annotate "
                                 f"{ABANDON_ANNOTATION}=true to delete without flushing)")
+                deadline = self.finalize_deadline(body)
+                if waited >= deadline:
+                    # Give up waiting (polled slowly from now on), loudly, keeping the data.
+                    await self.report_problem(body, Problem(
+                        "FinalizerTimedOut", f"deletion gave up after {deadline:.0f}s waiting "
+                        f"for the nodes to flush (unreachable or dirty daemons); the cache "
+                        f"daemons and their data stay; annotate {ABANDON_ANNOTATION}=true to "
+                        f"delete without flushing", temporary=True))
                 return message
             if observed.endpoints:
                 self.post_event(body, "Normal", "Drained",
@@ -570,11 +625,18 @@ class Reconciler:
         await self.cleanup(body)
         return None
 
+    def finalize_deadline(self, body: Mapping[str, Any]) -> float:
+        """Seconds after which a deletion stops waiting: the (bounded) drain timeout plus the
+        finalizer timeout."""
+        return min(_drain_timeout(body), self.settings.max_drain_timeout) + \
+            self.settings.finalizer_timeout
+
     async def cleanup(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
-        n = manifests.names(name)
-        await self.api.delete(DAEMONSETS, n.daemonset, namespace)
+        n = manifests.names(name, namespace)
+        workload = self.settings.workload_namespace
+        await self.api.delete(DAEMONSETS, n.daemonset, workload)
         for role in ("drain-guard",):
             for obj in await self.api.list(PDBS, namespace, label_selector={
                     manifests.LABEL_WRITECACHE: name, manifests.LABEL_ROLE: role}):
@@ -582,12 +644,22 @@ class Reconciler:
             for obj in await self.api.list(PODS, namespace, label_selector={
                     manifests.LABEL_WRITECACHE: name, manifests.LABEL_ROLE: role}):
                 await self.api.delete(PODS, obj["metadata"]["name"], namespace)
-        await self.api.delete(CONFIGMAPS, n.configmap, namespace)
-        await self.api.delete(SECRETS, n.secret, namespace)
+        await self.api.delete(CONFIGMAPS, n.configmap, workload)
+        await self.api.delete(SECRETS, n.secret, workload)
+        await self.api.delete(SECRETS, n.credentials, workload)
+        await self.mirrors.remove_access(n.key)
         await self._delete_storage_classes(body, keep=None)
-        await self._remove_node_labels(name)
+        await self._remove_node_labels(name, namespace)
         logger.info("WriteCache %s/%s: removed its daemons, StorageClass and node labels",
                     namespace, name)
+
+
+def _valid(body: Mapping[str, Any]) -> bool:
+    try:
+        WriteCacheSpec.from_dict(body.get("spec") or {})
+    except ConfigError:
+        return False
+    return True
 
 
 def _drain_timeout(body: Mapping[str, Any]) -> float:

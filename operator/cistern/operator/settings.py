@@ -46,3 +46,21 @@ class OperatorSettings:
     is tried again."""
     finalizer_poll: float = 5.0
     """Seconds between checks while a deletion waits for the nodes to drain."""
+    workload_namespace: str = "cistern-system"
+    """The operator's own namespace (the chart's): where the privileged daemons, their
+    configuration, control tokens, the copies of credentials and the access ConfigMap live.
+    Never a tenant's namespace."""
+    allowed_node_selector_keys: tuple[str, ...] | None = None
+    """Node label keys a WriteCache's ``nodeSelector`` may use; None: any (the chart always
+    sets a list)."""
+    forbid_control_plane: bool = True
+    """Refuse node selectors and tolerations aimed at control-plane nodes, and keep the
+    daemons off them with a node affinity."""
+    max_drain_timeout: float = 24 * 3600.0
+    """Upper bound of a WriteCache's ``drain.timeout``: a drain guard never holds a node longer."""
+    finalizer_timeout: float = 3600.0
+    """Seconds a deletion waits for unreachable or dirty daemons beyond the drain timeout
+    before it gives up (Degraded, an Event naming the abandon annotation), keeping the data."""
+    finalizer_gave_up_poll: float = 60.0
+    """Seconds between checks of a deletion that gave up (it still notices the abandon
+    annotation, or daemons that came back and flushed)."""

@@ -107,3 +107,30 @@ def test_bench_rejects_unknown_workloads() -> None:
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "unknown: nope" in proc.stderr
+
+
+@pytest.mark.timeout(200)
+def test_bench_s3api_workload_alone(tmp_path: Path) -> None:
+    """``--workloads s3api``: an S3Checkpoint save straight to S3 and one through a node's
+    S3 endpoint, side by side (no assertions on speed)."""
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--workloads", "s3api", "--out", str(out),
+         "--workdir", str(tmp_path / "work")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    for name in ("s3-direct", "s3-via-cistern"):
+        assert data["targets"][name]["available"], data["targets"][name]
+        assert not data["errors"][name], data["errors"][name]
+        for metric in ("s3ckpt_stall_s", "s3ckpt_durable_s"):
+            assert data["summary"][name][metric]["median"] > 0, (name, metric)
+    # Straight to S3 the client itself uploads; through the node the flusher does, once.
+    direct = data["requests"]["s3-direct"]["s3ckpt"]
+    node = data["requests"]["s3-via-cistern"]["s3ckpt"]
+    assert direct["PUT"] + direct["COMPLETE_MPU"] >= 1
+    assert node["PUT"] + node["COMPLETE_MPU"] == 1
+    assert "S3Checkpoint save (S3 API): writer stall" in (out / "results.md").read_text()

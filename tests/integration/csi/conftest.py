@@ -46,9 +46,11 @@ def require_cache_node() -> None:
 
 
 def mount_cap(mode: int = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER,
-              fs_type: str = "", flags: tuple[str, ...] = ()) -> csi_pb2.VolumeCapability:
+              fs_type: str = "", flags: tuple[str, ...] = (),
+              mount_group: str = "") -> csi_pb2.VolumeCapability:
     return csi_pb2.VolumeCapability(
-        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type, mount_flags=list(flags)),
+        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type, mount_flags=list(flags),
+                                                   volume_mount_group=mount_group),
         access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode))
 
 
@@ -232,7 +234,31 @@ def make_cache_dir(mount_root: Path) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def start_driver(short_tmp: Path, mount_root: Path) -> Iterator[Any]:
+def access_dir(short_tmp: Path) -> Path:
+    """Where the driver reads the caches' access policies (the operator's ConfigMap)."""
+    path = short_tmp / "access"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def allow(access_dir: Path) -> Iterator[Any]:
+    """Publish an access policy as the operator does: ``allow(cache_key, [namespaces])``."""
+    written: list[Path] = []
+
+    def write(key: str, namespaces: list[str], write_cache: str = "") -> None:
+        path = access_dir / f"{key}.json"
+        path.write_text(json.dumps({"writeCache": write_cache or key,
+                                    "namespaces": namespaces}))
+        written.append(path)
+
+    yield write
+    for path in written:
+        path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def start_driver(short_tmp: Path, mount_root: Path, access_dir: Path) -> Iterator[Any]:
     started: list[Driver] = []
 
     def start(mode: str = "all", node_id: str = "test-node",
@@ -243,7 +269,7 @@ def start_driver(short_tmp: Path, mount_root: Path) -> Iterator[Any]:
         process = subprocess.Popen(
             [*CSI_COMMAND, "--endpoint", f"unix://{socket}",
              "--node-id", node_id, "--mode", mode, "--mount-root", str(mount_root),
-             "--health-timeout", str(health_timeout)],
+             "--access-dir", str(access_dir), "--health-timeout", str(health_timeout)],
             stdout=log_file, stderr=subprocess.STDOUT)
         log_file.close()
         channel = grpc.insecure_channel(f"unix://{socket}")

@@ -32,14 +32,16 @@ def test_controller_capabilities(driver: Driver) -> None:
     assert csi_pb2.ControllerServiceCapability.RPC.CREATE_DELETE_VOLUME in caps
 
 
-def test_create_volume_is_named_after_the_pvc_and_idempotent(driver: Driver) -> None:
+def test_create_volume_is_named_after_the_pvc_and_idempotent(driver: Driver,
+                                                            allow: Any) -> None:
+    allow("team-a.ckpt", ["team-a"])
     params = {"writeCache": "ckpt", "csi.storage.k8s.io/pvc/name": "llama-ckpt",
               "csi.storage.k8s.io/pvc/namespace": "team-a"}
     first = create(driver, parameters=params)
     again = create(driver, parameters=params)
-    assert first.volume_id == "ckpt/team-a/llama-ckpt-1b2c3d4e"
+    assert first.volume_id == "team-a.ckpt/team-a/llama-ckpt-1b2c3d4e"
     assert again == first
-    assert dict(first.volume_context) == {"writeCache": "ckpt",
+    assert dict(first.volume_context) == {"writeCache": "ckpt", "writeCacheNamespace": "team-a",
                                           "path": "team-a/llama-ckpt-1b2c3d4e"}
     # Without PVC metadata, the CO's volume name is the directory.
     plain = create(driver, name="pvc-aaaa")
@@ -78,19 +80,20 @@ def test_create_volume_honours_topology(driver: Driver) -> None:
     here = csi_pb2.TopologyRequirement(requisite=[
         csi_pb2.Topology(segments={"csi.cistern.dev/ckpt": "true",
                                    "csi.cistern.dev/datasets": "true"})])
-    pinned = create(driver, accessibility_requirements=here)
+    pinned = create(driver, name="pvc-topo-1", accessibility_requirements=here)
     assert [dict(t.segments) for t in pinned.accessible_topology] == [
         {"csi.cistern.dev/ckpt": "true"}]
     nowhere = csi_pb2.TopologyRequirement(requisite=[
         csi_pb2.Topology(segments={"csi.cistern.dev/ckpt": "false"})])
-    assert status_code(create, driver, accessibility_requirements=nowhere) \
+    assert status_code(create, driver, name="pvc-topo-4", accessibility_requirements=nowhere) \
         == grpc.StatusCode.RESOURCE_EXHAUSTED
     # A key the CO has never seen (no node registered it yet): no pinning, or the volume
     # could never be used; the node plugin answers NOT_FOUND where the cache is missing.
     unseen = csi_pb2.TopologyRequirement(requisite=[
         csi_pb2.Topology(segments={"csi.cistern.dev/datasets": "true"})])
-    assert not create(driver, accessibility_requirements=unseen).accessible_topology
-    assert not create(driver).accessible_topology
+    assert not create(driver, name="pvc-topo-2",
+                      accessibility_requirements=unseen).accessible_topology
+    assert not create(driver, name="pvc-topo-3").accessible_topology
 
 
 def test_validate_volume_capabilities(driver: Driver) -> None:
@@ -119,11 +122,14 @@ def test_delete_volume_argument_and_absent_cases(driver: Driver) -> None:
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_provisioned_volume_lifecycle(driver: Driver, start_cache: Any, tmp_path: Path) -> None:
-    cache: CacheNode = start_cache("ckpt")
+def test_provisioned_volume_lifecycle(driver: Driver, start_cache: Any, tmp_path: Path,
+                                      allow: Any) -> None:
+    cache: CacheNode = start_cache("ml.ckpt")
+    allow("ml.ckpt", ["ml"])
     params = {"writeCache": "ckpt", "csi.storage.k8s.io/pvc/name": "run",
               "csi.storage.k8s.io/pvc/namespace": "ml"}
-    volume = create(driver, parameters=params, secrets={"token": SECRET})
+    volume = create(driver, name="pvc-1b2c3d4e-life", parameters=params,
+                    secrets={"token": SECRET})
     target = tmp_path / "pod-volume"
     driver.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
         volume_id=volume.volume_id, target_path=str(target),
@@ -151,3 +157,45 @@ def test_provisioned_volume_lifecycle(driver: Driver, start_cache: Any, tmp_path
     assert 'value: "***"' in log
     assert "Logging error" not in log and "Traceback" not in log
     assert os.path.isdir(cache.mount)
+
+
+def test_create_volume_same_name_incompatible_capacity_is_already_exists(
+        driver: Driver) -> None:
+    """csi-sanity: an existing name with a capacity that does not fit is ALREADY_EXISTS."""
+    small = csi_pb2.CapacityRange(required_bytes=1 << 30)
+    first = create(driver, name="pvc-cap-1", capacity_range=small)
+    assert create(driver, name="pvc-cap-1", capacity_range=small) == first
+    bigger = csi_pb2.CapacityRange(required_bytes=2 << 30)
+    assert status_code(create, driver, name="pvc-cap-1", capacity_range=bigger) \
+        == grpc.StatusCode.ALREADY_EXISTS
+    # Compatible: the existing 1 GiB volume fits "at most 4 GiB".
+    assert create(driver, name="pvc-cap-1", capacity_range=csi_pb2.CapacityRange(
+        limit_bytes=4 << 30)).volume_id == first.volume_id
+    assert status_code(create, driver, name="pvc-cap-1",
+                       parameters={"writeCache": "other"}) == grpc.StatusCode.ALREADY_EXISTS
+
+
+@pytest.mark.parametrize("name", ["n" * 128, "é" * 64])
+def test_create_volume_accepts_a_128_byte_name(driver: Driver, name: str) -> None:
+    volume = create(driver, name=name, parameters={
+        "writeCache": "c" * 63, "writeCacheNamespace": "n" * 63})
+    assert len(volume.volume_id.encode()) <= 128
+    assert create(driver, name=name, parameters={
+        "writeCache": "c" * 63, "writeCacheNamespace": "n" * 63}) == volume
+
+
+def test_create_volume_refuses_a_namespace_the_cache_does_not_admit(
+        driver: Driver, allow: Any) -> None:
+    allow("team-a.ckpt", ["team-a"], "team-a/ckpt")
+    params = {"writeCache": "ckpt", "writeCacheNamespace": "team-a",
+              "csi.storage.k8s.io/pvc/name": "steal", "csi.storage.k8s.io/pvc/namespace": "team-b"}
+    err = error_of(create, driver, name="pvc-steal", parameters=params)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "team-b" in err.details() and "team-a/ckpt" in err.details()
+    allow("team-a.ckpt", ["team-a", "team-b"], "team-a/ckpt")
+    assert create(driver, name="pvc-steal", parameters=params).volume_id.startswith(
+        "team-a.ckpt/team-b/steal-")
+    # A cache without a policy admits nobody.
+    err = error_of(create, driver, name="pvc-x", parameters={
+        **params, "writeCacheNamespace": "team-c"})
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -59,7 +60,9 @@ def test_publish_writes_through_to_the_object_store(driver: Driver, cache: Cache
     assert entry.root == "/team-a/run-1"
     # The volume directory was created on first use, in the cache namespace.
     assert (cache.mount / "team-a" / "run-1").is_dir()
-    assert (cache.mount / "team-a" / "run-1").stat().st_mode & 0o777 == 0o777
+    # Group-writable and setgid for the pod's fsGroup; never world-writable (issue 13).
+    assert (cache.mount / "team-a" / "run-1").stat().st_mode & 0o7777 == 0o2775
+    assert {"nosuid", "nodev"} <= entry.options
 
     (target / "step-100").mkdir()
     (target / "step-100" / "shard-0.pt").write_bytes(b"weights" * 1000)
@@ -110,19 +113,23 @@ def test_read_only_publish_refuses_writes(driver: Driver, cache: CacheNode,
         assert info.value.errno == errno.EROFS
         entry = read_mount_table().at(target)
         assert entry is not None and entry.read_only
+        assert {"nosuid", "nodev"} <= entry.options  # the read-only remount keeps them
     # The writer's mount stays writable: the read-only bind did not change the cache.
     (writer / "more.pt").write_bytes(b"y")
     for target in (writer, reader, reader_mode):
         unpublish(driver, target)
 
 
-def test_inline_ephemeral_volume_uses_its_context(driver: Driver, cache: CacheNode,
-                                                  tmp_path: Path) -> None:
+def test_inline_ephemeral_volume_uses_its_context(driver: Driver, start_cache: Any,
+                                                  allow: Any, tmp_path: Path) -> None:
+    cache: CacheNode = start_cache("team-a.ckpt")
+    allow("team-a.ckpt", ["team-a"], "team-a/ckpt")
     target = tmp_path / "inline"
     publish(driver, target, volume_id="csi-5f0c9a1e7d2b",
             volume_context={"writeCache": "ckpt", "path": "jobs/llama/ckpt",
                             "csi.storage.k8s.io/ephemeral": "true",
-                            "csi.storage.k8s.io/pod.name": "trainer-0"})
+                            "csi.storage.k8s.io/pod.name": "trainer-0",
+                            "csi.storage.k8s.io/pod.namespace": "team-a"})
     (target / "rank0.bin").write_bytes(b"r0")
     assert (cache.mount / "jobs" / "llama" / "ckpt" / "rank0.bin").read_bytes() == b"r0"
     unpublish(driver, target, "csi-5f0c9a1e7d2b")
@@ -131,25 +138,72 @@ def test_inline_ephemeral_volume_uses_its_context(driver: Driver, cache: CacheNo
     assert (cache.mount / "jobs" / "llama" / "ckpt" / "rank0.bin").exists()
 
 
-def test_a_pod_running_as_any_user_can_write(driver: Driver, cache: CacheNode,
-                                            short_tmp: Path) -> None:
+def test_inline_volume_from_another_namespace_is_denied(driver: Driver, start_cache: Any,
+                                                       allow: Any, tmp_path: Path) -> None:
+    """Issue 13: a pod in team-b names team-a's cache in an inline volume."""
+    cache: CacheNode = start_cache("team-a.ckpt")
+    (cache.mount / "secret-run").mkdir()
+    (cache.mount / "secret-run" / "weights.pt").write_bytes(b"team-a only")
+    allow("team-a.ckpt", ["team-a"], "team-a/ckpt")
+    target = tmp_path / "stolen"
+    context = {"writeCache": "ckpt", "writeCacheNamespace": "team-a", "path": "secret-run",
+               "csi.storage.k8s.io/ephemeral": "true",
+               "csi.storage.k8s.io/pod.namespace": "team-b"}
+    err = error_of(publish, driver, target, volume_id="csi-0badc0de", volume_context=context)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "'team-b'" in err.details() and "team-a/ckpt" in err.details()
+    assert read_mount_table().at(target) is None
+    # Without the pod's namespace (podInfoOnMount off) an inline volume is refused too.
+    anonymous = {k: v for k, v in context.items() if k != "csi.storage.k8s.io/pod.namespace"}
+    assert status_code(publish, driver, target, volume_id="csi-0badc0de",
+                       volume_context=anonymous) == grpc.StatusCode.PERMISSION_DENIED
+    # The same pod namespace against its own (absent) cache: no policy, no access.
+    own = {**context, "writeCacheNamespace": "team-b"}
+    assert status_code(publish, driver, target, volume_id="csi-0badc0de",
+                       volume_context=own) == grpc.StatusCode.PERMISSION_DENIED
+    # Shared on purpose: team-a's WriteCache lists team-b.
+    allow("team-a.ckpt", ["team-a", "team-b"], "team-a/ckpt")
+    publish(driver, target, volume_id="csi-0badc0de", volume_context=context)
+    assert (target / "weights.pt").read_bytes() == b"team-a only"
+    unpublish(driver, target, "csi-0badc0de")
+
+
+def test_a_pod_in_the_fs_group_can_write_others_cannot(driver: Driver, cache: CacheNode,
+                                                         short_tmp: Path) -> None:
     pod_dir = short_tmp / "pod-nonroot"
     pod_dir.mkdir()
     pod_dir.chmod(0o755)
     short_tmp.chmod(0o755)
     target = pod_dir / "volume"
-    publish(driver, target, volume_id="ckpt/shared/run-9")
+    fs_group = 2345
+    publish(driver, target, volume_id="ckpt/shared/run-9",
+            volume_capability=mount_cap(mount_group=str(fs_group)))
     try:
-        script = ("import os; os.setgid(65534); os.setuid(65534); "
-                  f"open({str(target / 'rank1.bin')!r}, 'wb').write(b'from nobody')")
-        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                                timeout=30)
+        volume_dir = cache.mount / "shared" / "run-9"
+        assert volume_dir.stat().st_gid == fs_group
+        assert volume_dir.stat().st_mode & 0o7777 == 0o2775
+
+        def write_as(groups: list[int], name: str) -> subprocess.CompletedProcess[str]:
+            script = (f"import os; os.setgroups({groups}); os.setgid(65534); os.setuid(65534); "
+                      f"open({str(target / name)!r}, 'wb').write(b'from nobody')")
+            return subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                  text=True, timeout=30)
+
+        result = write_as([fs_group], "rank1.bin")  # a pod with fsGroup 2345
         assert result.returncode == 0, result.stderr
-        written = cache.mount / "shared" / "run-9" / "rank1.bin"
+        written = volume_dir / "rank1.bin"
         assert written.read_bytes() == b"from nobody"
         assert written.stat().st_uid == 65534
+        refused = write_as([], "intruder.bin")  # same uid, not in the group
+        assert refused.returncode != 0 and "Permission denied" in refused.stderr
     finally:
         unpublish(driver, target, "ckpt/shared/run-9")
+
+
+def test_bad_mount_group_is_invalid(driver: Driver, cache: CacheNode, tmp_path: Path) -> None:
+    assert status_code(publish, driver, tmp_path / "t", volume_id="ckpt/g",
+                       volume_capability=mount_cap(mount_group="wheel")) \
+        == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_volume_stats_report_bytes_and_inodes(driver: Driver, cache: CacheNode,
@@ -239,3 +293,26 @@ def test_concurrent_calls_on_one_target_are_aborted(start_driver: Any, cache: Ca
         cache.process.send_signal(signal.SIGCONT)
     publish(driver, target)  # with the daemon back, the same call succeeds
     unpublish(driver, target)
+
+
+def test_setuid_from_the_bucket_never_reaches_a_read_only_publish(
+        driver: Driver, cache: CacheNode, tmp_path: Path) -> None:
+    """Issue 13: whoever can write the bucket plants a setuid-root file; a pod reading the
+    volume read-only must get neither the bit nor a mount that would honour it."""
+    planted = cache.store / "planted" / "su"
+    planted.parent.mkdir()
+    planted.write_bytes(b"#!/bin/sh\nid\n")
+    os.chown(planted, 0, 0)
+    planted.chmod(0o6755)  # the file:// store's metadata is the file's own mode
+    target = tmp_path / "ro"
+    publish(driver, target, volume_id="ckpt/planted", readonly=True)
+    try:
+        assert (target / "su").read_bytes() == b"#!/bin/sh\nid\n"  # fetched: metadata applied
+        mode = (target / "su").stat().st_mode
+        assert mode & (stat.S_ISUID | stat.S_ISGID) == 0, oct(mode)
+        assert mode & 0o777 == 0o755  # the rest of the mode is kept
+        for point in (target, cache.mount):
+            entry = read_mount_table().at(point)
+            assert entry is not None and {"nosuid", "nodev"} <= entry.options, (point, entry)
+    finally:
+        unpublish(driver, target, "ckpt/planted")

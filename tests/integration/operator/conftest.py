@@ -38,10 +38,13 @@ from cistern.operator.handlers import build_registry
 from cistern.operator.kubeapi import DAEMONSETS, PODS, Credentials, KubeApi
 from cistern.operator.kubeapi import NODES as NODE_RESOURCE
 from cistern.operator.settings import OperatorSettings
+from cistern.writecache import cache_key
 from support.s3server import free_port
 from support.wait import async_wait_until
 
 NAMESPACE = "ml"
+#: The operator's own namespace: the privileged daemons and their objects live here.
+WORKLOAD = "cistern-system"
 NODES = ("node-a", "node-b")
 
 
@@ -49,7 +52,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     """KMock's emulator plus the metadata the API server stamps on every object."""
 
     _versions = itertools.count(1000)
-    namespaces: tuple[str, ...] = (NAMESPACE,)
+    #: Namespaces and their labels, as ``GET /api/v1/namespaces`` lists them.
+    namespaces: dict[str, dict[str, str]] = {  # noqa: RUF012 - a test double's table
+        NAMESPACE: {}, WORKLOAD: {}, "team-b": {"cistern.dev/share": "ckpt"}}
 
     async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse:
         # KMock 0.8 cannot parse the namespace list URL itself (it reads "namespaces" as the
@@ -60,8 +65,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def _serve_namespaces(self, raw_request: web.BaseRequest) -> web.StreamResponse:
         items = [{"apiVersion": "v1", "kind": "Namespace",
-                  "metadata": {"name": name, "uid": name, "resourceVersion": "1"}}
-                 for name in self.namespaces]
+                  "metadata": {"name": name, "uid": name, "resourceVersion": "1",
+                               "labels": labels}}
+                 for name, labels in self.namespaces.items()]
         if raw_request.query.get("watch") != "true":
             return web.json_response({"apiVersion": "v1", "kind": "NamespaceList",
                                       "metadata": {"resourceVersion": "1"}, "items": items})
@@ -250,25 +256,30 @@ class Cluster:
                 if r.method in ("POST", "PATCH", "DELETE", "PUT")
                 and r.resource is not None and r.resource.plural == resource]
 
-    async def schedule_daemons(self, name: str, nodes: tuple[str, ...] = NODES) -> None:
-        """Play the DaemonSet controller: one ready daemon pod per node, DS status updated."""
-        ds = await self.api.get(DAEMONSETS, f"cistern-{name}", NAMESPACE)
+    async def schedule_daemons(self, name: str, nodes: tuple[str, ...] = NODES,
+                               namespace: str = NAMESPACE) -> None:
+        """Play the DaemonSet controller: one ready daemon pod per node, DS status updated.
+
+        The DaemonSet of WriteCache ``namespace/name`` lives in the operator's namespace."""
+        ds_name = f"cistern-{cache_key(namespace, name)}"
+        ds = await self.api.get(DAEMONSETS, ds_name, WORKLOAD)
         assert ds is not None
         labels = ds["spec"]["template"]["metadata"]["labels"]
+        prefix = name if namespace == NAMESPACE else f"{namespace}-{name}"
         for node in nodes:
             daemon = self.daemons[node]
             await self.api.create(PODS, {
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": f"cistern-{name}-{node}", "namespace": NAMESPACE,
+                "metadata": {"name": f"cistern-{prefix}-{node}", "namespace": WORKLOAD,
                              "labels": labels},
                 "spec": {"nodeName": node, "containers": []},
                 "status": {"phase": "Running", "podIP": daemon.host,
                            "conditions": [{"type": "Ready", "status": "True"}]},
-            }, NAMESPACE)
-        await self.api.patch(DAEMONSETS, f"cistern-{name}", {"status": {
+            }, WORKLOAD)
+        await self.api.patch(DAEMONSETS, ds_name, {"status": {
             "desiredNumberScheduled": len(nodes), "numberReady": len(nodes),
             "updatedNumberScheduled": len(nodes),
-            "observedGeneration": ds["metadata"].get("generation", 1)}}, NAMESPACE,
+            "observedGeneration": ds["metadata"].get("generation", 1)}}, WORKLOAD,
             subresource="status")
 
 

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from cistern.csi.cli import parse_settings
-from cistern.operator.cli import parse_args
+from cistern.operator.cli import parse_args, settings_from_args
 from cistern.operator.crdschema import crd_validator
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -41,6 +41,8 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
     "imagePullSecrets": [{"name": "regcred"}],
     "mountRoot": "/mnt/cistern/mounts",
     "kubeletDir": "/var/lib/k0s/kubelet",
+    "tenancy": {"allowedNodeSelectorKeys": [], "allowControlPlane": True},
+    "drain": {"maxTimeoutSeconds": 7200, "finalizerTimeoutSeconds": 600},
     "operator": {"replicas": 2, "standalone": False, "watchNamespaces": ["ml", "research"],
                  "statusInterval": 5, "logFormat": "plain", "verbose": True,
                  "checkBucket": False, "nodeSelector": {"node-role": "infra"},
@@ -150,6 +152,7 @@ def test_default_render_is_complete_and_valid(helm: Path, tmp_path: Path) -> Non
     driver = find(docs, "CSIDriver")
     assert driver["metadata"]["name"] == "csi.cistern.dev"
     assert driver["spec"] == {"attachRequired": False, "podInfoOnMount": True,
+                              "fsGroupPolicy": "File",
                               "volumeLifecycleModes": ["Persistent", "Ephemeral"]}
 
     # Distributed provisioning (the default): the provisioner is a sidecar of the node plugin,
@@ -205,6 +208,19 @@ def test_default_render_is_complete_and_valid(helm: Path, tmp_path: Path) -> Non
     assert args.mount_root == "/var/lib/cistern/mounts"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert "privileged" not in container["securityContext"]
+    # Tenancy limits reach the operator (issue 13).
+    assert args.workload_namespace == "$(POD_NAMESPACE)"
+    assert {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {
+        "fieldPath": "metadata.namespace"}}} in container["env"]
+    assert "cistern.dev/cache-node" in args.allowed_node_selector_keys
+    assert not args.allow_control_plane
+    assert args.max_drain_timeout == 86400 and args.finalizer_timeout == 3600
+    # The node plugin reads the access policies root-only and keeps its volume registry.
+    assert (settings.access_dir, settings.state_file) == ("/etc/cistern/access",
+                                                          "/csi/volumes.json")
+    access = next(v for v in node["volumes"] if v["name"] == "access")
+    assert access["configMap"] == {"name": "cistern-access", "optional": True,
+                                   "defaultMode": 0o400}
 
 
 def test_operator_rbac_is_least_privilege(helm: Path, tmp_path: Path) -> None:
@@ -219,6 +235,22 @@ def test_operator_rbac_is_least_privilege(helm: Path, tmp_path: Path) -> None:
     assert granted[("cistern.dev", "writecaches/status")] == {"get", "patch"}
     assert not any("*" in verbs for verbs in granted.values())
     assert not any(resource == "*" for _, resource in granted)
+    # In tenants' namespaces: nothing privileged can be created, Secrets are only read.
+    tenant = {(group, resource): set(rule["verbs"])
+              for rule in find(docs, "ClusterRole", "-operator-namespaced")["rules"]
+              for group in rule["apiGroups"] for resource in rule["resources"]}
+    assert ("apps", "daemonsets") not in tenant and ("", "configmaps") not in tenant
+    assert tenant[("", "secrets")] == {"get"}
+    # The privileged objects: a Role in the release namespace only.
+    role = find(docs, "Role", "-operator-workloads")
+    assert role["metadata"]["namespace"] == "cistern-system"
+    workload = {(group, resource): set(rule["verbs"]) for rule in role["rules"]
+                for group in rule["apiGroups"] for resource in rule["resources"]}
+    assert "create" in workload[("apps", "daemonsets")]
+    assert "create" in workload[("", "secrets")]
+    assert "list" not in workload[("", "secrets")]  # no role lists Secrets
+    binding = find(docs, "RoleBinding", "-operator-workloads")
+    assert binding["metadata"]["namespace"] == "cistern-system"
 
 
 def test_custom_values_render_and_validate(helm: Path, tmp_path: Path) -> None:
@@ -237,6 +269,10 @@ def test_custom_values_render_and_validate(helm: Path, tmp_path: Path) -> None:
     assert args.namespace == ["ml", "research"] and not args.standalone
     assert args.daemon_image == "registry.example.com/cistern:1.2.3"
     assert args.no_bucket_check and args.verbose and args.status_interval == 5
+    tenancy = settings_from_args(args)
+    assert tenancy.allowed_node_selector_keys == ()  # [] in values: no nodeSelector at all
+    assert not tenancy.forbid_control_plane
+    assert (tenancy.max_drain_timeout, tenancy.finalizer_timeout) == (7200, 600)
     assert spec["imagePullSecrets"] == [{"name": "regcred"}]
     assert spec["nodeSelector"] == {"node-role": "infra"}
     assert operator["spec"]["replicas"] == 2

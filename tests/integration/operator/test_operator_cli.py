@@ -14,7 +14,7 @@ import yaml
 
 from cistern.operator.kubeapi import DAEMONSETS, WRITECACHES
 
-from .conftest import NAMESPACE, Cluster, wait_for
+from .conftest import NAMESPACE, WORKLOAD, Cluster, wait_for
 
 pytestmark = [pytest.mark.timeout(90)]
 
@@ -50,7 +50,7 @@ async def test_operator_process_uses_kubeconfig(cluster: Cluster, tmp_path: Path
             "apiVersion": "cistern.dev/v1alpha1", "kind": "WriteCache",
             "metadata": {"name": "ckpt", "namespace": NAMESPACE},
             "spec": {"objectStore": {"bucket": "training-ckpt"}}}, NAMESPACE)
-        ds = await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE),
+        ds = await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD),
                             timeout=30, what="the DaemonSet from the operator process")
         assert ds["spec"]["template"]["spec"]["containers"][0]["image"] == \
             "example.com/cistern:9"

@@ -17,7 +17,7 @@ from cistern.operator.kubeapi import (
     WRITECACHES,
 )
 
-from .conftest import NAMESPACE, Cluster, operator_settings, running_operator, wait_for
+from .conftest import NAMESPACE, WORKLOAD, Cluster, operator_settings, running_operator, wait_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
 
@@ -35,9 +35,9 @@ def writecache(drain_timeout: str = "10m") -> dict[str, Any]:
 async def deploy(cluster: Cluster, drain_timeout: str = "10m") -> str:
     """A running WriteCache with daemons on both nodes; returns the control token."""
     await cluster.api.create(WRITECACHES, writecache(drain_timeout), NAMESPACE)
-    await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE),
+    await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD),
                    what="the DaemonSet")
-    secret = await wait_for(lambda: cluster.api.get(SECRETS, "cistern-ckpt-control", NAMESPACE))
+    secret = await wait_for(lambda: cluster.api.get(SECRETS, "cistern-ml.ckpt-control", WORKLOAD))
     token = base64.b64decode(secret["data"]["token"]).decode()
     for daemon in cluster.daemons.values():
         daemon.token = token
@@ -195,11 +195,11 @@ async def test_delete_waits_for_every_node_to_flush(cluster: Cluster) -> None:
         wc = cluster.writecache("ckpt")
         assert wc is not None and wc["metadata"].get("deletionTimestamp")
         assert "cistern.dev/finalizer" in wc["metadata"]["finalizers"]
-        assert await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE) is not None
+        assert await cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD) is not None
 
         daemon_a.update(dirty_bytes=0, state="drained")
         await wait_for(lambda: cluster.writecache("ckpt") is None, what="the WriteCache gone")
-        assert await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE) is None
+        assert await cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD) is None
         assert cluster.obj("storage.k8s.io/v1/storageclasses", "cistern-ckpt", None) is None
         assert await cluster.api.get(PDBS, GUARD_A, NAMESPACE) is None
         assert await wait_for(lambda: cluster.events("Drained"))
@@ -218,7 +218,7 @@ async def test_delete_with_abandon_annotation_skips_the_flush(cluster: Cluster) 
         assert not cluster.daemons["node-a"].posts("/drain")
         events = await wait_for(lambda: cluster.events("DirtyDataAbandoned"))
         assert "7Mi" in events[0]["message"]
-        assert await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE) is None
+        assert await cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD) is None
 
 
 async def test_guard_follows_the_daemon_pods(cluster: Cluster) -> None:
@@ -226,16 +226,39 @@ async def test_guard_follows_the_daemon_pods(cluster: Cluster) -> None:
         await deploy(cluster)
         # A daemon pod being replaced keeps its guard ...
         await cluster.api.patch(PODS, "cistern-ckpt-node-b", {"metadata": {
-            "finalizers": ["test/terminating"]}}, NAMESPACE)
-        await cluster.api.delete(PODS, "cistern-ckpt-node-b", NAMESPACE)
-        terminating = await cluster.api.get(PODS, "cistern-ckpt-node-b", NAMESPACE)
+            "finalizers": ["test/terminating"]}}, WORKLOAD)
+        await cluster.api.delete(PODS, "cistern-ckpt-node-b", WORKLOAD)
+        terminating = await cluster.api.get(PODS, "cistern-ckpt-node-b", WORKLOAD)
         assert terminating is not None and terminating["metadata"]["deletionTimestamp"]
         await cluster.daemons["node-a"].polled(3)  # refreshes that see the terminating pod
         assert await cluster.api.get(PDBS, GUARD_B, NAMESPACE) is not None
         # ... a node that no longer runs a daemon (nodeSelector changed) loses it.
         await cluster.api.patch(PODS, "cistern-ckpt-node-b", {"metadata": {"finalizers": []}},
-                                NAMESPACE)
-        assert await cluster.api.get(PODS, "cistern-ckpt-node-b", NAMESPACE) is None
+                                WORKLOAD)
+        assert await cluster.api.get(PODS, "cistern-ckpt-node-b", WORKLOAD) is None
         await wait_for(lambda: _gone(cluster, PDBS, GUARD_B), what="node-b's guard removed")
         assert await cluster.api.get(PODS, GUARD_B, NAMESPACE) is None
         assert await cluster.api.get(PDBS, GUARD_A, NAMESPACE) is not None
+
+
+async def test_finalizer_gives_up_with_degraded_and_an_event(cluster: Cluster) -> None:
+    """Issue 13: an unreachable or dirty daemon must not hold a deletion for ever."""
+    settings = operator_settings(cluster, finalizer_timeout=0.5, finalizer_gave_up_poll=0.5)
+    async with running_operator(cluster, settings):
+        await deploy(cluster, drain_timeout="1s")
+        cluster.daemons["node-a"].state["dirty_bytes"] = 5 * 2**20
+        await cluster.api.delete(WRITECACHES, "ckpt", NAMESPACE)
+        degraded = await wait_for(lambda: _condition(cluster, "Degraded", "True"),
+                                  what="Degraded after the finalizer timeout")
+        assert degraded["reason"] == "FinalizerTimedOut"
+        assert "cistern.dev/abandon-dirty-data" in degraded["message"]
+        events = await wait_for(lambda: cluster.events("FinalizerTimedOut"))
+        assert "cistern.dev/abandon-dirty-data=true" in events[0]["message"]
+        # Gave up waiting, not on the data: the cache stays until the annotation says so.
+        wc = cluster.writecache("ckpt")
+        assert wc is not None and "cistern.dev/finalizer" in wc["metadata"]["finalizers"]
+        assert await cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD) is not None
+        await cluster.api.patch(WRITECACHES, "ckpt", {"metadata": {"annotations": {
+            "cistern.dev/abandon-dirty-data": "true"}}}, NAMESPACE)
+        await wait_for(lambda: cluster.writecache("ckpt") is None, what="the WriteCache gone")
+        assert await cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD) is None

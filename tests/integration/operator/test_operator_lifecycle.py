@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+import kmock
 import pytest
 import yaml
 
@@ -12,7 +14,7 @@ from cistern.config import NodeConfig
 from cistern.operator.kubeapi import CONFIGMAPS, DAEMONSETS, SECRETS, WRITECACHES
 from support.s3server import MotoServer, free_port
 
-from .conftest import NAMESPACE, Cluster, operator_settings, running_operator, wait_for
+from .conftest import NAMESPACE, WORKLOAD, Cluster, operator_settings, running_operator, wait_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
 
@@ -40,13 +42,15 @@ async def test_create_renders_daemonset_configmap_storageclass(cluster: Cluster)
     await create_credentials(cluster)
     async with running_operator(cluster, operator_settings(cluster)):
         await cluster.api.create(WRITECACHES, writecache(), NAMESPACE)
-        ds = await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE),
+        ds = await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD),
                             what="the DaemonSet")
-        wc = cluster.writecache("ckpt")
-        assert wc is not None
-        owner = ds["metadata"]["ownerReferences"][0]
-        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
-            "WriteCache", "ckpt", wc["metadata"]["uid"], True)
+        # Privileged pods run in the operator's namespace, never in the tenant's (issue 13);
+        # an owner reference cannot cross namespaces, so labels say whose they are.
+        assert "ownerReferences" not in ds["metadata"]
+        assert ds["metadata"]["labels"]["cistern.dev/writecache"] == "ckpt"
+        assert ds["metadata"]["labels"]["cistern.dev/writecache-namespace"] == NAMESPACE
+        assert not [d for d in cluster.kmock.objects
+                    if d[0] == kmock.resource("apps/v1/daemonsets") and d[1] == NAMESPACE]
 
         pod = ds["spec"]["template"]["spec"]
         container = pod["containers"][0]
@@ -62,13 +66,19 @@ async def test_create_renders_daemonset_configmap_storageclass(cluster: Cluster)
         assert volumes["cache"]["hostPath"]["path"] == "/var/lib/cistern/cache/ml/ckpt"
         env = {e["name"]: e for e in container["env"]}
         assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
-            "name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}
+            "name": "cistern-ml.ckpt-credentials", "key": "AWS_SECRET_ACCESS_KEY"}
+        copied = await cluster.api.get(SECRETS, "cistern-ml.ckpt-credentials", WORKLOAD)
+        source = await cluster.api.get(SECRETS, "s3-creds", NAMESPACE)
+        assert copied is not None and source is not None and copied["data"] == source["data"]
+        access = await wait_for(lambda: cluster.api.get(CONFIGMAPS, "cistern-access", WORKLOAD))
+        assert json.loads(access["data"]["ml.ckpt.json"]) == {
+            "writeCache": "ml/ckpt", "namespaces": ["ml"]}
 
-        cm = await wait_for(lambda: cluster.api.get(CONFIGMAPS, "cistern-ckpt-config",
-                                                    NAMESPACE), what="the ConfigMap")
+        cm = await wait_for(lambda: cluster.api.get(CONFIGMAPS, "cistern-ml.ckpt-config",
+                                                    WORKLOAD), what="the ConfigMap")
         config = NodeConfig.from_dict(yaml.safe_load(cm["data"]["node.yaml"]))
         assert config.store.url == "s3://training-ckpt/run1"
-        assert config.mount == "/var/lib/cistern/mounts/ckpt"
+        assert config.mount == "/var/lib/cistern/mounts/ml.ckpt"
         assert config.flush.upload_delay == 2.0
         assert config.control == f"0.0.0.0:{cluster.control_port}"
         assert config.control_token_file == "/etc/cistern-control/token"
@@ -77,7 +87,7 @@ async def test_create_renders_daemonset_configmap_storageclass(cluster: Cluster)
         sc = await wait_for(lambda: cluster.obj("storage.k8s.io/v1/storageclasses",
                                                 "cistern-ckpt", None), what="the StorageClass")
         assert sc["provisioner"] == "csi.cistern.dev"
-        assert sc["parameters"] == {"writeCache": "ckpt"}
+        assert sc["parameters"] == {"writeCache": "ckpt", "writeCacheNamespace": "ml"}
         assert sc["reclaimPolicy"] == "Delete"
 
         status = await wait_for(lambda: _status_with(cluster, "observedGeneration"),
@@ -98,7 +108,7 @@ async def test_spec_change_rolls_out_and_unchanged_spec_writes_nothing(cluster: 
     await create_credentials(cluster)
     async with running_operator(cluster, operator_settings(cluster)):
         await cluster.api.create(WRITECACHES, writecache(), NAMESPACE)
-        ds = await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE))
+        ds = await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD))
         old_hash = ds["spec"]["template"]["metadata"]["annotations"]["cistern.dev/config-hash"]
         await cluster.schedule_daemons("ckpt")
         await wait_for(lambda: _condition_is(cluster, "Ready", "True"), what="Ready")
@@ -115,14 +125,14 @@ async def test_spec_change_rolls_out_and_unchanged_spec_writes_nothing(cluster: 
             "resources": {"requests": {"cpu": "2", "memory": "4Gi"}}}}, NAMESPACE)
 
         async def rolled() -> dict[str, Any] | None:
-            ds = await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE)
+            ds = await cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD)
             annotations = ds["spec"]["template"]["metadata"]["annotations"]
             return ds if annotations["cistern.dev/config-hash"] != old_hash else None
 
         ds = await wait_for(rolled, what="a new config hash in the pod template")
         assert ds["spec"]["template"]["spec"]["containers"][0]["resources"] == {
             "requests": {"cpu": "2", "memory": "4Gi"}}
-        cm = await cluster.api.get(CONFIGMAPS, "cistern-ckpt-config", NAMESPACE)
+        cm = await cluster.api.get(CONFIGMAPS, "cistern-ml.ckpt-config", WORKLOAD)
         config = NodeConfig.from_dict(yaml.safe_load(cm["data"]["node.yaml"]))
         assert config.flush.upload_delay == 5.0
         assert config.flush.max_bytes_per_second == 200 * 2**20
@@ -153,27 +163,27 @@ async def test_invalid_spec_is_degraded_and_never_tears_down(cluster: Cluster) -
         degraded = await wait_for(lambda: _condition_is(cluster, "Degraded", "True", "broken"))
         assert degraded["reason"] == "InvalidSpec"
         assert "lowWatermark" in degraded["message"]
-        assert await cluster.api.get(DAEMONSETS, "cistern-broken", NAMESPACE) is None
+        assert await cluster.api.get(DAEMONSETS, "cistern-ml.broken", WORKLOAD) is None
         assert await wait_for(lambda: cluster.events("InvalidSpec"))
 
         # A working cache, then a bad update: the daemons keep the old configuration.
         await cluster.api.create(WRITECACHES, writecache(), NAMESPACE)
-        ds = await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE))
-        cm = await wait_for(lambda: cluster.api.get(CONFIGMAPS, "cistern-ckpt-config",
-                                                    NAMESPACE))
+        ds = await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD))
+        cm = await wait_for(lambda: cluster.api.get(CONFIGMAPS, "cistern-ml.ckpt-config",
+                                                    WORKLOAD))
         await cluster.api.patch(WRITECACHES, "ckpt", {"spec": {"flush": {"partSize": "1Mi"}}},
                                 NAMESPACE)
         degraded = await wait_for(lambda: _condition_is(cluster, "Degraded", "True"))
         assert degraded["reason"] == "InvalidSpec"
         assert "partSize" in degraded["message"]
-        assert await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE) == ds
-        assert (await cluster.api.get(CONFIGMAPS, "cistern-ckpt-config", NAMESPACE)) == cm
+        assert await cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD) == ds
+        assert (await cluster.api.get(CONFIGMAPS, "cistern-ml.ckpt-config", WORKLOAD)) == cm
 
         # Fixing the spec clears Degraded and rolls out.
         await cluster.api.patch(WRITECACHES, "ckpt", {"spec": {"flush": {"partSize": "32Mi"}}},
                                 NAMESPACE)
         await wait_for(lambda: _condition_is(cluster, "Degraded", "False"))
-        cm = await cluster.api.get(CONFIGMAPS, "cistern-ckpt-config", NAMESPACE)
+        cm = await cluster.api.get(CONFIGMAPS, "cistern-ml.ckpt-config", WORKLOAD)
         assert NodeConfig.from_dict(yaml.safe_load(cm["data"]["node.yaml"])).flush.part_size \
             == 32 * 2**20
 
@@ -184,9 +194,9 @@ async def test_missing_secret_is_degraded_until_it_appears(cluster: Cluster) -> 
         degraded = await wait_for(lambda: _condition_is(cluster, "Degraded", "True"))
         assert degraded["reason"] == "SecretNotFound"
         assert "ml/s3-creds" in degraded["message"]
-        assert await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE) is None
+        assert await cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD) is None
         await create_credentials(cluster)
-        await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE),
+        await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD),
                        what="the DaemonSet after the Secret appeared")
         await wait_for(lambda: _condition_is(cluster, "Degraded", "False"))
 
@@ -207,10 +217,10 @@ async def test_unreachable_or_missing_bucket_is_degraded(cluster: Cluster) -> No
             assert degraded["reason"] == "BucketNotFound"
             assert "training-ckpt" in degraded["message"]
             assert "testing" not in degraded["message"]  # no credentials in status
-            assert await cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE) is None
+            assert await cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD) is None
 
             await asyncio.to_thread(s3.client().create_bucket, Bucket="training-ckpt")
-            await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE),
+            await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD),
                            what="the rollout once the bucket exists")
             await wait_for(lambda: _condition_is(cluster, "Degraded", "False"))
 
@@ -220,5 +230,5 @@ async def test_unreachable_or_missing_bucket_is_degraded(cluster: Cluster) -> No
                 "endpoint": dead}}}, NAMESPACE)
             degraded = await wait_for(lambda: _condition_is(cluster, "Degraded", "True"))
             assert degraded["reason"] == "BucketUnreachable"
-            cm = await cluster.api.get(CONFIGMAPS, "cistern-ckpt-config", NAMESPACE)
+            cm = await cluster.api.get(CONFIGMAPS, "cistern-ml.ckpt-config", WORKLOAD)
             assert s3.endpoint in cm["data"]["node.yaml"]

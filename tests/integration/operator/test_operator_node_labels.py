@@ -8,11 +8,11 @@ import pytest
 
 from cistern.operator.kubeapi import DAEMONSETS, NODES, PODS, WRITECACHES
 
-from .conftest import NAMESPACE, Cluster, operator_settings, running_operator, wait_for
+from .conftest import NAMESPACE, WORKLOAD, Cluster, operator_settings, running_operator, wait_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
 
-LABEL = "csi.cistern.dev/ckpt"
+LABEL = "csi.cistern.dev/ml.ckpt"
 SELECTOR = {"cistern.dev/nvme": "true"}
 
 
@@ -44,7 +44,7 @@ async def test_nodes_running_the_cache_are_labelled_and_unlabelled(cluster: Clus
                                      "spec": {}})
     async with running_operator(cluster, operator_settings(cluster)):
         await cluster.api.create(WRITECACHES, writecache(), NAMESPACE)
-        await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE),
+        await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD),
                        what="the DaemonSet")
         await cluster.schedule_daemons("ckpt")
 
@@ -67,7 +67,7 @@ async def test_nodes_running_the_cache_are_labelled_and_unlabelled(cluster: Clus
         # pod is gone for good, unlabelled.
         await cluster.api.patch(NODES, "node-b", {"metadata": {"labels": SELECTOR}})
         await wait_for(both, what="node-b labelled again")
-        await cluster.api.delete(PODS, "cistern-ckpt-node-b", NAMESPACE)
+        await cluster.api.delete(PODS, "cistern-ckpt-node-b", WORKLOAD)
         await wait_for(only_a, what="node-b's label removed with its daemon")
         # Other labels are untouched.
         assert (await node_labels(cluster, "node-b"))["kubernetes.io/hostname"] == "node-b"

@@ -21,7 +21,7 @@ from cistern.config import NodeConfig
 from cistern.operator.kubeapi import CONFIGMAPS, DAEMONSETS, NODES, PDBS, PODS, SECRETS, WRITECACHES
 from support.s3server import TEST_CREDENTIALS, MotoServer
 
-from .conftest import NAMESPACE, Cluster, operator_settings, running_operator, wait_for
+from .conftest import NAMESPACE, WORKLOAD, Cluster, operator_settings, running_operator, wait_for
 
 pytestmark = [
     pytest.mark.asyncio,
@@ -60,11 +60,11 @@ async def test_cordon_drains_a_real_daemon_to_s3(cluster: Cluster, tmp_path: Pat
                                          "credentialsSecretRef": {"name": "s3-creds"}},
                          "flush": {"uploadDelay": "1h"},  # stays dirty until the drain
                          "drain": {"timeout": "5m"}}}, NAMESPACE)
-            cm = await wait_for(lambda: cluster.api.get(CONFIGMAPS, "cistern-ckpt-config",
-                                                        NAMESPACE), what="the ConfigMap")
-            secret = await wait_for(lambda: cluster.api.get(SECRETS, "cistern-ckpt-control",
-                                                            NAMESPACE))
-            ds = await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ckpt", NAMESPACE))
+            cm = await wait_for(lambda: cluster.api.get(CONFIGMAPS, "cistern-ml.ckpt-config",
+                                                        WORKLOAD), what="the ConfigMap")
+            secret = await wait_for(lambda: cluster.api.get(SECRETS, "cistern-ml.ckpt-control",
+                                                            WORKLOAD))
+            ds = await wait_for(lambda: cluster.api.get(DAEMONSETS, "cistern-ml.ckpt", WORKLOAD))
 
             # The pod would mount the ConfigMap and the token; here the same files live in
             # tmp_path, and only the pod-local paths and the pod IP differ.
@@ -77,8 +77,9 @@ async def test_cordon_drains_a_real_daemon_to_s3(cluster: Cluster, tmp_path: Pat
                 control_token_file=str(token_file))
             (tmp_path / "node.yaml").write_text(yaml.safe_dump(local.to_dict()))
             mount = Path(rendered.mount)
-            assert mount == mount_root / "ckpt"
-            mount.mkdir(parents=True, exist_ok=True)
+            assert mount == mount_root / "ml.ckpt"
+            # Only the DaemonSet's hostPath volume (the root) exists; the daemon makes the rest.
+            mount_root.mkdir()
             env = {**os.environ, **TEST_CREDENTIALS}
             daemon = await asyncio.create_subprocess_exec(
                 "cistern-node", "run", "--config", str(tmp_path / "node.yaml"),
@@ -88,12 +89,12 @@ async def test_cordon_drains_a_real_daemon_to_s3(cluster: Cluster, tmp_path: Pat
                 await wait_for(lambda: _mounted(mount), timeout=30, what="the FUSE mount")
                 await cluster.api.create(PODS, {
                     "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": "cistern-ckpt-node-a", "namespace": NAMESPACE,
+                    "metadata": {"name": "cistern-ckpt-node-a", "namespace": WORKLOAD,
                                  "labels": ds["spec"]["template"]["metadata"]["labels"]},
                     "spec": {"nodeName": "node-a", "containers": []},
                     "status": {"phase": "Running", "podIP": DAEMON_HOST,
                                "conditions": [{"type": "Ready", "status": "True"}]},
-                }, NAMESPACE)
+                }, WORKLOAD)
                 guard = "cistern-guard-ckpt-node-a"
                 await wait_for(lambda: cluster.api.get(PDBS, guard, NAMESPACE), what="guard")
 

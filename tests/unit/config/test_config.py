@@ -150,12 +150,14 @@ def test_a_full_config_round_trips() -> None:
                       "maxRequestsPerSecond": 100, "evacuationBytesPerSecond": 10**9,
                       "commitMarkers": ["DONE"], "streaming": False,
                       "streamExclude": ["*.staging"], "maxConcurrentParts": 3},
-            "drain": {"newWrites": "reject", "timeout": "2h"}}
+            "drain": {"newWrites": "reject", "timeout": "2h"},
+            "s3Endpoint": {"listen": "127.0.0.1:9470", "socket": "/s3.sock",
+                           "credentialsDir": "/k", "bucket": "b"}}
     config = NodeConfig.from_dict(data)
     assert NodeConfig.from_dict(config.to_dict()) == config
     assert config.cache.cache_ttl == 3600.0 and config.flush.part_size == 8 * 2**20
     assert set(config.to_dict()) == set(data)
-    for key in ("store", "cache", "flush", "drain"):
+    for key in ("store", "cache", "flush", "drain", "s3Endpoint"):
         assert set(config.to_dict()[key]) == set(data[key]), key
 
 

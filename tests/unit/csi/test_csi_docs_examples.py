@@ -38,10 +38,15 @@ def test_the_examples_match_what_the_driver_and_operator_use() -> None:
     static = [d for d in docs if d["kind"] == "PersistentVolume"]
     assert [d["spec"]["csi"]["driver"] for d in static] == [CSI_DRIVER_NAME]
     assert parse_volume_id(static[0]["spec"]["csi"]["volumeHandle"]) == VolumeRef(
-        "checkpoints", "runs/llama-70b")
+        "ml.checkpoints", "runs/llama-70b")
     inline = [v["csi"] for d in docs if d["kind"] == "Pod" for v in d["spec"]["volumes"]
               if "csi" in v]
     assert [v["driver"] for v in inline] == [CSI_DRIVER_NAME]
-    assert resolve_volume("csi-made-up-by-kubelet", inline[0]["volumeAttributes"]) == VolumeRef(
-        "checkpoints", "runs/llama-70b")
+    # The kubelet adds the pod's namespace (podInfoOnMount) to an inline volume's attributes.
+    pod = next(d for d in docs if d["kind"] == "Pod" and any("csi" in v
+                                                               for v in d["spec"]["volumes"]))
+    context = {**inline[0]["volumeAttributes"], "csi.storage.k8s.io/ephemeral": "true",
+               "csi.storage.k8s.io/pod.namespace": pod["metadata"]["namespace"]}
+    assert resolve_volume("csi-made-up-by-kubelet", context) == VolumeRef(
+        "ml.checkpoints", "runs/llama-70b")
 

@@ -26,11 +26,15 @@ SETTINGS = OperatorSettings()
 
 def built() -> dict[str, dict[str, Any]]:
     spec = WriteCacheSpec.from_dict(BODY["spec"])
-    config = manifests.node_config("ckpt", spec, SETTINGS)
+    config = manifests.node_config("ckpt", "ml", spec, SETTINGS)
     node = "ip-10-0-0-1.eu-west-1.compute.internal.with-a-very-long-suffix"
+    source = {"metadata": {"name": "creds", "namespace": "ml"},
+              "data": {"AWS_ACCESS_KEY_ID": "QUtJQQ==", "AWS_SECRET_ACCESS_KEY": "c2VjcmV0",
+                       "unrelated": "eA=="}}
     return {
-        "configmap": manifests.configmap(BODY, config),
-        "secret": manifests.control_secret(BODY, "token"),
+        "configmap": manifests.configmap(BODY, config, SETTINGS),
+        "secret": manifests.control_secret(BODY, "token", SETTINGS),
+        "credentials": manifests.credentials_secret(BODY, source, SETTINGS),
         "daemonset": manifests.daemonset(BODY, spec, config, SETTINGS),
         "storageclass": manifests.storage_class(BODY, spec),
         "guard-pod": manifests.guard_pod(BODY, node, SETTINGS),
@@ -70,3 +74,37 @@ def test_guard_names_fit_label_values() -> None:
     assert all(len(v) <= 63 for v in pod["metadata"]["labels"].values())
     assert pod["spec"]["nodeName"].startswith("ip-10-0-0-1")
     assert {"operator": "Exists"} in pod["spec"]["tolerations"]
+
+
+def test_privileged_objects_live_in_the_workload_namespace() -> None:
+    """Issue 13: nothing privileged (or secret) in the tenant's namespace; names per key."""
+    objs = built()
+    for kind in ("configmap", "secret", "credentials", "daemonset"):
+        meta = objs[kind]["metadata"]
+        assert meta["namespace"] == SETTINGS.workload_namespace == "cistern-system", kind
+        assert "ownerReferences" not in meta  # cannot cross namespaces
+        assert meta["labels"]["cistern.dev/writecache"] == "ckpt"
+        assert meta["labels"]["cistern.dev/writecache-namespace"] == "ml"
+        assert "ml.ckpt" in meta["name"]
+    ds = objs["daemonset"]
+    env = {e["name"]: e for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == \
+        objs["credentials"]["metadata"]["name"]
+    assert objs["credentials"]["data"] == {"AWS_ACCESS_KEY_ID": "QUtJQQ==",
+                                           "AWS_SECRET_ACCESS_KEY": "c2VjcmV0"}
+    terms = ds["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert {"key": "node-role.kubernetes.io/control-plane", "operator": "DoesNotExist"} in \
+        terms[0]["matchExpressions"]
+    # The unprivileged drain guards stay with the tenant's WriteCache (owner reference).
+    assert objs["guard-pod"]["metadata"]["namespace"] == "ml"
+    assert objs["storageclass"]["parameters"] == {"writeCache": "ckpt",
+                                                  "writeCacheNamespace": "ml"}
+
+
+def test_access_policy_lists_own_namespace_and_shares() -> None:
+    spec = WriteCacheSpec.from_dict({**BODY["spec"], "access": {"namespaces": ["eval"]}})
+    key, text = manifests.access_policy(BODY, spec, ["research"])
+    assert key == "ml.ckpt.json"
+    assert yaml.safe_load(text) == {"writeCache": "ml/ckpt",
+                                    "namespaces": ["eval", "ml", "research"]}

@@ -36,10 +36,16 @@ class Admission:
         """Files open for writing: what they wrote since their last sync counts as dirty."""
 
     def _capacity(self, cache_dir: Path) -> int:
-        if self._config.capacity_bytes is not None:
-            return self._config.capacity_bytes
         st = os.statvfs(cache_dir)
-        return int(st.f_blocks * st.f_frsize * self._config.capacity_percent / 100)
+        size = st.f_blocks * st.f_frsize
+        if self._config.capacity_bytes is not None:
+            if self._config.capacity_bytes > size:
+                # Backpressure would never engage before the disk is full: writers would get
+                # ENOSPC from the file system instead of being slowed.
+                raise err(errno.EINVAL, f"cache.capacityBytes {self._config.capacity_bytes} "
+                          f"is larger than the file system of {cache_dir} ({size} bytes)")
+            return self._config.capacity_bytes
+        return int(size * self._config.capacity_percent / 100)
 
     def soft_limit(self) -> float:
         """Dirty bytes above which new writers are slowed (the high watermark)."""

@@ -28,6 +28,7 @@ SPARE_INO_BLOCK = 1024
 
 class DataFiles:
     def __init__(self, cache_dir: Path, tree: Tree) -> None:
+        self.cache_dir = cache_dir
         self.data_dir = cache_dir / "data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir = cache_dir / "tmp"

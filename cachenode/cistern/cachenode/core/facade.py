@@ -73,7 +73,8 @@ class CacheCore:
                                     self._namespace, self.cache_config, self.flush_policy,
                                     store_keep_last, self._admission)
         self._streams = Streams(tree, self._keys, self._queue, self._data, self.flush_policy)
-        recover(tree, self._keys, self._queue, self._data)
+        with tree.lock:  # recovery may add tombstones, which notify waiters under the lock
+            recover(tree, self._keys, self._queue, self._data)
         self.spares_wanted: threading.Event = self._data.spares_wanted
         """Set when the pool of spare data files runs low (see ``make_spares``)."""
         self.spares_wanted.set()
@@ -260,6 +261,25 @@ class CacheCore:
     def collect_work(self, limit: int, force: bool = False) -> list[Work]:
         """Hand the flusher up to ``limit`` operations that are due and safe to run now."""
         return self._queue.collect_work(limit, force or self._admission.draining)
+
+    def prepare_upload(self, work: UploadWork) -> bool:
+        """Before an upload's first request: data and intent made durable (power-loss
+        rules); False if the file was opened for writing since (retry later)."""
+        return self._queue.prepare_upload(work)
+
+    def upload_source_current(self, work: UploadWork) -> bool:
+        """Nobody opened the file for writing since ``work`` was handed out."""
+        return self._queue.upload_source_current(work)
+
+    def sync_journal(self) -> None:
+        """Make every journaled change durable against power loss (before the flusher
+        changes the store for a rename or a delete)."""
+        self.journal.sync()
+
+    @property
+    def journal_errors(self) -> int:
+        """Upload results that could not be journaled (e.g. disk full); they are retried."""
+        return self._queue.journal_errors
 
     def set_upload_id(self, work: UploadWork | StreamWork, upload_id: str) -> None:
         self._queue.set_upload_id(work, upload_id)

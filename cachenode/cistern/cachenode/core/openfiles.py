@@ -44,7 +44,7 @@ class OpenFiles:
 
     def open_handle(self, entry: Entry, flags: int, writable: bool) -> Handle:
         if writable:
-            if entry.writers == 0 or entry.state != DIRTY:
+            if entry.writers == 0 or entry.state != DIRTY or entry.synced:
                 self._queue.mark_dirty(entry)
             entry.writers += 1
             self._queue.recount(entry)
@@ -132,15 +132,15 @@ class OpenFiles:
                 tree.changed.wait(min(left, 0.5))
 
     def fsync(self, handle: Handle, datasync: bool = False) -> None:
-        if datasync:
-            os.fdatasync(handle.fd)
-        else:
-            os.fsync(handle.fd)
+        # Always a full fsync, even for fdatasync: the "synced" mark below records the data
+        # file's mtime, which recovery compares after a power loss.
+        os.fsync(handle.fd)
         tree = self._tree
         with tree.lock:
             entry = tree.entries.get(handle.ino)
             if entry is not None and not entry.unlinked:
                 self._sync_size(entry)
+                entry.synced = entry.state == DIRTY
                 tree.journal.update(entry)
         self._files.sync_dir(self._files.path(handle.ino).parent)
         tree.journal.sync()
@@ -201,6 +201,11 @@ class OpenFiles:
             needs_fetch = size is not None and size > 0 and not entry.local
         if needs_fetch:
             self._readthrough.fetch(entry)
+        if size is not None and not entry.is_dir:
+            with tree.lock:
+                # Power-loss rule: DIRTY is durable before the truncate, not at the commit
+                # of the transaction below (which comes after the file has changed).
+                self._queue.mark_dirty(entry)
         with tree.lock, tree.journal.transaction():
             meta_changed = False
             if mode is not None:

@@ -22,6 +22,7 @@ from cistern.cachenode.core.model import err
 from cistern.cachenode.core.tree import Tree
 from cistern.cachenode.core.workqueue import WorkQueue
 from cistern.cachenode.journal import CLEAN, DIR, REMOTE, Entry
+from cistern.cachenode.objectmeta import mode_from_metadata  # issue 13: no setuid
 from cistern.cachenode.store import ObjectInfo, StoreError
 
 __all__ = ["ReadThrough", "ReadThroughStore"]
@@ -145,6 +146,8 @@ class ReadThrough:
             os.fsync(fd)
             with tree.lock:
                 os.replace(tmp, self._files.create_path(entry.ino))
+                # Rule: a CLEAN row is never durable before its data file is.
+                self._files.sync_dir(self._files.path(entry.ino).parent)
                 entry.local = True
                 entry.state = CLEAN
                 entry.last_access = time.monotonic()
@@ -166,7 +169,7 @@ def apply_metadata(entry: Entry, metadata: dict[str, str]) -> None:
     """Mode, owner and mtime the flusher stored with the object."""
     try:
         if "mode" in metadata:
-            entry.mode = stat.S_IFREG | (int(metadata["mode"], 8) & 0o7777)
+            entry.mode = stat.S_IFREG | mode_from_metadata(metadata["mode"])  # issue 13
         if "uid" in metadata:
             entry.uid = int(metadata["uid"])
         if "gid" in metadata:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sqlite3
 import time
 
 from cistern.cachenode.core.datafiles import DataFiles
@@ -50,6 +51,8 @@ class WorkQueue:
         """Uploads interrupted by the last stop: (key, multipart upload id) to clean up."""
         self._counts: _Counts = _ZERO
         self._counted: dict[int, _Counts] = {}
+        self.journal_errors = 0
+        """Journal writes that failed in the flusher's reports (e.g. disk full)."""
 
     def next_seq(self) -> int:
         return next(self._seq)
@@ -103,13 +106,23 @@ class WorkQueue:
                             d + new[3] - old[3])
 
     def mark_dirty(self, entry: Entry) -> None:
-        """Journal DIRTY before the first byte changes, so a crash can never hide a write."""
+        """Journal DIRTY before the first byte changes, so a crash can never hide a write.
+
+        Power-loss rule: if the file has an object in the store (or an upload that may make
+        one), the change from CLEAN, or from "synced", is durable before the modifying
+        operation is acknowledged; recovery then never takes a torn file for a whole one.
+        """
+        changed = entry.state != DIRTY or entry.synced
         if entry.state != DIRTY:
             if entry.state == CLEAN:
                 self._tree.clean_bytes -= entry.size
             entry.state = DIRTY
             self._tree.dirty_bytes += entry.size
+        entry.synced = False
+        if changed:
             self._tree.journal.update(entry)
+            if entry.remote_key is not None or entry.in_flight:
+                self._tree.journal.sync()
         self.add_pending(entry)
         entry.due = float("inf")
 
@@ -277,15 +290,75 @@ class WorkQueue:
     def set_upload_id(self, work: UploadWork | StreamWork, upload_id: str) -> None:
         self._tree.journal.set_upload_id(work.ino, work.key, upload_id)
 
+    def upload_source_current(self, work: UploadWork) -> bool:
+        """Nobody opened the file for writing since ``work`` was handed out: what the
+        flusher read from it is one version of the file, not a mix of two (a rewrite racing
+        an upload must never leave a torn object in the store)."""
+        with self._tree.lock:
+            entry = self._tree.entries.get(work.ino)
+            return entry is not None and not entry.unlinked and entry.gen == work.gen \
+                and (entry.writers == 0 or entry.sync_wanted > entry.durable_gen)
+
+    def prepare_upload(self, work: UploadWork) -> bool:
+        """Called by the flusher before the first request of an upload; False if the file
+        changed since (the upload is pointless and retried later). Rules: the data is
+        durable before it is uploaded (else a power loss could leave an older or torn local
+        file that recovery uploads over the newer object), and so is the upload intent (else
+        nobody would abort a multipart upload the crash interrupted)."""
+        if not self.upload_source_current(work):
+            return False
+        os.fsync(work.fd)
+        self._files.sync_dir(self._files.path(work.ino).parent)
+        st = os.fstat(work.fd)
+        tree = self._tree
+        with tree.lock:
+            entry = tree.entries.get(work.ino)
+            if entry is not None and entry.gen == work.gen and entry.writers == 0 \
+                    and entry.state == DIRTY and not entry.unlinked \
+                    and st.st_size == work.size:
+                tree.dirty_bytes += st.st_size - entry.size
+                entry.size, entry.mtime_ns = st.st_size, st.st_mtime_ns
+                entry.synced = True
+                tree.journal.update(entry)
+        tree.journal.sync()
+        return True
+
     def finish_upload(self, work: UploadWork, etag: str | None, error: Exception | None) -> None:
         tree = self._tree
-        with tree.lock, tree.journal.transaction():
+        try:
+            with tree.lock, tree.journal.transaction():
+                entry = tree.entries.get(work.ino)
+                try:
+                    self._finish_upload(work, entry, error)
+                finally:
+                    if entry is not None:
+                        self.recount(entry)
+        except (sqlite3.Error, OSError) as exc:
+            self._journal_failed(work, exc)
+
+    def _journal_failed(self, work: UploadWork, exc: Exception) -> None:
+        """E.g. the cache disk is full. The transaction rolled back: the intent row is still
+        journaled and the file still DIRTY there, so retrying the upload later (and a restart)
+        both do the right thing. Nothing may stay in flight for ever."""
+        tree = self._tree
+        log.error("cannot journal the upload of %s (%s); it stays dirty and is uploaded again "
+                  "later", work.path, exc)
+        tree.on_event("journal_error", 1)
+        with tree.lock:
+            self.journal_errors += 1
             entry = tree.entries.get(work.ino)
-            try:
-                self._finish_upload(work, entry, error)
-            finally:
-                if entry is not None:
-                    self.recount(entry)
+            if entry is not None:
+                if entry.state == CLEAN and not entry.unlinked:
+                    # Undo the transition the journal did not take.
+                    entry.state = DIRTY
+                    tree.clean_bytes -= entry.size
+                    tree.dirty_bytes += entry.size
+                entry.in_flight = False
+                entry.due = time.monotonic() + 5.0
+                if not entry.unlinked:
+                    self.add_pending(entry)
+                self.recount(entry)
+            tree.changed.notify_all()
 
     def _finish_upload(self, work: UploadWork, entry: Entry | None,
                        error: Exception | None) -> None:
@@ -308,6 +381,7 @@ class WorkQueue:
             return
         old = entry.remote_key
         entry.remote_key = work.key
+        entry.remote_size = work.size
         keys.own(work.key, entry.ino)
         entry.durable_gen = max(entry.durable_gen, work.gen)
         entry.streamed = work.size
