@@ -354,7 +354,7 @@ class NodeConfig(Section):
         "unix socket of a `cistern-node holder`: the mount then survives a crash, restart or "
         "upgrade of the daemon (applications see a pause, not `ENOTCONN`); takeovers need the "
         "passthrough front end (docs/restarts.md)", shown="unset")
-
+    s3_endpoint: S3EndpointConfig = section(
         "s3Endpoint", S3EndpointConfig, "the S3-compatible endpoint (off by default)")
 
     def __post_init__(self) -> None:
