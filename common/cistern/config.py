@@ -375,8 +375,6 @@ class NodeConfig(Section):
         "unix socket of a `cistern-node holder`: the mount then survives a crash, restart or "
         "upgrade of the daemon (applications see a pause, not `ENOTCONN`); takeovers need the "
         "passthrough front end (docs/restarts.md)", shown="unset")
-    # Restored in stream's merge of main: main's merge of wip/s3api + wip/restart lost this
-    # line (main's config.py did not compile at 75d6d51).
     s3_endpoint: S3EndpointConfig = section(
         "s3Endpoint", S3EndpointConfig, "the S3-compatible endpoint (off by default)")
 
