@@ -207,17 +207,18 @@ def test_torch_save_rename_streams_nothing_twice(make_node: Any, bucket: str, s3
 def test_streams_under_throttling(make_node: Any, bucket: str, s3: Any, proxy: Any) -> None:
     """503 SlowDown on parts: retried through the store client's adaptive rate, never mixed."""
     node = make_node(bucket, endpoint=proxy.endpoint, config=STREAM)
-    proxy.set(error_rate=0.3, error_kinds=["PART"])
+    proxy.set(error_rate=1.0, error_kinds=["PART"])  # every part throttled for now
     first = os.urandom(16 * MiB)
     f = _write_open(node.mount / "slow.bin", first)
     try:
+        _wait(lambda: proxy.counts().get("THROTTLED", 0) >= 2, "parts throttled", node)
+        proxy.set(error_rate=0.3)
         _wait(lambda: _parts_sent(s3, bucket, "slow.bin") >= 1, "a part sent while open", node)
         rest = os.urandom(6 * MiB)
         f.write(rest)
     finally:
         f.close()
     node.flush()
-    assert proxy.counts().get("THROTTLED", 0) > 0
     _same(read_object(s3, bucket, "slow.bin"), first + rest)
     _no_uploads_left(s3, bucket)
 
@@ -232,8 +233,14 @@ def test_dcp_shards_stream_and_the_marker_comes_last(make_node: Any, bucket: str
     path = node.mount / "run" / "step-1"
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path), thread_count=4))
     node.flush()
-    done = [e for e in proxy.log() if e.kind in ("PUT", "COMPLETE_MPU") and e.status == 200]
-    names = [e.key.rsplit("/", 1)[-1] for e in done]
+
+    def done() -> list[str]:
+        return [e.key.rsplit("/", 1)[-1] for e in proxy.log()
+                if e.kind in ("PUT", "COMPLETE_MPU") and e.status == 200]
+
+    # The proxy logs a request after answering it: wait for its record of the marker.
+    _wait(lambda: ".metadata" in done(), "the marker in the proxy log", node)
+    names = done()
     assert names[-1] == ".metadata", names
     assert sorted(names) == sorted(os.listdir(path))
     for name in os.listdir(path):
