@@ -25,7 +25,13 @@ from typing import Any
 from support.kubelet.apiclient import ApiClient, ApiError, write_kubeconfig
 from support.kubelet.containers import Container
 from support.kubelet.csi_kubelet import CsiKubelet
-from support.kubelet.pods import PodContext, PodError, plan_containers, prepare_volumes
+from support.kubelet.pods import (
+    PodContext,
+    PodError,
+    plan_containers,
+    prepare_volumes,
+    refresh_volumes,
+)
 
 __all__ = ["DOUBLES", "Node", "RunningPod"]
 
@@ -56,6 +62,7 @@ class RunningPod:
     error: PodError | None = None
     owner: str = ""
     template_hash: str = ""
+    volumes: dict[str, Path] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -189,6 +196,8 @@ class Node:
             elif node_name == self.name:
                 self._run_pod(key, obj, owner="", digest="")
         for pod in self.pods.values():
+            if pod.error is None:
+                refresh_volumes(pod.ctx, pod.volumes)
             self._pod_status(pod)
 
     # ----------------------------------------------------------------- pods
@@ -246,6 +255,7 @@ class Node:
             pod.error = exc
             return
         pod.error = None
+        pod.volumes = volumes
         restart = ctx.spec.get("restartPolicy", "Always")
         grace = float(ctx.spec.get("terminationGracePeriodSeconds", 30))
         logs = ctx.pod_dir / "logs"

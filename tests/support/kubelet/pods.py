@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -95,9 +96,18 @@ def _mode(value: Any, default: int) -> int:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write one projected key; unchanged keys are left alone, changed ones replaced at once
+    (a reader sees the old or the new content, as with a kubelet's atomic writer)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    path.chmod(mode)
+    try:
+        if path.read_bytes() == data and path.stat().st_mode & 0o7777 == mode:
+            return
+    except OSError:
+        pass
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(mode)
+    os.replace(tmp, path)
 
 
 def _project_keys(target: Path, data: Mapping[str, bytes], items: list[dict[str, Any]] | None,
@@ -216,6 +226,44 @@ def prepare_volumes(ctx: PodContext) -> dict[str, Path]:
     return result
 
 
+def _translated(translate: Translator, value: bytes) -> bytes:
+    try:
+        return translate.text(value.decode()).encode()
+    except UnicodeDecodeError:
+        return value
+
+
+def refresh_volumes(ctx: PodContext, volumes: Mapping[str, Path]) -> None:
+    """Project the pod's ConfigMap and Secret volumes again, as a kubelet's periodic sync does
+    (a real kubelet within about a minute; the operator writes objects, such as the CSI access
+    policies, that pods started earlier must come to see). Keys that left the object leave the
+    volume; a source that is gone now keeps its last files, as a kubelet does."""
+    for volume in ctx.spec.get("volumes") or []:
+        name = volume["name"]
+        base = volumes.get(name)
+        if base is None:
+            continue
+        if "configMap" in volume or "secret" in volume:
+            src = volume.get("configMap") or volume["secret"]
+            data = (_configmap_data(ctx, src["name"]) if "configMap" in volume
+                    else _secret_data(ctx, src["secretName"]))
+            if data is None:
+                continue
+            if "configMap" in volume:  # translated as at the start (plan_containers)
+                translate = _file_translator(ctx, volumes)
+                data = {k: _translated(translate, v) for k, v in data.items()}
+            what = f"volume {name!r}"
+            try:
+                _project_keys(base, data, src.get("items"), _mode(src.get("defaultMode"),
+                              0o644), what, True)
+            except OSError:
+                continue  # the container may be removing its pod directory right now
+            if not src.get("items"):
+                for stale in base.iterdir():
+                    if stale.is_file() and stale.name not in data:
+                        stale.unlink(missing_ok=True)
+
+
 def _projected(ctx: PodContext, name: str, spec: dict[str, Any], base: Path) -> None:
     default_mode = _mode(spec.get("defaultMode"), 0o644)
     for source in spec.get("sources") or []:
@@ -323,6 +371,17 @@ def _env(ctx: PodContext, container: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def _file_translator(ctx: PodContext, volumes: Mapping[str, Path]) -> Translator:
+    """The translator for ConfigMap files: every container's mounts of the pod."""
+    all_mounts: dict[str, Path] = {}
+    for container in ctx.spec.get("containers") or []:
+        for mount in container.get("volumeMounts") or []:
+            if mount["name"] in volumes:  # a dangling mount is reported per container
+                all_mounts.setdefault(mount["mountPath"], volumes[mount["name"]]
+                                      / mount.get("subPath", ""))
+    return Translator(all_mounts, ctx.pod_ip)
+
+
 def plan_containers(ctx: PodContext, volumes: Mapping[str, Path], base_env: Mapping[str, str],
                     image_command: Callable[[dict[str, Any]], list[str] | None]
                     ) -> list[ContainerPlan]:
@@ -332,14 +391,8 @@ def plan_containers(ctx: PodContext, volumes: Mapping[str, Path], base_env: Mapp
     ``command`` (a test double for third-party images), None when the image is ours.
     """
     plans = []
-    all_mounts: dict[str, Path] = {}
-    for container in ctx.spec.get("containers") or []:
-        for mount in container.get("volumeMounts") or []:
-            if mount["name"] in volumes:  # a dangling mount is reported per container below
-                all_mounts.setdefault(mount["mountPath"], volumes[mount["name"]]
-                                      / mount.get("subPath", ""))
     # ConfigMap files are read by the programs; translate them with the pod's mounts.
-    translate_files = Translator(all_mounts, ctx.pod_ip)
+    translate_files = _file_translator(ctx, volumes)
     for volume in ctx.spec.get("volumes") or []:
         if "configMap" in volume:
             for file in volumes[volume["name"]].rglob("*"):
