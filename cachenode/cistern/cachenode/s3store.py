@@ -168,11 +168,10 @@ class S3Store:
             f"put {key}", self._client.put_object, Bucket=self.bucket, Key=self._k(key),
             Body=_FdReader(fd, 0, size), ContentLength=size,
             ContentMD5=base64.b64encode(md5).decode(), Metadata=metadata)
-        etag = str(response.get("ETag", "")).strip('"')
-        if etag and etag != md5.hex():
-            raise TemporaryStoreError(f"put {key}: ETag {etag} does not match MD5 {md5.hex()}",
-                                      "BadDigest")
-        return etag
+        # Integrity is Content-MD5, checked by the store (BadDigest, retried); the ETag is
+        # not compared to the MD5: with SSE-KMS, SSE-C and many S3-compatible stores it is
+        # not one, and comparing would retry such an upload for ever.
+        return str(response.get("ETag", "")).strip('"')
 
     def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
         response = self._call(f"create-multipart {key}", self._client.create_multipart_upload,
