@@ -15,6 +15,7 @@ from cistern.cachenode.store import (
     ObjectInfo,
     ObjectStore,
     PermanentStoreError,
+    PreconditionFailed,
     StoreError,
     TemporaryStoreError,
     validate_key,
@@ -126,6 +127,8 @@ class S3Store:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if code in ("NoSuchKey", "404") and what.startswith(("head", "get", "copy")):
                 return FileNotFoundError(what)
+            if code == "PreconditionFailed" or status == 412:
+                return PreconditionFailed(f"{what}: another writer changed the object")
             if code in _TEMPORARY_CODES or status >= 500 or status == 429:
                 return TemporaryStoreError(f"{what}: {code} {error.get('Message', '')}".strip(),
                                            code if code != "unknown" else str(status))
@@ -162,12 +165,14 @@ class S3Store:
                                           "NoSuchBucket") from exc
             raise
 
-    def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str]) -> str:
+    def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str],
+                 if_match: str | None = None) -> str:
         md5 = _md5_of(fd, 0, size)
+        condition = {"IfMatch": f'"{if_match}"'} if if_match is not None else {}
         response = self._call(
             f"put {key}", self._client.put_object, Bucket=self.bucket, Key=self._k(key),
             Body=_FdReader(fd, 0, size), ContentLength=size,
-            ContentMD5=base64.b64encode(md5).decode(), Metadata=metadata)
+            ContentMD5=base64.b64encode(md5).decode(), Metadata=metadata, **condition)
         # Integrity is Content-MD5, checked by the store (BadDigest, retried); the ETag is
         # not compared to the MD5: with SSE-KMS, SSE-C and many S3-compatible stores it is
         # not one, and comparing would retry such an upload for ever.

@@ -132,8 +132,10 @@ class StoreClient:
 
     # -------------------------------------------------------------- writes (the flusher)
 
-    def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str]) -> str:
-        return self.request("put", lambda: self.store.put_file(key, fd, size, metadata),
+    def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str],
+                 if_match: str | None = None) -> str:
+        return self.request("put", lambda: self.store.put_file(key, fd, size, metadata,
+                                                               if_match=if_match),
                             nbytes=size)
 
     def create_multipart(self, key: str, metadata: dict[str, str]) -> str:

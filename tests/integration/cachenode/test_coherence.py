@@ -7,7 +7,7 @@ import hashlib
 import os
 from typing import Any
 
-from support.s3server import read_object
+from support.s3server import list_keys, read_object
 
 
 def test_upload_completes_when_etags_are_not_md5(make_node: Any, bucket: str, s3: Any,
@@ -24,3 +24,40 @@ def test_upload_completes_when_etags_are_not_md5(make_node: Any, bucket: str, s3
     assert proxy.counts().get("PUT", 0) == 1, "the upload was retried"
     put_md5 = [e for e in proxy.log() if e.kind == "PUT"]
     assert put_md5 and put_md5[0].status == 200
+
+
+def test_own_overwrite_is_not_a_conflict(make_node: Any, bucket: str, s3: Any) -> None:
+    node = make_node(bucket)
+    (node.mount / "own.bin").write_bytes(b"v1" * 1000)
+    node.flush(timeout=60)
+    (node.mount / "own.bin").write_bytes(b"v2" * 1000)
+    status = node.flush(timeout=60)
+    assert read_object(s3, bucket, "own.bin") == b"v2" * 1000
+    assert status.conflicts_total == 0 and status.last_conflict is None
+    assert list_keys(s3, bucket) == {"own.bin": 2000}
+
+
+def test_another_writers_object_is_never_overwritten(make_node: Any, bucket: str,
+                                                     s3: Any) -> None:
+    """A second writer replaces an object this node uploaded; the node's next version of the
+    file is refused (If-Match), kept as a conflict object, and reported."""
+    node = make_node(bucket)
+    path = node.mount / "model.bin"
+    path.write_bytes(b"ours-1" * 500)
+    node.flush(timeout=60)
+    theirs = b"theirs" * 700
+    s3.put_object(Bucket=bucket, Key="model.bin", Body=theirs)
+    ours = os.urandom(50_000)
+    path.write_bytes(ours)
+    status = node.flush(timeout=60)
+
+    assert read_object(s3, bucket, "model.bin") == theirs, "the other writer's object was lost"
+    conflicts = [k for k in list_keys(s3, bucket) if k.startswith("model.bin.cistern-conflict-")]
+    assert len(conflicts) == 1, list_keys(s3, bucket)
+    assert read_object(s3, bucket, conflicts[0]) == ours
+    assert status.conflicts_total == 1
+    assert status.last_conflict == f"model.bin -> {conflicts[0]}"
+    assert node.metric("cistern_conflicts_total") == 1
+    assert "conflict: another writer replaced model.bin" in node.log()
+    # The path gave way to the other writer: the next read fetches their object.
+    assert path.read_bytes() == theirs

@@ -15,6 +15,7 @@ from cistern.cachenode.store import (
     LocalDirStore,
     ObjectStore,
     PermanentStoreError,
+    PreconditionFailed,
     TemporaryStoreError,
 )
 from cistern.config import StoreConfig
@@ -55,6 +56,18 @@ def test_put_head_download_delete(store: ObjectStore, tmp_path: Path) -> None:
     store.delete("a/b.bin")  # idempotent
     with pytest.raises(FileNotFoundError):
         store.head("a/b.bin")
+
+
+def test_conditional_put_refuses_another_version(store: ObjectStore, tmp_path: Path) -> None:
+    """If-Match: an overwrite succeeds only over the version the writer knows."""
+    first = store.put_file("c.bin", _fd(tmp_path, b"one"), 3, {})
+    second = store.put_file("c.bin", _fd(tmp_path, b"two"), 3, {}, if_match=first)
+    assert second and second != first
+    with pytest.raises(PreconditionFailed):
+        store.put_file("c.bin", _fd(tmp_path, b"six"), 3, {}, if_match=first)
+    out = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    store.download("c.bin", out)
+    assert os.pread(out, 10, 0) == b"two"
 
 
 def test_list_dir_and_list_all(store: ObjectStore, tmp_path: Path) -> None:

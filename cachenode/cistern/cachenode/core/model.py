@@ -79,6 +79,9 @@ class UploadWork:
     size: int
     metadata: dict[str, str]
     path: str
+    #: Coherence: the ETag of the object this upload replaces (uploaded or fetched by this
+    #: node), so the write is conditional on it; None: unconditional.
+    if_match: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,7 +99,8 @@ class ReadThrough:
             new = Entry(ino=0, parent=parent.ino, name=name, is_dir=False,
                         mode=stat.S_IFREG | 0o644, uid=parent.uid, gid=parent.gid,
                         size=info.size, mtime_ns=mtime, ctime_ns=mtime, state=REMOTE,
-                        local=False, remote_key=info.key, remote_size=info.size)
+                        local=False, remote_key=info.key, remote_size=info.size,
+                        etag=info.etag or None)
         new.ino = self._tree.journal.insert(new)
         self._tree.add(new)
         if new.remote_key:
@@ -152,6 +153,7 @@ class ReadThrough:
                 entry.state = CLEAN
                 entry.last_access = time.monotonic()
                 entry.size = entry.remote_size = info.size
+                entry.etag = info.etag or None
                 apply_metadata(entry, info.metadata)
                 tree.clean_bytes += info.size
                 tree.journal.update(entry)
