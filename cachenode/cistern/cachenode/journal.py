@@ -102,6 +102,7 @@ class Entry:
     durable_gen: int = -1
     sync_wanted: int = -1
     last_access: float = 0.0
+    validated: float = 0.0  # monotonic time the ETag was last checked (0: not since start)
     unlinked: bool = False
     waiters: list[object] = field(default_factory=list)
 

@@ -173,6 +173,10 @@ class StoreClient:
         return self.request("get", lambda: self.store.download(key, fd), retry=FETCH_RETRY,
                             what=f"fetch {key}")
 
+    def head(self, key: str) -> ObjectInfo:
+        return self.request("head", lambda: self.store.head(key), retry=LIST_RETRY,
+                            what=f"head {key}")
+
     def check(self) -> None:
         """Reachable and writable with these credentials (retried briefly)."""
         self.request("check", self.store.check, retry=CHECK_RETRY,

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from support.s3server import list_keys, read_object
+from support.wait import wait_until
 
 
 def test_upload_completes_when_etags_are_not_md5(make_node: Any, bucket: str, s3: Any,
@@ -61,3 +62,23 @@ def test_another_writers_object_is_never_overwritten(make_node: Any, bucket: str
     assert "conflict: another writer replaced model.bin" in node.log()
     # The path gave way to the other writer: the next read fetches their object.
     assert path.read_bytes() == theirs
+
+
+def test_changed_object_is_seen_after_revalidate_after(make_node: Any, bucket: str,
+                                                        s3: Any) -> None:
+    """Another writer changes an object this node holds CLEAN: after ``revalidateAfter`` an
+    open checks the ETag and fetches the new version; a DIRTY file is never replaced."""
+    node = make_node(bucket, config={"cache": {"revalidateAfter": "1s"}})
+    (node.mount / "shared.bin").write_bytes(b"old" * 100)
+    (node.mount / "mine.bin").write_bytes(b"mine" * 100)
+    node.flush(timeout=60)
+    assert (node.mount / "shared.bin").read_bytes() == b"old" * 100
+    s3.put_object(Bucket=bucket, Key="shared.bin", Body=b"new" * 200)
+    wait_until(lambda: (node.mount / "shared.bin").read_bytes() == b"new" * 200,
+               timeout=30, what="the other writer's version through the mount")
+    with open(node.mount / "mine.bin", "r+b") as f:  # DIRTY while open for writing
+        s3.put_object(Bucket=bucket, Key="mine.bin", Body=b"theirs")
+        f.write(b"MINE")
+        f.flush()
+        reader = (node.mount / "mine.bin").read_bytes()
+    assert reader == b"MINE" + b"mine" * 99, "a dirty file was replaced by the store's version"
