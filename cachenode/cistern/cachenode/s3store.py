@@ -22,7 +22,11 @@ from cistern.cachenode.store import (
 )
 from cistern.config import StoreConfig
 
-__all__ = ["S3Store", "open_store"]
+__all__ = ["CHECKSUM_KEY", "S3Store", "open_store"]
+
+CHECKSUM_KEY = "cistern-md5"
+"""Metadata holding the MD5 of a single-PUT object's body, written by this node and checked
+by every download (an ETag is not always an MD5, so it cannot be the reference)."""
 
 
 def _md5_of(fd: int, offset: int, length: int) -> bytes:
@@ -172,7 +176,8 @@ class S3Store:
         response = self._call(
             f"put {key}", self._client.put_object, Bucket=self.bucket, Key=self._k(key),
             Body=_FdReader(fd, 0, size), ContentLength=size,
-            ContentMD5=base64.b64encode(md5).decode(), Metadata=metadata, **condition)
+            ContentMD5=base64.b64encode(md5).decode(),
+            Metadata={**metadata, CHECKSUM_KEY: md5.hex()}, **condition)
         # Integrity is Content-MD5, checked by the store (BadDigest, retried); the ETag is
         # not compared to the MD5: with SSE-KMS, SSE-C and many S3-compatible stores it is
         # not one, and comparing would retry such an upload for ever.
@@ -277,9 +282,11 @@ class S3Store:
                               Key=self._k(key))
         body = response["Body"]
         offset = 0
+        digest = hashlib.md5()
         try:
             while chunk := body.read(_COPY_CHUNK):
                 os.pwrite(fd, chunk, offset)
+                digest.update(chunk)
                 offset += len(chunk)
         except Exception as exc:
             translated = self._translate(exc, f"get {key}")
@@ -290,6 +297,10 @@ class S3Store:
         if offset != expected:
             raise TemporaryStoreError(f"get {key}: got {offset} of {expected} bytes",
                                       "IncompleteBody")
+        stored = dict(response.get("Metadata", {})).get(CHECKSUM_KEY)
+        if stored is not None and stored != digest.hexdigest():
+            raise TemporaryStoreError(f"get {key}: MD5 {digest.hexdigest()} is not the stored "
+                                      f"checksum {stored}", "BadDigest")
         os.ftruncate(fd, offset)
         return ObjectInfo(key=key, size=offset, mtime=response["LastModified"].timestamp(),
                           etag=str(response.get("ETag", "")).strip('"'),
