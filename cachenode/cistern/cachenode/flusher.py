@@ -179,7 +179,8 @@ class Flusher:
                 raise _SourceChanged(work.path)
             try:
                 return self.client.put_file(work.key, snap, work.size, work.metadata,
-                                            if_match=work.if_match)
+                                            if_match=work.if_match,
+                                            if_none_match=work.if_none_match)
             except PreconditionFailed:
                 self._keep_conflict(work, snap)
                 raise

@@ -170,9 +170,10 @@ class S3Store:
             raise
 
     def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str],
-                 if_match: str | None = None) -> str:
+                 if_match: str | None = None, if_none_match: bool = False) -> str:
         md5 = _md5_of(fd, 0, size)
-        condition = {"IfMatch": f'"{if_match}"'} if if_match is not None else {}
+        condition = {"IfMatch": f'"{if_match}"'} if if_match is not None else \
+            {"IfNoneMatch": "*"} if if_none_match else {}
         response = self._call(
             f"put {key}", self._client.put_object, Bucket=self.bucket, Key=self._k(key),
             Body=_FdReader(fd, 0, size), ContentLength=size,

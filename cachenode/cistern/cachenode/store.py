@@ -92,9 +92,10 @@ class ObjectStore(Protocol):
         """Verify the store is reachable and writable with these credentials."""
 
     def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str],
-                 if_match: str | None = None) -> str:
+                 if_match: str | None = None, if_none_match: bool = False) -> str:
         """Upload ``size`` bytes from ``fd`` (offset 0) as one object; return its ETag.
-        With ``if_match``, only over the object of that ETag, else ``PreconditionFailed``."""
+        With ``if_match``, only over the object of that ETag, with ``if_none_match`` only if
+        there is no object at ``key``; else ``PreconditionFailed``."""
 
     def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
         """Start a multipart upload; return its upload id."""
@@ -193,19 +194,20 @@ class LocalDirStore:
         return digest.hexdigest()
 
     def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str],
-                 if_match: str | None = None) -> str:
+                 if_match: str | None = None, if_none_match: bool = False) -> str:
         def write() -> str:
             return self._write_atomically(
                 key, lambda out, digest: _copy_range(key, fd, 0, size, out, digest), metadata)
 
-        if if_match is None:
+        if if_match is None and not if_none_match:
             return write()
         # The check and the write are atomic against this process's writers only; another
         # process writing the directory between them is not seen (a limit of this store).
         with self._conditional:
             current = self._etag_of(key)
             # This store's multipart ETag is the MD5 of the whole object plus "-<parts>".
-            if current is None or if_match.split("-", 1)[0] != current:
+            if (current is not None) if if_match is None \
+                    else (current is None or if_match.split("-", 1)[0] != current):
                 raise PreconditionFailed(f"put {key}: the object is {current or 'absent'}, "
                                          f"not {if_match}")
             return write()

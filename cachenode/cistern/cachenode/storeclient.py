@@ -133,9 +133,9 @@ class StoreClient:
     # -------------------------------------------------------------- writes (the flusher)
 
     def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str],
-                 if_match: str | None = None) -> str:
-        return self.request("put", lambda: self.store.put_file(key, fd, size, metadata,
-                                                               if_match=if_match),
+                 if_match: str | None = None, if_none_match: bool = False) -> str:
+        return self.request("put", lambda: self.store.put_file(
+            key, fd, size, metadata, if_match=if_match, if_none_match=if_none_match),
                             nbytes=size)
 
     def create_multipart(self, key: str, metadata: dict[str, str]) -> str:

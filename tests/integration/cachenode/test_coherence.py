@@ -82,3 +82,20 @@ def test_changed_object_is_seen_after_revalidate_after(make_node: Any, bucket: s
         f.flush()
         reader = (node.mount / "mine.bin").read_bytes()
     assert reader == b"MINE" + b"mine" * 99, "a dirty file was replaced by the store's version"
+
+
+def test_new_file_does_not_replace_an_object_created_meanwhile(make_node: Any, bucket: str,
+                                                               s3: Any) -> None:
+    """The node lists a directory, another writer then creates a key there, and the node
+    creates the same name: its first upload is create-only (If-None-Match: *) and conflicts."""
+    node = make_node(bucket, upload_delay=3600)
+    (node.mount / "d").mkdir()
+    assert os.listdir(node.mount / "d") == []
+    (node.mount / "d" / "new.bin").write_bytes(b"node")
+    s3.put_object(Bucket=bucket, Key="d/new.bin", Body=b"other writer")
+    status = node.flush(timeout=60)
+    assert read_object(s3, bucket, "d/new.bin") == b"other writer"
+    conflicts = [k for k in list_keys(s3, bucket) if k.startswith("d/new.bin.cistern-conflict-")]
+    assert len(conflicts) == 1 and read_object(s3, bucket, conflicts[0]) == b"node"
+    assert status.conflicts_total == 1
+    assert (node.mount / "d" / "new.bin").read_bytes() == b"other writer"

@@ -66,9 +66,12 @@ def test_conditional_put_refuses_another_version(store: ObjectStore, tmp_path: P
     assert second and second != first
     with pytest.raises(PreconditionFailed):
         store.put_file("c.bin", _fd(tmp_path, b"six"), 3, {}, if_match=first)
+    with pytest.raises(PreconditionFailed):
+        store.put_file("c.bin", _fd(tmp_path, b"new"), 3, {}, if_none_match=True)
     out = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
     store.download("c.bin", out)
     assert os.pread(out, 10, 0) == b"two"
+    assert store.put_file("d.bin", _fd(tmp_path, b"new"), 3, {}, if_none_match=True)
 
 
 def test_s3_download_is_checked_against_the_stored_md5(moto: Any, tmp_path: Path,

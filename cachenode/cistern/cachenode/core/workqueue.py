@@ -267,9 +267,10 @@ class WorkQueue:
             self._keys.own(key, entry.ino)
             # Coherence: overwrite only the version this node uploaded or saw (If-Match).
             if_match = entry.etag if entry.remote_key == key else None
+            absent = owner is None and entry.remote_key is None  # create only: If-None-Match
             return UploadWork(ino=entry.ino, key=key, gen=entry.gen, fd=fd, size=size,
                               metadata=metadata, path=self._tree.path_of(entry),
-                              if_match=if_match)
+                              if_match=if_match, if_none_match=absent)
         if entry.remote_key is None:
             self.discard(entry)
             return None
@@ -399,6 +400,8 @@ class WorkQueue:
         dropped (REMOTE) so the next open fetches theirs. ``etag`` keeps the version this node
         knew, so a later write of a copy it has not re-read conflicts again instead of
         overwriting. Written since: it stays DIRTY and its next upload meets the same test."""
+        if entry.remote_key is None:  # If-None-Match: the key is the other writer's object
+            entry.remote_key = work.key
         if entry.gen == work.gen and entry.writers == 0 and entry.state == DIRTY:
             self.mark_clean(entry, work.size)
             if entry.opens == 0 and entry.local and entry.ino not in self.pending:
