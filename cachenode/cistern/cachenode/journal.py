@@ -104,6 +104,9 @@ class Entry:
     last_access: float = 0.0
     validated: float = 0.0  # monotonic time the ETag was last checked (0: not since start)
     unlinked: bool = False
+    # streaming uploads (core/streams.py) and /status checkpoint progress
+    streamed: int = 0
+    durable_at: float | None = None
     waiters: list[object] = field(default_factory=list)
 
     def row(self) -> tuple[object, ...]:

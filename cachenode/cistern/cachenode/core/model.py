@@ -11,6 +11,7 @@ __all__ = [
     "RENAME_EXCHANGE",
     "RENAME_NOREPLACE",
     "ROOT_INO",
+    "StreamWork",
     "Attr",
     "DeleteWork",
     "Handle",
@@ -84,6 +85,17 @@ class UploadWork:
     if_match: str | None = None
     #: Coherence: the key had no owner here (no object this node knows of): create only.
     if_none_match: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StreamWork:
+    """A file still being written whose parts the flusher sends as they fill (core/streams.py)."""
+
+    ino: int
+    key: str
+    fd: int
+    metadata: dict[str, str]
+    path: str
 
 
 @dataclass(frozen=True, slots=True)
