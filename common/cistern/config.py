@@ -286,6 +286,12 @@ class CacheConfig(Section):
     cache_ttl: float | None = setting(
         "cacheTTL", None, optional(duration(positive=True)),
         "clean files not opened for this long are dropped from the local disk", shown="unset")
+    revalidate_after: float | None = setting(
+        "revalidateAfter", None, optional(duration(positive=True)),
+        "a clean cached file opened this long after it was last checked against the store "
+        "(and on its first open after a restart) is checked again (HEAD, ETag compared); if "
+        "another writer changed the object, the local copy is dropped and fetched again. "
+        "Dirty files are never replaced", shown="unset")
 
     def __post_init__(self) -> None:
         if self.low_watermark >= self.high_watermark:

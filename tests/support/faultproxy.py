@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import hashlib
 import http.client
 import json
 import logging
@@ -96,6 +97,9 @@ class ProxyConfig:
     """``error``: answer ``503 ServiceUnavailable``; ``refuse``: reset the connection."""
     seed: int | None = None
     """Seed of the random choice of failed requests (``None``: unpredictable)."""
+    opaque_etags: bool = False
+    """When true every ``ETag`` response header is replaced by one that is not the MD5 of
+    the body, as SSE-KMS, SSE-C and many S3-compatible stores answer."""
 
     def validate(self) -> ProxyConfig:
         if self.latency < 0:
@@ -459,8 +463,12 @@ class _Handler(BaseHTTPRequestHandler):
         length = response.getheader("Content-Length")
         no_body = self.command == "HEAD" or response.status in (204, 304) or (
             100 <= response.status < 200)
+        with self.server.state.lock:
+            opaque = self.server.state.config.opaque_etags
         for name, value in response.getheaders():
             if name.lower() not in _HOP_BY_HOP:
+                if opaque and name.lower() == "etag":
+                    value = '"' + hashlib.sha256(value.encode()).hexdigest()[:40] + '"'
                 self.send_header(name, value)
         rechunk = not no_body and length is None
         if rechunk:

@@ -349,6 +349,8 @@ class NodeDaemon:
             clean_bytes=core.clean_bytes,
             uploaded_bytes_total=flusher.client.uploaded_bytes_total,
             uploaded_objects_total=flusher.uploaded_objects_total,
+            conflicts_total=flusher.conflicts_total,
+            last_conflict=flusher.last_conflict,
             last_flush_time=flusher.last_flush_time,
             errors=flusher.client.errors.total,
             recent_errors=tuple(StoreErrorReport.from_json(e)

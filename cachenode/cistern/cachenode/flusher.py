@@ -17,7 +17,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from cistern.cachenode.core import CacheCore, DeleteWork, MoveWork, UploadWork, Work
-from cistern.cachenode.store import PermanentStoreError, StoreError
+from cistern.cachenode.store import PermanentStoreError, PreconditionFailed, StoreError
 from cistern.cachenode.storeclient import StoreClient
 from cistern.cachenode.streamer import Streamer
 from cistern.config import FlushPolicy
@@ -43,6 +43,8 @@ class Flusher:
         self._lock = threading.Lock()
         self._busy = 0
         self.uploaded_objects_total = 0
+        self.conflicts_total = 0
+        self.last_conflict: str | None = None
         self.last_flush_time: float | None = None
         self._stop = threading.Event()
         self._files = ThreadPoolExecutor(policy.max_concurrent_uploads,
@@ -144,6 +146,8 @@ class Flusher:
                 etag = self._multipart(work)
             else:
                 etag = self._put_snapshot(work)
+        except PreconditionFailed as exc:
+            error = exc  # a conflict, already kept and logged by _keep_conflict; not retried
         except _SourceChanged as exc:
             error = exc
             log.debug("%s was opened for writing during its upload; it is uploaded again",
@@ -179,9 +183,30 @@ class Flusher:
                 copied += sent
             if not self.core.upload_source_current(work):
                 raise _SourceChanged(work.path)
-            return self.client.put_file(work.key, snap, work.size, work.metadata)
+            try:
+                return self.client.put_file(work.key, snap, work.size, work.metadata,
+                                            if_match=work.if_match,
+                                            if_none_match=work.if_none_match)
+            except PreconditionFailed:
+                self._keep_conflict(work, snap)
+                raise
         finally:
             os.close(snap)
+
+    def _keep_conflict(self, work: UploadWork, snap: int) -> None:
+        """Another writer replaced the object since this node uploaded or fetched it: its
+        object stays, this version is uploaded as ``<key>.cistern-conflict-<UTC time>``
+        (docs/dev/cachenode.md, Coherence). If that upload fails, its error propagates: the
+        file stays DIRTY and the whole sequence runs again, so no version is ever lost."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        conflict_key = f"{work.key}.cistern-conflict-{stamp}"
+        self.client.put_file(conflict_key, snap, work.size, work.metadata)
+        self.metrics.conflicts.inc()
+        with self._lock:
+            self.conflicts_total += 1
+            self.last_conflict = f"{work.key} -> {conflict_key}"
+        log.error("conflict: another writer replaced %s in the store; its object is kept and "
+                  "this node's version was uploaded as %s", work.key, conflict_key)
 
     def _multipart(self, work: UploadWork) -> str:
         client = self.client

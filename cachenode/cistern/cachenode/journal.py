@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS entries (
     listed INTEGER NOT NULL,
     meta_dirty INTEGER NOT NULL DEFAULT 0,
     synced INTEGER NOT NULL DEFAULT 0,
+    etag TEXT,
     UNIQUE (parent, name)
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,7 +52,7 @@ CREATE TABLE IF NOT EXISTS uploads (
 
 _COLUMNS = ("ino", "parent", "name", "is_dir", "mode", "uid", "gid", "size", "mtime_ns",
             "ctime_ns", "state", "local", "remote_key", "remote_size", "listed", "meta_dirty",
-            "synced")
+            "synced", "etag")
 
 DIRTY, CLEAN, REMOTE, DIR = "dirty", "clean", "remote", "dir"
 
@@ -86,6 +87,9 @@ class Entry:
     #: and mtime and no open for writing or truncate has happened since. Set False durably
     #: (if the file has an object) before a modifying operation is acknowledged.
     synced: bool = False
+    #: The ETag of the object at ``remote_key`` as this node last wrote or saw it (PUT
+    #: answer, listing, fetch); None if unknown. An overwrite is conditional on it.
+    etag: str | None = None
     # runtime only
     gen: int = 0
     writers: int = 0
@@ -98,6 +102,7 @@ class Entry:
     durable_gen: int = -1
     sync_wanted: int = -1
     last_access: float = 0.0
+    validated: float = 0.0  # monotonic time the ETag was last checked (0: not since start)
     unlinked: bool = False
     # streaming uploads (core/streams.py) and /status checkpoint progress
     streamed: int = 0
@@ -108,7 +113,7 @@ class Entry:
         return (self.ino, self.parent, self.name, int(self.is_dir), self.mode, self.uid,
                 self.gid, self.size, self.mtime_ns, self.ctime_ns, self.state, int(self.local),
                 self.remote_key, self.remote_size, int(self.listed), int(self.meta_dirty),
-                int(self.synced))
+                int(self.synced), self.etag)
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,8 @@ class Journal:
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(entries)")}
         if "synced" not in columns:  # a journal written before the power-loss rules
             self._db.execute("ALTER TABLE entries ADD COLUMN synced INTEGER NOT NULL DEFAULT 0")
+        if "etag" not in columns:  # a journal written before ETags were kept
+            self._db.execute("ALTER TABLE entries ADD COLUMN etag TEXT")
         self._depth = 0
         self._sync_at_commit = False
 
@@ -192,7 +199,8 @@ class Journal:
         return [Entry(ino=r[0], parent=r[1], name=r[2], is_dir=bool(r[3]), mode=r[4], uid=r[5],
                       gid=r[6], size=r[7], mtime_ns=r[8], ctime_ns=r[9], state=r[10],
                       local=bool(r[11]), remote_key=r[12], remote_size=r[13],
-                      listed=bool(r[14]), meta_dirty=bool(r[15]), synced=bool(r[16]))
+                      listed=bool(r[14]), meta_dirty=bool(r[15]), synced=bool(r[16]),
+                      etag=r[17])
                 for r in rows]
 
     def get_meta(self, name: str) -> str | None:

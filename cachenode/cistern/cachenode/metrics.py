@@ -112,6 +112,10 @@ class Metrics:
             "unsynced_kept: after a power loss, a file's unsynced local data was set aside "
             "(lost+found) and the store's version kept; journal_error: an upload result "
             "could not be journaled (it is retried)", ["kind"], registry=r)
+        self.conflicts = Counter("cistern_conflicts",
+                                 "Uploads refused because another writer had replaced the "
+                                 "object; this node's version kept under a conflict name",
+                                 registry=r)
         self.rate_limited_seconds = Counter("cistern_rate_limited_seconds",
                                             "Time uploads waited for the rate limiter",
                                             registry=r)

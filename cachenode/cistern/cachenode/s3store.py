@@ -15,13 +15,18 @@ from cistern.cachenode.store import (
     ObjectInfo,
     ObjectStore,
     PermanentStoreError,
+    PreconditionFailed,
     StoreError,
     TemporaryStoreError,
     validate_key,
 )
 from cistern.config import StoreConfig
 
-__all__ = ["S3Store", "open_store"]
+__all__ = ["CHECKSUM_KEY", "S3Store", "open_store"]
+
+CHECKSUM_KEY = "cistern-md5"
+"""Metadata holding the MD5 of a single-PUT object's body, written by this node and checked
+by every download (an ETag is not always an MD5, so it cannot be the reference)."""
 
 
 def _md5_of(fd: int, offset: int, length: int) -> bytes:
@@ -126,6 +131,8 @@ class S3Store:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if code in ("NoSuchKey", "404") and what.startswith(("head", "get", "copy")):
                 return FileNotFoundError(what)
+            if code == "PreconditionFailed" or status == 412:
+                return PreconditionFailed(f"{what}: another writer changed the object")
             if code in _TEMPORARY_CODES or status >= 500 or status == 429:
                 return TemporaryStoreError(f"{what}: {code} {error.get('Message', '')}".strip(),
                                            code if code != "unknown" else str(status))
@@ -162,17 +169,20 @@ class S3Store:
                                           "NoSuchBucket") from exc
             raise
 
-    def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str]) -> str:
+    def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str],
+                 if_match: str | None = None, if_none_match: bool = False) -> str:
         md5 = _md5_of(fd, 0, size)
+        condition = {"IfMatch": f'"{if_match}"'} if if_match is not None else \
+            {"IfNoneMatch": "*"} if if_none_match else {}
         response = self._call(
             f"put {key}", self._client.put_object, Bucket=self.bucket, Key=self._k(key),
             Body=_FdReader(fd, 0, size), ContentLength=size,
-            ContentMD5=base64.b64encode(md5).decode(), Metadata=metadata)
-        etag = str(response.get("ETag", "")).strip('"')
-        if etag and etag != md5.hex():
-            raise TemporaryStoreError(f"put {key}: ETag {etag} does not match MD5 {md5.hex()}",
-                                      "BadDigest")
-        return etag
+            ContentMD5=base64.b64encode(md5).decode(),
+            Metadata={**metadata, CHECKSUM_KEY: md5.hex()}, **condition)
+        # Integrity is Content-MD5, checked by the store (BadDigest, retried); the ETag is
+        # not compared to the MD5: with SSE-KMS, SSE-C and many S3-compatible stores it is
+        # not one, and comparing would retry such an upload for ever.
+        return str(response.get("ETag", "")).strip('"')
 
     def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
         response = self._call(f"create-multipart {key}", self._client.create_multipart_upload,
@@ -273,9 +283,11 @@ class S3Store:
                               Key=self._k(key))
         body = response["Body"]
         offset = 0
+        digest = hashlib.md5()
         try:
             while chunk := body.read(_COPY_CHUNK):
                 os.pwrite(fd, chunk, offset)
+                digest.update(chunk)
                 offset += len(chunk)
         except Exception as exc:
             translated = self._translate(exc, f"get {key}")
@@ -286,6 +298,10 @@ class S3Store:
         if offset != expected:
             raise TemporaryStoreError(f"get {key}: got {offset} of {expected} bytes",
                                       "IncompleteBody")
+        stored = dict(response.get("Metadata", {})).get(CHECKSUM_KEY)
+        if stored is not None and stored != digest.hexdigest():
+            raise TemporaryStoreError(f"get {key}: MD5 {digest.hexdigest()} is not the stored "
+                                      f"checksum {stored}", "BadDigest")
         os.ftruncate(fd, offset)
         return ObjectInfo(key=key, size=offset, mtime=response["LastModified"].timestamp(),
                           etag=str(response.get("ETag", "")).strip('"'),

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ __all__ = [
     "ObjectInfo",
     "ObjectStore",
     "PermanentStoreError",
+    "PreconditionFailed",
     "StoreError",
     "TemporaryStoreError",
     "LocalDirStore",
@@ -57,6 +59,14 @@ class PermanentStoreError(StoreError):
     """Retrying will not help until someone fixes something (bucket, credentials, policy)."""
 
 
+class PreconditionFailed(PermanentStoreError):
+    """A conditional write found another version at the key (HTTP 412): another writer
+    changed the object. A conflict, never retried (docs/dev/cachenode.md, Coherence)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "PreconditionFailed")
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -81,8 +91,11 @@ class ObjectStore(Protocol):
     def check(self) -> None:
         """Verify the store is reachable and writable with these credentials."""
 
-    def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str]) -> str:
-        """Upload ``size`` bytes from ``fd`` (offset 0) as one object; return its ETag."""
+    def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str],
+                 if_match: str | None = None, if_none_match: bool = False) -> str:
+        """Upload ``size`` bytes from ``fd`` (offset 0) as one object; return its ETag.
+        With ``if_match``, only over the object of that ETag, with ``if_none_match`` only if
+        there is no object at ``key``; else ``PreconditionFailed``."""
 
     def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
         """Start a multipart upload; return its upload id."""
@@ -136,6 +149,7 @@ class LocalDirStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._conditional = threading.Lock()
         self.description = f"file://{root}"
 
     def _path(self, key: str) -> Path:
@@ -179,9 +193,34 @@ class LocalDirStore:
             raise TemporaryStoreError(f"{key}: {exc.strerror}", f"errno{exc.errno}") from exc
         return digest.hexdigest()
 
-    def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str]) -> str:
-        return self._write_atomically(
-            key, lambda out, digest: _copy_range(key, fd, 0, size, out, digest), metadata)
+    def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str],
+                 if_match: str | None = None, if_none_match: bool = False) -> str:
+        def write() -> str:
+            return self._write_atomically(
+                key, lambda out, digest: _copy_range(key, fd, 0, size, out, digest), metadata)
+
+        if if_match is None and not if_none_match:
+            return write()
+        # The check and the write are atomic against this process's writers only; another
+        # process writing the directory between them is not seen (a limit of this store).
+        with self._conditional:
+            current = self._etag_of(key)
+            # This store's multipart ETag is the MD5 of the whole object plus "-<parts>".
+            if (current is not None) if if_match is None \
+                    else (current is None or if_match.split("-", 1)[0] != current):
+                raise PreconditionFailed(f"put {key}: the object is {current or 'absent'}, "
+                                         f"not {if_match}")
+            return write()
+
+    def _etag_of(self, key: str) -> str | None:
+        digest = hashlib.md5()
+        try:
+            with open(self._path(key), "rb") as f:
+                while chunk := f.read(_COPY_CHUNK):
+                    digest.update(chunk)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        return digest.hexdigest()
 
     def _mpu_dir(self, upload_id: str) -> Path:
         if not upload_id.isalnum():

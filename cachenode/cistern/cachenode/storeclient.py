@@ -132,8 +132,10 @@ class StoreClient:
 
     # -------------------------------------------------------------- writes (the flusher)
 
-    def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str]) -> str:
-        return self.request("put", lambda: self.store.put_file(key, fd, size, metadata),
+    def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str],
+                 if_match: str | None = None, if_none_match: bool = False) -> str:
+        return self.request("put", lambda: self.store.put_file(
+            key, fd, size, metadata, if_match=if_match, if_none_match=if_none_match),
                             nbytes=size)
 
     def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
@@ -170,6 +172,10 @@ class StoreClient:
     def download(self, key: str, fd: int) -> ObjectInfo:
         return self.request("get", lambda: self.store.download(key, fd), retry=FETCH_RETRY,
                             what=f"fetch {key}")
+
+    def head(self, key: str) -> ObjectInfo:
+        return self.request("head", lambda: self.store.head(key), retry=LIST_RETRY,
+                            what=f"head {key}")
 
     def check(self) -> None:
         """Reachable and writable with these credentials (retried briefly)."""

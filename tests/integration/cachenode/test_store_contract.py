@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -10,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from cistern.cachenode.s3store import S3Store
+from cistern.cachenode.s3store import CHECKSUM_KEY, S3Store
 from cistern.cachenode.store import (
     LocalDirStore,
     ObjectStore,
     PermanentStoreError,
+    PreconditionFailed,
     TemporaryStoreError,
 )
 from cistern.config import StoreConfig
@@ -55,6 +57,43 @@ def test_put_head_download_delete(store: ObjectStore, tmp_path: Path) -> None:
     store.delete("a/b.bin")  # idempotent
     with pytest.raises(FileNotFoundError):
         store.head("a/b.bin")
+
+
+def test_conditional_put_refuses_another_version(store: ObjectStore, tmp_path: Path) -> None:
+    """If-Match: an overwrite succeeds only over the version the writer knows."""
+    first = store.put_file("c.bin", _fd(tmp_path, b"one"), 3, {})
+    second = store.put_file("c.bin", _fd(tmp_path, b"two"), 3, {}, if_match=first)
+    assert second and second != first
+    with pytest.raises(PreconditionFailed):
+        store.put_file("c.bin", _fd(tmp_path, b"six"), 3, {}, if_match=first)
+    with pytest.raises(PreconditionFailed):
+        store.put_file("c.bin", _fd(tmp_path, b"new"), 3, {}, if_none_match=True)
+    out = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    store.download("c.bin", out)
+    assert os.pread(out, 10, 0) == b"two"
+    assert store.put_file("d.bin", _fd(tmp_path, b"new"), 3, {}, if_none_match=True)
+
+
+def test_s3_download_is_checked_against_the_stored_md5(moto: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body that does not match the MD5 stored at upload is refused (retried), not cached."""
+    for key, value in TEST_CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"c-{uuid.uuid4().hex[:12]}"
+    client = moto.client()
+    client.create_bucket(Bucket=bucket)
+    store = S3Store(StoreConfig(url=f"s3://{bucket}/", endpoint_url=moto.endpoint,
+                                path_style=True))
+    store.put_file("good", _fd(tmp_path, b"payload"), 7, {})
+    assert client.head_object(Bucket=bucket, Key="good")["Metadata"][CHECKSUM_KEY] == \
+        hashlib.md5(b"payload").hexdigest()
+    out = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    assert store.download("good", out).size == 7
+    client.put_object(Bucket=bucket, Key="bad", Body=b"payloaD",
+                      Metadata={CHECKSUM_KEY: hashlib.md5(b"payload").hexdigest()})
+    with pytest.raises(TemporaryStoreError) as caught:
+        store.download("bad", out)
+    assert caught.value.code == "BadDigest"
 
 
 def test_list_dir_and_list_all(store: ObjectStore, tmp_path: Path) -> None:

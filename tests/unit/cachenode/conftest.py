@@ -31,9 +31,11 @@ class FaultyStore(LocalDirStore):
         if self.failures[op]:
             raise self.failures[op].pop(0)
 
-    def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str]) -> str:
+    def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str],
+                 if_match: str | None = None, if_none_match: bool = False) -> str:
         self._enter("put_file")
-        return super().put_file(key, fd, size, metadata)
+        return super().put_file(key, fd, size, metadata, if_match=if_match,
+                                if_none_match=if_none_match)
 
     def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
         self._enter("create_multipart")

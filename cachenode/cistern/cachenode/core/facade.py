@@ -64,7 +64,8 @@ class CacheCore:
         self._queue = WorkQueue(tree, self._keys, self._data, self.flush_policy)
         self._admission = Admission(cache_dir, tree, self._queue, self.cache_config,
                                     self.drain_policy)
-        self._readthrough = ReadThrough(tree, self._keys, self._data, self._queue, store)
+        self._readthrough = ReadThrough(tree, self._keys, self._data, self._queue, store,
+                                        self.cache_config.revalidate_after)
         self._files = OpenFiles(tree, self._queue, self._data, self._readthrough,
                                 self._admission, self.flush_policy)
         self._namespace = Namespace(tree, self._keys, self._queue, self._data,

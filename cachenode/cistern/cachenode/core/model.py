@@ -80,6 +80,11 @@ class UploadWork:
     size: int
     metadata: dict[str, str]
     path: str
+    #: Coherence: the ETag of the object this upload replaces (uploaded or fetched by this
+    #: node), so the write is conditional on it; None: unconditional.
+    if_match: str | None = None
+    #: Coherence: the key had no owner here (no object this node knows of): create only.
+    if_none_match: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,8 @@ class OpenFiles:
                 raise err(errno.EISDIR)
         if writable:
             self._admission.admit(new_file=False)
+        if not truncate:
+            self._readthrough.revalidate(entry)  # coherence: another writer's change
         while True:
             with tree.lock:
                 if entry.unlinked:

@@ -42,11 +42,14 @@ class ReadThroughStore(Protocol):
 
     def download(self, key: str, fd: int) -> ObjectInfo: ...
 
+    def head(self, key: str) -> ObjectInfo: ...
+
 
 class ReadThrough:
     def __init__(self, tree: Tree, keys: Keys, datafiles: DataFiles, queue: WorkQueue,
-                 store: ReadThroughStore) -> None:
+                 store: ReadThroughStore, revalidate_after: float | None = None) -> None:
         self._tree = tree
+        self._revalidate_after = revalidate_after
         self._queue = queue
         self._keys = keys
         self._files = datafiles
@@ -99,7 +102,8 @@ class ReadThrough:
             new = Entry(ino=0, parent=parent.ino, name=name, is_dir=False,
                         mode=stat.S_IFREG | 0o644, uid=parent.uid, gid=parent.gid,
                         size=info.size, mtime_ns=mtime, ctime_ns=mtime, state=REMOTE,
-                        local=False, remote_key=info.key, remote_size=info.size)
+                        local=False, remote_key=info.key, remote_size=info.size,
+                        etag=info.etag or None)
         new.ino = self._tree.journal.insert(new)
         self._tree.add(new)
         if new.remote_key:
@@ -119,6 +123,38 @@ class ReadThrough:
             self.ensure_subtree_listed(sub)
 
     # ------------------------------------------------------------------ fetch
+
+    def revalidate(self, entry: Entry) -> None:
+        """Coherence: before an open, check a CLEAN local copy not checked for
+        ``revalidateAfter`` (or since the start) against the store's ETag; if another writer
+        changed the object, drop the copy (REMOTE) so the open fetches theirs. Only CLEAN
+        copies nobody has open and that need no work: dirty data is never replaced. A failed
+        check serves the local copy (writers and readers never see S3 errors for it)."""
+        after = self._revalidate_after
+        if after is None:
+            return
+        tree = self._tree
+        now = time.monotonic()
+        with tree.lock:
+            if entry.state != CLEAN or not entry.local or entry.opens or entry.in_flight \
+                    or entry.remote_key is None or now - entry.validated < after:
+                return
+            key, known = entry.remote_key, entry.etag
+        try:
+            info = self.store.head(key)
+        except (StoreError, FileNotFoundError) as exc:
+            log.warning("revalidation of %s failed, serving the local copy: %s", key, exc)
+            return
+        with tree.lock:
+            entry.validated = now
+            if not info.etag or info.etag == known:
+                return
+            if entry.state == CLEAN and entry.local and not entry.opens and not entry.in_flight \
+                    and entry.remote_key == key and entry.etag == known \
+                    and entry.ino not in self._queue.pending:
+                log.info("%s changed in the store (ETag %s, was %s); fetched again",
+                         key, info.etag, known)
+                self._files.drop_local(entry, "changed")
 
     def fetch(self, entry: Entry) -> None:
         """Copy a REMOTE file into the cache (serialised per file)."""
@@ -152,6 +188,8 @@ class ReadThrough:
                 entry.state = CLEAN
                 entry.last_access = time.monotonic()
                 entry.size = entry.remote_size = info.size
+                entry.etag = info.etag or None
+                entry.validated = time.monotonic()
                 apply_metadata(entry, info.metadata)
                 tree.clean_bytes += info.size
                 tree.journal.update(entry)

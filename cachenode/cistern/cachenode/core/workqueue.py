@@ -26,6 +26,7 @@ from cistern.cachenode.core.model import (
 )
 from cistern.cachenode.core.tree import Tree
 from cistern.cachenode.journal import CLEAN, DIRTY, Entry
+from cistern.cachenode.store import PreconditionFailed
 from cistern.config import FlushPolicy
 
 __all__ = ["WorkQueue"]
@@ -274,8 +275,12 @@ class WorkQueue:
             entry.in_flight = True
             self.recount(entry)
             self._keys.own(key, entry.ino)
+            # Coherence: overwrite only the version this node uploaded or saw (If-Match).
+            if_match = entry.etag if entry.remote_key == key else None
+            absent = owner is None and entry.remote_key is None  # create only: If-None-Match
             return UploadWork(ino=entry.ino, key=key, gen=entry.gen, fd=fd, size=size,
-                              metadata=metadata, path=self._tree.path_of(entry))
+                              metadata=metadata, path=self._tree.path_of(entry),
+                              if_match=if_match, if_none_match=absent)
         if entry.remote_key is None:
             self.discard(entry)
             return None
@@ -329,7 +334,7 @@ class WorkQueue:
             with tree.lock, tree.journal.transaction():
                 entry = tree.entries.get(work.ino)
                 try:
-                    self._finish_upload(work, entry, error)
+                    self._finish_upload(work, entry, error, etag)
                 finally:
                     if entry is not None:
                         self.recount(entry)
@@ -361,7 +366,7 @@ class WorkQueue:
             tree.changed.notify_all()
 
     def _finish_upload(self, work: UploadWork, entry: Entry | None,
-                       error: Exception | None) -> None:
+                       error: Exception | None, etag: str | None = None) -> None:
         tree, keys = self._tree, self._keys
         tree.journal.remove_upload(work.ino, work.key)
         if entry is None:
@@ -369,6 +374,9 @@ class WorkQueue:
             tree.changed.notify_all()
             return
         entry.in_flight = False
+        if isinstance(error, PreconditionFailed) and not entry.unlinked:
+            self._give_way(entry, work)
+            return
         if error is not None:
             if entry.unlinked:
                 keys.forget_unlinked(entry, work.key)
@@ -382,6 +390,7 @@ class WorkQueue:
         old = entry.remote_key
         entry.remote_key = work.key
         entry.remote_size = work.size
+        entry.etag = etag or None
         keys.own(work.key, entry.ino)
         entry.durable_gen = max(entry.durable_gen, work.gen)
         entry.streamed = work.size
@@ -395,6 +404,24 @@ class WorkQueue:
         else:
             tree.journal.update(entry)
         tree.changed.notify_all()
+
+    def _give_way(self, entry: Entry, work: UploadWork) -> None:
+        """Coherence: another writer replaced the object this upload was conditional on. The
+        flusher kept this version in the store under a conflict name; the path now gives way
+        to the other writer's object: the copy becomes CLEAN and, if nobody has it open, is
+        dropped (REMOTE) so the next open fetches theirs. ``etag`` keeps the version this node
+        knew, so a later write of a copy it has not re-read conflicts again instead of
+        overwriting. Written since: it stays DIRTY and its next upload meets the same test."""
+        if entry.remote_key is None:  # If-None-Match: the key is the other writer's object
+            entry.remote_key = work.key
+        if entry.gen == work.gen and entry.writers == 0 and entry.state == DIRTY:
+            self.mark_clean(entry, work.size)
+            if entry.opens == 0 and entry.local and entry.ino not in self.pending:
+                self._files.drop_local(entry, "conflict")
+        else:
+            entry.due = time.monotonic() + 1.0
+            self._tree.journal.update(entry)
+        self._tree.changed.notify_all()
 
     def finish_move(self, work: MoveWork, error: Exception | None) -> None:
         tree = self._tree
