@@ -394,6 +394,9 @@ async def test_chart_without_the_mount_root_volume_names_it(harness: Harness) ->
     assert f"volumeMount {mount_root['name']!r} names no volume" in problem, problem
 
 
+# Only the operator runs here (no CSI node plugin, so no FUSE holder: a daemon told to hand
+# its connection to a holder waits for one).
+@pytest.mark.parametrize("harness", [{"holder": {"enabled": False}}], indirect=True)
 async def test_misspelled_config_key_and_missing_secret_are_named(harness: Harness) -> None:
     h = harness
     api = h.api
