@@ -17,6 +17,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.s3env import TEST_CREDENTIALS, S3Env
 from tests.support.s3server import free_port
@@ -89,6 +90,10 @@ class Target:
     def is_durable(self, mounted: Mounted) -> bool:
         """For targets whose objects are not files: whether nothing waits for upload."""
         raise NotImplementedError
+
+    def after_save(self, env: S3Env, mounted: Mounted, files: dict[str, int]) -> None:
+        """Called once a save returned (``files``: path below ``mounted.path`` -> size)."""
+        return None
 
 
 def _start(mounted: Mounted, cmd: list[str], env: dict[str, str]) -> Mounted:
@@ -170,6 +175,56 @@ class RawTarget(Target):
 
     def is_durable(self, mounted: Mounted) -> bool:
         return True
+
+
+class Boto3UploadTarget(Target):
+    """What the store can absorb: the save goes to a local directory, then a plain boto3
+    ``upload_file`` per file (``TransferConfig`` defaults: 8 MiB parts, 10 threads) to the
+    same proxy endpoint. Time to durable = the save plus these uploads."""
+
+    name = "boto3"
+    kind = "upload"
+
+    def version(self) -> str:
+        import boto3
+
+        return f"boto3 {boto3.__version__}"
+
+    def describe(self) -> str:
+        return "local save, then boto3 upload_file per file (TransferConfig defaults)"
+
+    def mount(self, env: S3Env, bucket: str, workdir: Path, cold: bool = False) -> Mounted:
+        path = workdir / "boto3"
+        if cold:  # a restart reads the objects back: download them to an empty directory
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            client = self._client(env)
+            for key in env.listing(bucket):
+                (path / key).parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, key, str(path / key))
+        path.mkdir(parents=True, exist_ok=True)
+        return Mounted(self, path, bucket, "", workdir)
+
+    def unmount(self, mounted: Mounted) -> None:
+        return None
+
+    @staticmethod
+    def _client(env: S3Env) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=env.proxy_endpoint, region_name="us-east-1",
+                            aws_access_key_id=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                            config=Config(s3={"addressing_style": "path"}))
+
+    def after_save(self, env: S3Env, mounted: Mounted, files: dict[str, int]) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        client, config = self._client(env), TransferConfig()
+        for rel in files:
+            client.upload_file(str(mounted.path / rel), mounted.bucket, mounted.prefix + rel,
+                               Config=config)
 
 
 class CisternTarget(Target):
@@ -366,6 +421,8 @@ def build_targets(names: list[str], frontends: list[str], upload_delay: float) -
             targets.extend(CisternTarget(f, upload_delay) for f in frontends)
         elif name == "juicefs":
             targets.append(JuiceFSTarget())
+        elif name == "boto3":
+            targets.append(Boto3UploadTarget())
         elif name == "rclone":
             targets.append(RcloneTarget())
         elif name == "s3fs":

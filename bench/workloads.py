@@ -141,7 +141,12 @@ def checkpoint_saves(env: S3Env, mounted: Mounted, kinds: list[str], size: int, 
 
             poller = threading.Thread(target=poll, daemon=True)
             poller.start()
+            # The boto3 row uploads the saved files itself (other targets: nothing to do).
+            uploader = threading.Thread(target=mounted.target.after_save,
+                                        args=(env, mounted, files), daemon=True)
+            uploader.start()
             loaded = next(events)
+            uploader.join()
             poller.join()
             durable_s, note = durable.get("r", (None, "no durability result"))
             results[kind] = SaveResult(

@@ -115,6 +115,13 @@ class CheckpointProgress:
     files: int = 0
     bytes: int = 0
     pending_files: int = 0
+    bytes_written: int = 0
+    """Bytes in its files now (an open file's data file may be ahead of ``bytes``)."""
+    bytes_uploaded: int = 0
+    """Bytes the store holds in their current form, parts of streamed files included."""
+    durable_at: float | None = None
+    """Wall time (Unix seconds) its last byte became durable, once ``state`` is durable
+    (uploads by this node process; None after a restart for files uploaded before it)."""
 
     @classmethod
     def from_json(cls, data: Any, where: str = "checkpoints[]") -> CheckpointProgress:
@@ -123,7 +130,10 @@ class CheckpointProgress:
                    state=_literal(data, "state", CheckpointState, None, where),
                    files=_field(data, "files", int, 0, where),
                    bytes=_field(data, "bytes", int, 0, where),
-                   pending_files=_field(data, "pending_files", int, 0, where))
+                   pending_files=_field(data, "pending_files", int, 0, where),
+                   bytes_written=_field(data, "bytes_written", int, 0, where),
+                   bytes_uploaded=_field(data, "bytes_uploaded", int, 0, where),
+                   durable_at=_field(data, "durable_at", float, None, where))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

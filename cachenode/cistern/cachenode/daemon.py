@@ -128,7 +128,10 @@ class NodeDaemon:
         except BlockingIOError:
             raise StartupError(f"cache dir {cache_dir} is in use by another cistern-node") \
                 from None
-        store = open_store(cfg.store, max_pool=cfg.flush.max_concurrent_uploads * 2 + 4)
+        # One connection per file upload (PUT, or a stream's create/complete), one per part
+        # in flight, and a few for the read path.
+        store = open_store(cfg.store, max_pool=cfg.flush.max_concurrent_uploads
+                           + cfg.flush.max_concurrent_parts + 4)
         # One client for the flusher and the read path: one rate limit, one set of metrics.
         client = StoreClient(store, cfg.flush, self.prom)
         try:

@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from cistern.cachenode.core import CacheCore, DeleteWork, MoveWork, UploadWork, Work
 from cistern.cachenode.store import PermanentStoreError, StoreError
 from cistern.cachenode.storeclient import StoreClient
+from cistern.cachenode.streamer import Streamer
 from cistern.config import FlushPolicy
 
 __all__ = ["Flusher"]
@@ -46,8 +47,11 @@ class Flusher:
         self._stop = threading.Event()
         self._files = ThreadPoolExecutor(policy.max_concurrent_uploads,
                                          thread_name_prefix="upload")
-        self._parts = ThreadPoolExecutor(policy.max_concurrent_uploads,
+        # Parts of every multipart upload, streamed or not, share one node-wide pool
+        # (flush.maxConcurrentParts); streams of files still being written: streamer.py.
+        self._parts = ThreadPoolExecutor(policy.max_concurrent_parts,
                                          thread_name_prefix="part")
+        self.streamer = Streamer(core, client, policy, self._parts)
         self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
 
     # -------------------------------------------------------------- lifecycle
@@ -61,6 +65,7 @@ class Flusher:
         self._stop.set()
         self.client.stop()
         self._thread.join(timeout)
+        self.streamer.stop()
         self._files.shutdown(wait=True, cancel_futures=True)
         self._parts.shutdown(wait=True, cancel_futures=True)
 
@@ -79,6 +84,7 @@ class Flusher:
     def _run(self) -> None:
         self._clean_stale_uploads()
         while not self._stop.is_set():
+            self.streamer.poll()  # streams of large files still being written
             free = self.policy.max_concurrent_uploads - self.busy
             work = self.core.collect_work(free) if free > 0 else []
             if not work:

@@ -99,6 +99,9 @@ class Entry:
     sync_wanted: int = -1
     last_access: float = 0.0
     unlinked: bool = False
+    # streaming uploads (core/streams.py) and /status checkpoint progress
+    streamed: int = 0
+    durable_at: float | None = None
     waiters: list[object] = field(default_factory=list)
 
     def row(self) -> tuple[object, ...]:

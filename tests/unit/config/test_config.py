@@ -50,6 +50,11 @@ def test_defaults_and_round_trip() -> None:
     ({"store": {"url": "s3://ok-bucket"}, "drain": {"newWrites": "maybe"}}, "drain.newWrites"),
     ({"store": {"url": "s3://ok-bucket"}, "control": "nowhere"}, "HOST:PORT"),
     ({"store": {"url": "s3://ok-bucket"}, "fuseFrontend": "fast"}, "fuseFrontend"),
+    ({"store": {"url": "s3://ok-bucket"}, "flush": {"streaming": "yes"}}, "flush.streaming"),
+    ({"store": {"url": "s3://ok-bucket"}, "flush": {"streamExclude": "*.tmp"}},
+     "flush.streamExclude"),
+    ({"store": {"url": "s3://ok-bucket"}, "flush": {"maxConcurrentParts": 0}},
+     "flush.maxConcurrentParts"),
 ])
 def test_invalid_values_name_the_field(data: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -143,7 +148,8 @@ def test_a_full_config_round_trips() -> None:
             "flush": {"mode": "writeThrough", "uploadDelay": "500ms", "maxConcurrentUploads": 2,
                       "partSize": "8Mi", "multipartThreshold": "64Mi", "maxBytesPerSecond": "1Gi",
                       "maxRequestsPerSecond": 100, "evacuationBytesPerSecond": 10**9,
-                      "commitMarkers": ["DONE"]},
+                      "commitMarkers": ["DONE"], "streaming": False,
+                      "streamExclude": ["*.staging"], "maxConcurrentParts": 3},
             "drain": {"newWrites": "reject", "timeout": "2h"},
             "s3Endpoint": {"listen": "127.0.0.1:9470", "socket": "/s3.sock",
                            "credentialsDir": "/k", "bucket": "b"}}
@@ -153,3 +159,15 @@ def test_a_full_config_round_trips() -> None:
     assert set(config.to_dict()) == set(data)
     for key in ("store", "cache", "flush", "drain", "s3Endpoint"):
         assert set(config.to_dict()[key]) == set(data[key]), key
+
+
+def test_streaming_keys() -> None:
+    flush = NodeConfig.from_dict({"store": {"url": "s3://ok-bucket"}}).flush
+    assert flush.streaming and flush.max_concurrent_parts == 8
+    assert {"*.tmp", "*.partial"} <= set(flush.stream_exclude)
+    custom = NodeConfig.from_dict({"store": {"url": "s3://ok-bucket"}, "flush": {
+        "streaming": False, "streamExclude": ["*.staging"], "maxConcurrentParts": 3}}).flush
+    assert (custom.streaming, custom.stream_exclude, custom.max_concurrent_parts) == (
+        False, ("*.staging",), 3)
+    assert NodeConfig.from_dict({"store": {"url": "s3://ok-bucket"},
+                                 "flush": custom.to_dict()}).flush == custom

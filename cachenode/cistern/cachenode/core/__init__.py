@@ -19,6 +19,7 @@ lock (docs/dev/cachenode.md maps each invariant to the module that keeps it):
   readthrough  listing the store into the namespace, fetching on open
   openfiles    open / read / write / fsync / release / setattr / truncate
   namespace    lookup, readdir, mkdir, create, unlink, rmdir, rename
+  streams      streaming uploads of large files while they are written
   retention    eviction, TTL, keep-last-N checkpoints, checkpoint progress
   recovery     rebuilding all of the above from the journal after a stop or a crash
 """
@@ -32,9 +33,11 @@ from cistern.cachenode.core.model import (
     DeleteWork,
     Handle,
     MoveWork,
+    StreamWork,
     UploadWork,
     Work,
 )
+from cistern.cachenode.core.streams import StreamState
 
 __all__ = [
     "RENAME_EXCHANGE",
@@ -45,6 +48,8 @@ __all__ = [
     "DeleteWork",
     "Handle",
     "MoveWork",
+    "StreamState",
+    "StreamWork",
     "UploadWork",
     "Work",
 ]

@@ -20,6 +20,7 @@ from cistern.cachenode.core.model import (
     DeleteWork,
     Handle,
     MoveWork,
+    StreamWork,
     UploadWork,
     Work,
     err,
@@ -29,6 +30,7 @@ from cistern.cachenode.core.openfiles import OpenFiles
 from cistern.cachenode.core.readthrough import ReadThrough, ReadThroughStore
 from cistern.cachenode.core.recovery import recover
 from cistern.cachenode.core.retention import Retention
+from cistern.cachenode.core.streams import Streams, StreamState
 from cistern.cachenode.core.tree import EventSink, Tree
 from cistern.cachenode.core.workqueue import WorkQueue
 from cistern.cachenode.journal import Journal
@@ -70,6 +72,7 @@ class CacheCore:
         self._retention = Retention(tree, self._queue, self._data, self._readthrough,
                                     self._namespace, self.cache_config, self.flush_policy,
                                     store_keep_last, self._admission)
+        self._streams = Streams(tree, self._keys, self._queue, self._data, self.flush_policy)
         with tree.lock:  # recovery may add tombstones, which notify waiters under the lock
             recover(tree, self._keys, self._queue, self._data)
         self.spares_wanted: threading.Event = self._data.spares_wanted
@@ -278,8 +281,23 @@ class CacheCore:
         """Upload results that could not be journaled (e.g. disk full); they are retried."""
         return self._queue.journal_errors
 
-    def set_upload_id(self, work: UploadWork, upload_id: str) -> None:
+    def set_upload_id(self, work: UploadWork | StreamWork, upload_id: str) -> None:
         self._queue.set_upload_id(work, upload_id)
+
+    # Streaming uploads of files still being written (core/streams.py).
+
+    def collect_streams(self, limit: int) -> list[StreamWork]:
+        """Start up to ``limit`` streams of large files being written at final names."""
+        return self._streams.collect(limit)
+
+    def stream_state(self, work: StreamWork, streamed: int) -> StreamState:
+        """How far a streamed file has got (``streamed``: bytes its parts hold so far)."""
+        return self._streams.state(work, streamed)
+
+    def finish_stream(self, work: StreamWork, gen: int, size: int, etag: str | None,
+                      error: Exception | None) -> None:
+        """The stream is complete (generation ``gen``, ``size`` bytes) or abandoned."""
+        self._queue.finish_upload(Streams.as_upload(work, gen, size), etag, error)
 
     def finish_upload(self, work: UploadWork, etag: str | None, error: Exception | None) -> None:
         self._queue.finish_upload(work, etag, error)

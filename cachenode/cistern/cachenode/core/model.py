@@ -11,6 +11,7 @@ __all__ = [
     "RENAME_EXCHANGE",
     "RENAME_NOREPLACE",
     "ROOT_INO",
+    "StreamWork",
     "Attr",
     "DeleteWork",
     "Handle",
@@ -77,6 +78,17 @@ class UploadWork:
     gen: int
     fd: int
     size: int
+    metadata: dict[str, str]
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamWork:
+    """A file still being written whose parts the flusher sends as they fill (core/streams.py)."""
+
+    ino: int
+    key: str
+    fd: int
     metadata: dict[str, str]
     path: str
 

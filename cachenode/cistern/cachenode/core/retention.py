@@ -8,6 +8,7 @@ all in the store under their final keys.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from cistern.cachenode.core.namespace import Namespace
 from cistern.cachenode.core.readthrough import ReadThrough
 from cistern.cachenode.core.tree import Tree
 from cistern.cachenode.core.workqueue import WorkQueue
-from cistern.cachenode.journal import CLEAN, Entry
+from cistern.cachenode.journal import CLEAN, DIRTY, Entry
 from cistern.config import CacheConfig, FlushPolicy
 
 __all__ = ["Retention"]
@@ -163,7 +164,33 @@ class Retention:
                     state = "committed-locally"
                 else:
                     state = "durable"
+                written = sum(_size_now(f) for f in files)
+                uploaded = sum(_uploaded(f, pending) for f in files)
+                durable_at = [f.durable_at for f in files if f.durable_at is not None]
                 out.append({"path": tree.path_of(directory) or "/", "state": state,
                             "files": len(files), "bytes": sum(f.size for f in files),
-                            "pending_files": len(waiting)})
+                            "pending_files": len(waiting),
+                            "bytes_written": written, "bytes_uploaded": uploaded,
+                            # wall time the last byte became durable (this process's uploads)
+                            "durable_at": max(durable_at) if state == "durable"
+                            and durable_at else None})
         return out
+
+
+def _size_now(entry: Entry) -> int:
+    """Bytes written so far: an open file's data file may be ahead of ``entry.size``."""
+    if entry.fd >= 0 and entry.state == DIRTY:
+        try:
+            return os.fstat(entry.fd).st_size
+        except OSError:
+            return entry.size
+    return entry.size
+
+
+def _uploaded(entry: Entry, pending: set[int]) -> int:
+    """Bytes of this file the store holds in its current form (streamed parts included)."""
+    if entry.state != DIRTY and entry.ino not in pending:
+        return entry.size
+    if entry.in_flight:
+        return entry.streamed
+    return 0

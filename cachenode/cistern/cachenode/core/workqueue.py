@@ -16,7 +16,14 @@ import time
 
 from cistern.cachenode.core.datafiles import DataFiles
 from cistern.cachenode.core.keys import DELETE_RESERVATION, Keys
-from cistern.cachenode.core.model import ROOT_INO, DeleteWork, MoveWork, UploadWork, Work
+from cistern.cachenode.core.model import (
+    ROOT_INO,
+    DeleteWork,
+    MoveWork,
+    StreamWork,
+    UploadWork,
+    Work,
+)
 from cistern.cachenode.core.tree import Tree
 from cistern.cachenode.journal import CLEAN, DIRTY, Entry
 from cistern.config import FlushPolicy
@@ -207,6 +214,10 @@ class WorkQueue:
                     return True
         return False
 
+    def is_due(self, entry: Entry, now: float) -> bool:
+        """Past ``uploadDelay`` or covered by a flush request."""
+        return entry.dirty_seq <= self._force_until_seq or entry.due <= now
+
     def collect_work(self, limit: int, force: bool = False) -> list[Work]:
         """Hand the flusher up to ``limit`` operations that are due and safe to run now."""
         now = time.monotonic()
@@ -221,7 +232,6 @@ class WorkQueue:
                     out.append(DeleteWork(key))
             # Filter before sorting: during a burst of thousands of new files almost none is
             # due yet, and this runs on every wake-up of the flusher.
-            forced = self._force_until_seq
             due = []
             for ino in self.pending:
                 entry = self._tree.entries.get(ino)
@@ -229,7 +239,7 @@ class WorkQueue:
                     continue
                 if entry.writers and entry.sync_wanted <= entry.durable_gen:
                     continue
-                if not (force or entry.dirty_seq <= forced) and entry.due > now:
+                if not force and not self.is_due(entry, now):
                     continue
                 due.append(entry)
             due.sort(key=lambda e: e.seq)
@@ -277,7 +287,7 @@ class WorkQueue:
 
     # ------------------------------------------------------------------ results
 
-    def set_upload_id(self, work: UploadWork, upload_id: str) -> None:
+    def set_upload_id(self, work: UploadWork | StreamWork, upload_id: str) -> None:
         self._tree.journal.set_upload_id(work.ino, work.key, upload_id)
 
     def upload_source_current(self, work: UploadWork) -> bool:
@@ -374,6 +384,8 @@ class WorkQueue:
         entry.remote_size = work.size
         keys.own(work.key, entry.ino)
         entry.durable_gen = max(entry.durable_gen, work.gen)
+        entry.streamed = work.size
+        entry.durable_at = time.time()  # /status: when a checkpoint's last byte was durable
         if old is not None and old != work.key:
             keys.release(old)
         if entry.unlinked:

@@ -1,0 +1,142 @@
+"""Streaming uploads: large files go to the store while they are still being written.
+
+A file written at a name that does not look temporary (``flush.streamExclude``), in
+write-back mode, whose data file has reached ``multipartThreshold`` while a writer still has
+it open, is handed to the flusher as a ``StreamWork``: the core journals an upload intent,
+reserves the key and marks the entry in flight, exactly as for an ``UploadWork``
+(invariants 2 and 3). The flusher sends full parts as they fill and asks ``state`` how far the
+file has got; once it is closed and due (``uploadDelay``, a flush request), the flusher sends
+the tail, checks every part against the final content (parts whose bytes changed are sent
+again) and reports through ``WorkQueue.finish_upload`` with the generation and size it checked.
+
+Nothing here trusts the write path to report writes: the passthrough front end never sees
+them (the kernel writes the data file). A rewrite behind the upload front is caught when the
+parts are checked at the end; a truncation below the front or a rename makes the flusher
+abort the multipart upload and the file is uploaded again the ordinary way (``abandon``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import time
+from dataclasses import dataclass
+
+from cistern.cachenode.core.datafiles import DataFiles
+from cistern.cachenode.core.keys import Keys
+from cistern.cachenode.core.model import ROOT_INO, StreamWork, UploadWork
+from cistern.cachenode.core.tree import Tree
+from cistern.cachenode.core.workqueue import WorkQueue
+from cistern.cachenode.journal import DIRTY, Entry
+from cistern.config import FlushPolicy
+
+__all__ = ["StreamState", "Streams"]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """Where a streamed file is now, read under the core lock."""
+
+    size: int
+    written: int
+    """The allocated prefix of ``size`` (what a sequential writer has written; see
+    ``_written``): parts are sent only below it while the file is open."""
+    closed: bool
+    """No writer has it open and it is due (``uploadDelay`` passed, or a flush asked)."""
+    gen: int
+    gone: bool
+    """Unlinked, renamed away from the stream's key, or no longer dirty: abandon the stream."""
+
+
+class Streams:
+    def __init__(self, tree: Tree, keys: Keys, queue: WorkQueue, datafiles: DataFiles,
+                 policy: FlushPolicy) -> None:
+        self._tree = tree
+        self._keys = keys
+        self._queue = queue
+        self._files = datafiles
+        self._policy = policy
+        self.enabled = policy.streaming and policy.mode == "writeBack"
+
+    def looks_temporary(self, entry: Entry) -> bool:
+        """The file's name or a directory above it matches ``streamExclude``."""
+        patterns = self._policy.stream_exclude
+        entries = self._tree.entries
+        node: Entry | None = entry
+        while node is not None and node.ino != ROOT_INO:
+            if any(fnmatch.fnmatchcase(node.name, p) for p in patterns):
+                return True
+            node = entries.get(node.parent)
+        return False
+
+    def collect(self, limit: int) -> list[StreamWork]:
+        """Start up to ``limit`` streams of files being written that have grown large."""
+        if not self.enabled or limit <= 0:
+            return []
+        out: list[StreamWork] = []
+        tree, queue = self._tree, self._queue
+        with tree.lock:
+            for ino in list(queue.pending):
+                if len(out) >= limit:
+                    break
+                entry = tree.entries.get(ino)
+                if (entry is None or entry.in_flight or entry.unlinked or entry.writers == 0
+                        or entry.state != DIRTY or entry.fd < 0
+                        or self._policy.is_commit_marker(entry.name)):
+                    continue
+                if _written(os.fstat(entry.fd)) < self._policy.multipart_threshold:
+                    continue
+                if self.looks_temporary(entry):
+                    continue
+                work = self._start(entry)
+                if work is not None:
+                    out.append(work)
+        return out
+
+    def _start(self, entry: Entry) -> StreamWork | None:
+        key = self._tree.key_of(entry)
+        owner = self._keys.owner(key)
+        if (owner is not None and owner != entry.ino) or key in self._keys.tombstones:
+            return None
+        try:
+            fd = os.open(self._files.path(entry.ino), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        metadata = {"mode": oct(entry.mode & 0o7777), "uid": str(entry.uid),
+                    "gid": str(entry.gid), "mtime-ns": str(entry.mtime_ns)}
+        self._tree.journal.add_upload(entry.ino, key)
+        entry.in_flight = True
+        entry.streamed = 0
+        self._queue.recount(entry)
+        self._keys.own(key, entry.ino)
+        return StreamWork(ino=entry.ino, key=key, fd=fd, metadata=metadata,
+                          path=self._tree.path_of(entry))
+
+    def state(self, work: StreamWork, streamed: int) -> StreamState:
+        """How far the file has got; records ``streamed`` bytes sent for /status."""
+        tree = self._tree
+        with tree.lock:
+            entry = tree.entries.get(work.ino)
+            if entry is None or entry.unlinked or entry.state != DIRTY \
+                    or tree.key_of(entry) != work.key:
+                return StreamState(0, 0, False, 0, True)
+            entry.streamed = streamed
+            st = os.fstat(work.fd)
+            closed = entry.writers == 0 and self._queue.is_due(entry, time.monotonic())
+            return StreamState(st.st_size, _written(st), closed, entry.gen, False)
+
+    @staticmethod
+    def as_upload(work: StreamWork, gen: int, size: int) -> UploadWork:
+        """The finished stream as the upload it amounts to (for ``finish_upload``)."""
+        return UploadWork(ino=work.ino, key=work.key, gen=gen, fd=work.fd, size=size,
+                          metadata=work.metadata, path=work.path)
+
+
+def _written(st: os.stat_result) -> int:
+    """Bytes a sequential writer has written: the size, unless the file has holes.
+
+    A file extended by ``ftruncate`` (or ``lseek`` + write) and filled later is not written
+    sequentially: its allocated blocks lag its size, and streaming waits for them. Wrong
+    guesses cost bandwidth only — parts are checked against the final content anyway.
+    """
+    return min(st.st_size, st.st_blocks * 512)
