@@ -46,6 +46,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="image of the drain-guard pods (env CISTERN_GUARD_IMAGE)")
     parser.add_argument("--mount-root", default=env("CISTERN_MOUNT_ROOT", defaults.mount_root),
                         help="host directory of the FUSE mounts, shared with the CSI driver")
+    parser.add_argument("--fuse-holder-dir", default=env("CISTERN_FUSE_HOLDER_DIR", ""),
+                        help="host directory of the FUSE holder's socket (the chart's CSI node "
+                             "plugin runs the holder); '' for no holder (docs/restarts.md)")
     parser.add_argument("--control-port", type=int, default=defaults.control_port,
                         help="port of the daemons' control API")
     parser.add_argument("--status-interval", type=float, default=defaults.status_interval,
@@ -83,6 +86,7 @@ def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
         daemon_image_pull_policy=args.daemon_image_pull_policy,
         guard_image=args.guard_image,
         mount_root=args.mount_root,
+        fuse_holder_dir=args.fuse_holder_dir or None,
         control_port=args.control_port,
         status_interval=args.status_interval,
         priority_class_name=args.priority_class or None,

@@ -25,6 +25,7 @@ Per WriteCache ``NAME`` in namespace ``NS``, with ``KEY`` = ``cache_key(NS, NAME
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -81,6 +82,8 @@ CONFIG_DIR = "/etc/cistern"
 TOKEN_DIR = "/etc/cistern-control"
 CACHE_DIR_IN_POD = "/var/lib/cistern/cache"
 CONFIG_KEY = "node.yaml"
+HOLDER_SOCKET = "holder.sock"
+HANDOFF_GRACE_SECONDS = 30
 
 
 class Names:
@@ -157,10 +160,19 @@ def names_of(body: Mapping[str, Any]) -> Names:
 def node_config(name: str, namespace: str, spec: WriteCacheSpec,
                 settings: OperatorSettings) -> NodeConfig:
     """The configuration every daemon of this WriteCache runs with (paths as seen in the pod)."""
-    return render_node_config(
+    config = render_node_config(
         name, spec, namespace=namespace, mount_root=settings.mount_root,
         cache_dir=CACHE_DIR_IN_POD, control=f"0.0.0.0:{settings.control_port}",
         control_token_file=f"{TOKEN_DIR}/token")
+    if settings.fuse_holder_dir:
+        # One holder per node keeps every cache's connection, keyed by the mount point
+        # <mount_root>/<cache_key>, which cannot collide across namespaces.
+        config = dataclasses.replace(config, fuse_holder=_holder_socket(settings))
+    return config
+
+
+def _holder_socket(settings: OperatorSettings) -> str:
+    return f"{(settings.fuse_holder_dir or '').rstrip('/')}/{HOLDER_SOCKET}"
 
 
 def configmap(body: Mapping[str, Any], config: NodeConfig,
@@ -241,6 +253,10 @@ def daemonset(body: Mapping[str, Any], spec: WriteCacheSpec, config: NodeConfig,
     selector = workload_selector(name, namespace, "cache-node")
     host_cache = f"{spec.cache.host_path.rstrip('/')}/{namespace}/{name}"
     grace = int(min(spec.drain.timeout, 24 * 3600)) + 30
+    if settings.fuse_holder_dir:
+        # With a holder, SIGTERM hands the connection off and exits at once (no drain, no
+        # unmount); the node drain goes through the control API, not SIGTERM.
+        grace = HANDOFF_GRACE_SECONDS
     pod_spec: dict[str, Any] = {
         "terminationGracePeriodSeconds": grace,
         "automountServiceAccountToken": False,
@@ -282,6 +298,11 @@ def daemonset(body: Mapping[str, Any], spec: WriteCacheSpec, config: NodeConfig,
             {"name": "fuse", "hostPath": {"path": "/dev/fuse", "type": "CharDevice"}},
         ],
     }
+    if settings.fuse_holder_dir:  # the holder's socket directory (the holder runs elsewhere)
+        pod_spec["containers"][0]["volumeMounts"].append(
+            {"name": "fuse-holder", "mountPath": settings.fuse_holder_dir})
+        pod_spec["volumes"].append({"name": "fuse-holder", "hostPath": {
+            "path": settings.fuse_holder_dir, "type": "DirectoryOrCreate"}})
     if settings.priority_class_name:
         pod_spec["priorityClassName"] = settings.priority_class_name
     return {

@@ -28,6 +28,11 @@ class OperatorSettings:
     mount_root: str = DEFAULT_MOUNT_ROOT
     """Host directory under which each WriteCache's FUSE mount lives (shared with the CSI node
     plugin, which looks for ``<mount_root>/<name>``)."""
+    fuse_holder_dir: str | None = None
+    """Host directory of the FUSE holder's socket (``holder.sock``; the chart runs the holder
+    in the CSI node plugin pods): the daemons hand their FUSE connections to it, so a restart
+    or an update of a cache daemon pod pauses the mounts instead of breaking them
+    (docs/restarts.md). None: no holder."""
     control_port: int = 9464
     """Port of the daemons' control API on the pod network."""
     status_interval: float = 15.0

@@ -159,7 +159,8 @@ def test_default_render_is_complete_and_valid(helm: Path, tmp_path: Path) -> Non
     # which runs every CSI service, so DeleteVolume runs where the cache is mounted.
     node = find(docs, "DaemonSet", "-csi-node")["spec"]["template"]["spec"]
     containers = {c["name"]: c for c in node["containers"]}
-    assert set(containers) == {"csi-node", "node-driver-registrar", "csi-provisioner"}
+    assert set(containers) == {"csi-node", "node-driver-registrar", "csi-provisioner",
+                               "fuse-holder"}
     plugin = containers["csi-node"]
     assert plugin["command"] == ["cistern-csi"]
     settings, _, health = parse_settings(
@@ -284,7 +285,7 @@ def test_custom_values_render_and_validate(helm: Path, tmp_path: Path) -> None:
     assert node["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     # Central provisioning: the controller Deployment, the node plugin without a provisioner.
     containers = {c["name"]: c for c in node["containers"]}
-    assert set(containers) == {"csi-node", "node-driver-registrar"}
+    assert set(containers) == {"csi-node", "node-driver-registrar", "fuse-holder"}
     settings, _, health = parse_settings(
         [arg.replace("$(NODE_NAME)", "node-a") for arg in containers["csi-node"]["args"]])
     assert (settings.mode, settings.mount_root, health) == (
@@ -305,6 +306,35 @@ def test_custom_values_render_and_validate(helm: Path, tmp_path: Path) -> None:
         "region": "us-east-1", "pathStyle": True,
         "credentialsSecretRef": {"name": "s3-credentials"}}
     assert wc["spec"]["cache"]["capacityBytes"] == "500Gi"
+
+
+def test_fuse_holder_by_default_unprivileged_and_shared_with_the_daemons(
+        helm: Path, tmp_path: Path) -> None:
+    """The holder (docs/restarts.md) runs in the CSI node plugin pods with no privilege; the
+    operator is told its socket directory, so every cache's node config names its socket."""
+    docs = render(helm, tmp_path)
+    node = find(docs, "DaemonSet", "-csi-node")["spec"]["template"]["spec"]
+    holder = next(c for c in node["containers"] if c["name"] == "fuse-holder")
+    assert holder["command"] == ["cistern-node", "holder"]
+    assert "--socket=/var/lib/cistern/holder/holder.sock" in holder["args"]
+    assert holder["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert [m["name"] for m in holder["volumeMounts"]] == ["fuse-holder"]
+    assert "mountPropagation" not in holder["volumeMounts"][0]
+    volume = next(v for v in node["volumes"] if v["name"] == "fuse-holder")
+    assert volume["hostPath"] == {"path": "/var/lib/cistern/holder", "type": "DirectoryOrCreate"}
+    operator = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]
+    assert settings_from_args(parse_args(operator["containers"][0]["args"])
+                              ).fuse_holder_dir == "/var/lib/cistern/holder"
+
+    docs = render(helm, tmp_path, {"holder": {"enabled": False}})
+    node = find(docs, "DaemonSet", "-csi-node")["spec"]["template"]["spec"]
+    assert "fuse-holder" not in {c["name"] for c in node["containers"]}
+    assert "fuse-holder" not in {v["name"] for v in node["volumes"]}
+    operator = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]
+    assert settings_from_args(parse_args(operator["containers"][0]["args"])
+                              ).fuse_holder_dir is None
 
 
 def test_unknown_provisioner_mode_is_refused(helm: Path, tmp_path: Path) -> None:

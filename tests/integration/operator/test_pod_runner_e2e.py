@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import json
 import os
 import shutil
 import subprocess
 import tempfile
+import urllib.request
 import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -391,6 +394,9 @@ async def test_chart_without_the_mount_root_volume_names_it(harness: Harness) ->
     assert f"volumeMount {mount_root['name']!r} names no volume" in problem, problem
 
 
+# Only the operator runs here (no CSI node plugin, so no FUSE holder: a daemon told to hand
+# its connection to a holder waits for one).
+@pytest.mark.parametrize("harness", [{"holder": {"enabled": False}}], indirect=True)
 async def test_misspelled_config_key_and_missing_secret_are_named(harness: Harness) -> None:
     h = harness
     api = h.api
@@ -443,3 +449,104 @@ async def test_chart_kubelet_dir_and_mount_root_reach_every_process(harness: Har
     assert str(h.root / "host" / "mnt/cistern/mounts" / wc["metadata"]["name"]) in mounts
     await until(lambda: h.node.csi.probe("csi.cistern.dev"), 30, "the CSI Probe ready",
                 h.describe)
+
+
+# ------------------------------------------------------------------ rolling update (issue 14)
+
+WRITER = """
+import hashlib, os, time
+os.makedirs("/checkpoints/w", exist_ok=True)
+i, worst = 0, 0.0
+while not os.path.exists("/checkpoints/stop"):
+    started = time.monotonic()
+    with open(f"/checkpoints/w/ckpt-{i}.bin", "wb") as f:
+        f.write(hashlib.sha256(str(i).encode()).digest() * 4096)
+        os.fsync(f.fileno())
+    worst = max(worst, time.monotonic() - started)
+    i += 1
+print(f"files {i} worst-pause {worst:.3f}", flush=True)
+"""
+
+
+def daemon_status(pod: Any) -> dict[str, Any]:
+    """The cache daemon's own ``GET /status`` on its pod IP (read-only: no token)."""
+    port = next(p["containerPort"] for c in pod.ctx.spec["containers"]
+                for p in c.get("ports") or [] if p["name"] == "control")
+    with urllib.request.urlopen(f"http://{pod.ctx.pod_ip}:{port}/status", timeout=5) as reply:
+        return dict(json.load(reply))
+
+
+async def test_cache_daemonset_update_pauses_a_writing_pod(harness: Harness) -> None:
+    """The chart's default FUSE holder (docs/restarts.md): the cache DaemonSet's pod template
+    changes (``kubectl rollout restart``) while a pod writes and fsyncs files through its
+    published volume; the runner replaces the daemon pod (SIGTERM, a new pod from the new
+    template) as the RollingUpdate would. The writer sees no error; every file reaches S3."""
+    h = harness
+    api = h.api
+    csi = [d for d in h.chart if d["kind"] == "DaemonSet"]
+    await asyncio.to_thread(apply_chart, api, [d for d in h.chart if d not in csi])
+    wc, secret = example_writecache(h.s3.endpoint)
+    wc["spec"]["flush"] = {"uploadDelay": "1s"}
+    await asyncio.to_thread(api.create, "secrets", secret, NAMESPACE)
+    await asyncio.to_thread(api.create, "writecaches", wc, NAMESPACE)
+    name = wc["metadata"]["name"]
+    # The node plugin reads the access policies when its pod starts (the runner does not
+    # refresh ConfigMap volumes): start it once the operator wrote them. The cache daemon
+    # waits for its holder (in the node plugin pod) meanwhile.
+    await until(lambda: any(
+        c["metadata"]["name"] == "cistern-access" and c.get("data")
+        for c in api.list("configmaps")), 60, "the access policies", h.describe)
+    await asyncio.to_thread(apply_chart, api, csi)
+    old = await until(h.cache_daemon, 60, "the cache daemon pod", h.describe)
+    await until(lambda: old.ready and daemon_status(old)["fuse"]["held"], 60,
+                "the cache daemon ready, its connection held", h.describe)
+    storage_class = await until(lambda: ((api.get("writecaches", name, NAMESPACE) or {}).get(
+        "status") or {}).get("storageClassName"), 30, "the StorageClass in status", h.describe)
+
+    pvc, pod = trainer_pod("checkpoints")
+    pvc["spec"]["storageClassName"] = storage_class
+    pod["spec"]["containers"][0]["args"] = [WRITER]
+    await asyncio.to_thread(api.create, "persistentvolumeclaims", pvc, NAMESPACE)
+    await asyncio.to_thread(api.create, "pods", pod, NAMESPACE)
+    target = await until(lambda: next((p.target for p in h.node.csi.published.values()
+                                       if p.target.exists()), None), 60,
+                         "the writer's volume published", h.describe)
+    await until(lambda: len(list((target / "w").glob("ckpt-*"))) >= 5, 30,
+                "the writer under way", h.describe)
+
+    # The rollout: a changed pod template (what `kubectl rollout restart` or a new image does).
+    ds = next(d for d in await asyncio.to_thread(api.list, "daemonsets")
+              if d["metadata"]["name"] == old.ctx.pod["metadata"].get("labels", {}).get(
+                  "pod-runner/owner", "").split(".", 1)[-1])
+    await asyncio.to_thread(api.patch, "daemonsets", ds["metadata"]["name"], {"spec": {
+        "template": {"metadata": {"annotations": {
+            "kubectl.kubernetes.io/restartedAt": "2025-01-01T00:00:00Z"}}}}},
+        ds["metadata"]["namespace"])
+    new = await until(lambda: (d := h.cache_daemon()) is not None and d is not old
+                      and d.ready and d, 60, "the new cache daemon pod ready", h.describe)
+    fuse = await until(lambda: (f := daemon_status(new)["fuse"]).get("takeovers") and f, 30,
+                       "the new daemon took the connection over", h.describe)
+    assert fuse["takeovers"] == 1 and fuse["held"], fuse
+    before = len(list((target / "w").glob("ckpt-*")))
+    await until(lambda: len(list((target / "w").glob("ckpt-*"))) >= before + 5, 30,
+                "the writer going on through the new daemon", h.describe)
+    await asyncio.to_thread((target / "stop").write_bytes, b"")
+    await until(lambda: ((api.get("pods", "trainer", NAMESPACE) or {}).get("status") or {}).get(
+        "phase") in ("Succeeded", "Failed"), 60, "the writer pod done", h.describe)
+    writer = await asyncio.to_thread(api.get, "pods", "trainer", NAMESPACE)
+    running = h.node.pod(NAMESPACE, "trainer")
+    log = running.container("trainer").tail(20) if running else ""
+    assert writer["status"]["phase"] == "Succeeded", f"{log}\n{h.describe()}"
+    result = next(line for line in reversed(log.splitlines()) if line.startswith("files "))
+    count = int(result.split()[1])
+    print(result)  # worst-pause: the longest write+fsync the writer saw
+
+    expected = {f"ckpt-{i}.bin": hashlib.sha256(str(i).encode()).digest() * 4096
+                for i in range(count)}
+    keys = await until(lambda: (k := bucket_keys(h, "/w/ckpt-")) and len(k) == count and k,
+                       60, f"{count} files in the bucket", h.describe)
+    client = h.s3.client()
+    for key in keys:
+        body = await asyncio.to_thread(lambda key=key: client.get_object(
+            Bucket=BUCKET, Key=key)["Body"].read())
+        assert body == expected[key.rsplit("/", 1)[1]], key

@@ -69,6 +69,32 @@ def test_daemonset_mounts_fuse_and_config() -> None:
         ds["spec"]["template"]["metadata"]["labels"].items()
 
 
+def test_with_a_holder_the_config_names_its_socket_and_the_pod_mounts_it() -> None:
+    """docs/restarts.md: the daemon hands its FUSE connection to the node's holder, keyed by
+    the mount point (``<mount_root>/<ns>.<name>``: no collision across namespaces); SIGTERM
+    then hands off at once, so the grace period no longer has to fit a drain."""
+    settings = OperatorSettings(fuse_holder_dir="/var/lib/cistern/holder/")
+    spec = WriteCacheSpec.from_dict(BODY["spec"])
+    configs = [manifests.node_config("ckpt", ns, spec, settings) for ns in ("ml", "research")]
+    assert {c.fuse_holder for c in configs} == {"/var/lib/cistern/holder/holder.sock"}
+    assert configs[0].mount != configs[1].mount
+    text = manifests.configmap(BODY, configs[0], settings)["data"]["node.yaml"]
+    assert yaml.safe_load(text)["fuseHolder"] == "/var/lib/cistern/holder/holder.sock"
+    ds = manifests.daemonset(BODY, spec, configs[0], settings)
+    kubernetes_validate.validate(ds, "1.32.0", strict=True)
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == manifests.HANDOFF_GRACE_SECONDS
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "fuse-holder")
+    assert configs[0].fuse_holder.startswith(mount["mountPath"])
+    volume = next(v for v in pod["volumes"] if v["name"] == "fuse-holder")
+    assert volume["hostPath"] == {"path": "/var/lib/cistern/holder/",
+                                  "type": "DirectoryOrCreate"}
+    # Without a holder: no socket, no mount, a grace period that fits a drain.
+    assert built()["configmap"]["data"]["node.yaml"].count("fuseHolder") == 0
+    assert "fuse-holder" not in {v["name"] for v in
+                                 built()["daemonset"]["spec"]["template"]["spec"]["volumes"]}
+
+
 def test_guard_names_fit_label_values() -> None:
     pod = built()["guard-pod"]
     assert all(len(v) <= 63 for v in pod["metadata"]["labels"].values())
