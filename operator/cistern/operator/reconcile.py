@@ -436,11 +436,10 @@ class Reconciler:
         spec = WriteCacheSpec.from_dict(body.get("spec") or {}) if _valid(body) else None
         if spec is None or (body.get("status") or {}).get("specProblem"):
             return
-        s3 = await self.s3_endpoint.sync(body, spec)
         for what, result in (("credentials", await self.mirrors.credentials(body, spec)),
                              ("access policy", await self.mirrors.access(body, spec)),
-                             ("S3 endpoint credentials", s3["S3Credentials"]),
-                             ("S3 endpoint Service", s3["S3Service"])):
+                             ("S3 endpoint credentials",
+                              await self.s3_endpoint.follow_source(body, spec))):
             if result != "unchanged":
                 logger.info("WriteCache %s/%s: %s %s", body["metadata"]["namespace"],
                             body["metadata"]["name"], what, result)

@@ -107,6 +107,19 @@ class S3EndpointObjects:
                                                     service(body, spec, self.settings))
         return results
 
+    async def follow_source(self, body: Mapping[str, Any], spec: WriteCacheSpec) -> str:
+        """Keep an existing key copy in step with its source (a rotated key). Creates
+        nothing: what a spec rolls out is ``sync``'s, called when the spec was validated."""
+        n = manifests.names_of(body)
+        if not spec.s3_endpoint.enabled or await self.api.get(
+                SECRETS, n.s3_credentials, self.settings.workload_namespace) is None:
+            return "unchanged"
+        source = await self.api.get(SECRETS, spec.s3_endpoint.credentials_secret or "",
+                                    body["metadata"]["namespace"])
+        if source is None:
+            return await self._delete(SECRETS, n.s3_credentials)
+        return await self.api.apply(SECRETS, credentials_copy(body, source, self.settings))
+
     async def remove(self, body: Mapping[str, Any]) -> dict[str, str]:
         n = manifests.names_of(body)
         return {"S3Credentials": await self._delete(SECRETS, n.s3_credentials),
