@@ -246,7 +246,7 @@ async def test_finalizer_gives_up_with_degraded_and_an_event(cluster: Cluster) -
     settings = operator_settings(cluster, finalizer_timeout=0.5, finalizer_gave_up_poll=0.5)
     async with running_operator(cluster, settings):
         await deploy(cluster, drain_timeout="1s")
-        cluster.daemons["node-a"].state["dirty_bytes"] = 5 * 2**20
+        cluster.daemons["node-a"].update(dirty_bytes=5 * 2**20)
         await cluster.api.delete(WRITECACHES, "ckpt", NAMESPACE)
         degraded = await wait_for(lambda: _condition(cluster, "Degraded", "True"),
                                   what="Degraded after the finalizer timeout")

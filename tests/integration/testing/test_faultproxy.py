@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import io
 import os
-import statistics
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -142,24 +141,24 @@ def test_boto3_retries_through_slowdowns_with_large_bodies(proxy: FaultProxy) ->
 def test_latency_is_added_to_each_request(proxy: FaultProxy) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
 
-    def median_head() -> float:
+    def head_seconds() -> list[float]:
         samples = []
-        for _ in range(7):
+        for _ in range(5):
             start = time.perf_counter()
             conn.request("HEAD", f"/{BUCKET}")
             conn.getresponse().read()
             samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
+        return samples
 
-    base = median_head()
+    head_seconds()  # the connection is open and the bucket exists
     proxy.set(latency=0.1)
-    delayed = median_head()
-    assert delayed - base >= 0.095, (base, delayed)
-    assert delayed - base < 0.5, (base, delayed)
+    # A lower bound only: the proxy holds every request at least `latency` before forwarding
+    # it, however busy the machine; an upper bound would measure the machine, not the proxy.
+    assert min(head_seconds()) >= 0.1
 
 
 def test_concurrent_requests_are_delayed_in_parallel(proxy: FaultProxy) -> None:
-    proxy.set(latency=0.3)
+    proxy.set(latency=1.0)
     errors: list[BaseException] = []
 
     def put(i: int) -> None:
@@ -177,7 +176,9 @@ def test_concurrent_requests_are_delayed_in_parallel(proxy: FaultProxy) -> None:
     elapsed = time.monotonic() - start
     assert not errors
     assert proxy.counts()["PUT"] == 8
-    assert elapsed < 8 * 0.3, elapsed  # serialised requests would take 2.4 s
+    # Serialised, the 8 requests could not take less than 8 x 1.0 s whatever the load; in
+    # parallel they take about 1 s.
+    assert elapsed < 8 * 1.0, elapsed
 
 
 def test_multipart_upload_with_large_parts_streams_intact(proxy: FaultProxy) -> None:
