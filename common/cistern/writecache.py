@@ -22,6 +22,7 @@ from cistern.config import (
     DrainPolicy,
     FlushPolicy,
     NodeConfig,
+    S3EndpointConfig,
     StoreConfig,
 )
 from cistern.configschema import boolean, check_bucket_name, duration, name_glob, positive_int
@@ -35,6 +36,8 @@ __all__ = [
     "ObjectStoreSpec",
     "RetentionSpec",
     "AccessSpec",
+    "DEFAULT_S3_ENDPOINT_PORT",
+    "S3EndpointSpec",
     "WriteCacheSpec",
     "cache_key",
     "render_node_config",
@@ -44,6 +47,7 @@ __all__ = [
 CSI_DRIVER_NAME = "csi.cistern.dev"
 DEFAULT_MOUNT_ROOT = "/var/lib/cistern/mounts"
 DEFAULT_CACHE_HOST_PATH = "/var/lib/cistern/cache"
+DEFAULT_S3_ENDPOINT_PORT = 9470
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
@@ -241,6 +245,39 @@ class AccessSpec:
 
 
 @dataclass(frozen=True)
+class S3EndpointSpec:
+    """``spec.s3Endpoint``: the nodes' S3-compatible endpoint (docs/s3-endpoint.md)."""
+
+    enabled: bool = False
+    port: int = DEFAULT_S3_ENDPOINT_PORT
+    """TCP port of the endpoint on each daemon pod and of its node-local Service."""
+    credentials_secret: str | None = None
+    """Secret in the WriteCache's namespace with ``accessKeyId`` and ``secretAccessKey``: what
+    clients sign requests with (not the bucket's credentials). Required when enabled."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> S3EndpointSpec:
+        where = "spec.s3Endpoint"
+        _known(data, {"enabled", "port", "credentialsSecretRef"}, where)
+        enabled = boolean(data.get("enabled", False), f"{where}.enabled")
+        port = data.get("port", DEFAULT_S3_ENDPOINT_PORT)
+        if isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535:
+            raise ConfigError(f"{where}.port: expected a port number from 1024 to 65535, "
+                              f"got {port!r}")
+        ref = _mapping(data, "credentialsSecretRef", where)
+        secret = ref.get("name") if ref else None
+        if ref and (not isinstance(secret, str) or len(secret) > 253
+                    or not _DNS_SUBDOMAIN.fullmatch(secret)):
+            raise ConfigError(f"{where}.credentialsSecretRef.name: expected a Secret name, "
+                              f"got {secret!r}")
+        if enabled and not secret:
+            raise ConfigError(f"{where}.credentialsSecretRef: required when the endpoint is "
+                              "enabled (requests are authenticated with AWS SigV4 against the "
+                              "keys accessKeyId and secretAccessKey of that Secret)")
+        return cls(enabled=enabled, port=port, credentials_secret=secret)
+
+
+@dataclass(frozen=True)
 class WriteCacheSpec:
     """A parsed, validated WriteCache ``spec``."""
 
@@ -257,13 +294,14 @@ class WriteCacheSpec:
     resources: dict[str, Any] = field(default_factory=dict)
     """Daemon container resources (requests/limits); empty: the operator's defaults."""
     access: AccessSpec = field(default_factory=AccessSpec)
+    s3_endpoint: S3EndpointSpec = field(default_factory=S3EndpointSpec)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WriteCacheSpec:
         if not isinstance(data, Mapping):
             raise ConfigError(f"spec: expected a mapping, got {type(data).__name__}")
         _known(data, {"objectStore", "nodeSelector", "tolerations", "cache", "flush",
-                      "retention", "drain", "csi", "resources", "access"}, "spec")
+                      "retention", "drain", "csi", "resources", "access", "s3Endpoint"}, "spec")
         if not data.get("objectStore"):
             raise ConfigError("spec.objectStore: required (at least objectStore.bucket)")
         selector = _mapping(data, "nodeSelector", "spec")
@@ -289,6 +327,7 @@ class WriteCacheSpec:
             csi=CSISpec.from_dict(_mapping(data, "csi", "spec")),
             resources=dict(_mapping(data, "resources", "spec")),
             access=AccessSpec.from_dict(_mapping(data, "access", "spec")),
+            s3_endpoint=S3EndpointSpec.from_dict(_mapping(data, "s3Endpoint", "spec")),
         )
 
 
@@ -306,12 +345,15 @@ def render_node_config(
     cache_dir: str | None = None,
     control: str = "127.0.0.1:9464",
     control_token_file: str | None = None,
+    s3_credentials_dir: str = "/etc/cistern-s3",
 ) -> NodeConfig:
     """The configuration the daemon of WriteCache ``name`` runs with on every selected node.
 
     ``cache_dir`` is where the daemon sees its cache directory (inside its container);
     by default ``spec.cache.hostPath`` itself. The FUSE mount is
     ``<mount_root>/<cache_key(namespace, name)>``, where the CSI driver looks for it.
+    With ``spec.s3Endpoint.enabled`` the daemon serves S3 on ``0.0.0.0:<port>`` of its own
+    network namespace (the pod's IP), checking signatures against ``s3_credentials_dir``.
     """
     if not _DNS_LABEL.fullmatch(name) or len(name) > 63:
         raise ConfigError(f"metadata.name: {name!r} must be a DNS label (a-z, 0-9, '-')")
@@ -338,5 +380,8 @@ def render_node_config(
         drain=spec.drain,
         control=control,
         control_token_file=control_token_file,
+        s3_endpoint=S3EndpointConfig(listen=f"0.0.0.0:{spec.s3_endpoint.port}",
+                                     credentials_dir=s3_credentials_dir)
+        if spec.s3_endpoint.enabled else S3EndpointConfig(),
     )
 

@@ -12,6 +12,10 @@ Per WriteCache ``NAME`` in namespace ``NS``, with ``KEY`` = ``cache_key(NS, NAME
   - Secret ``cistern-KEY-control``: the bearer token for the daemons' mutating control calls;
   - Secret ``cistern-KEY-credentials``: a copy of the tenant's credentials Secret, kept in sync;
   - DaemonSet ``cistern-KEY``: the privileged cache daemons on the selected nodes;
+  - with ``spec.s3Endpoint.enabled`` (built in ``s3endpoint``): Secret
+    ``cistern-KEY-s3-credentials`` (a copy of the tenant's endpoint keys, mounted at
+    ``S3_CREDENTIALS_DIR``) and Service ``Names.s3_service`` (``internalTrafficPolicy:
+    Local``: a pod reaches the endpoint of its own node only);
   - the entry ``KEY.json`` of the ConfigMap ``cistern-access``: the namespaces that may use the
     cache, read by the CSI driver;
 
@@ -55,6 +59,7 @@ __all__ = [
     "LABEL_NODE",
     "LABEL_ROLE",
     "LABEL_WRITECACHE",
+    "S3_CREDENTIALS_DIR",
     "TOKEN_DIR",
     "access_policy",
     "configmap",
@@ -80,6 +85,7 @@ CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TO
 CONFIG_HASH = "cistern.dev/config-hash"
 CONFIG_DIR = "/etc/cistern"
 TOKEN_DIR = "/etc/cistern-control"
+S3_CREDENTIALS_DIR = "/etc/cistern-s3"
 CACHE_DIR_IN_POD = "/var/lib/cistern/cache"
 CONFIG_KEY = "node.yaml"
 HOLDER_SOCKET = "holder.sock"
@@ -97,6 +103,12 @@ class Names:
         self.configmap = f"cistern-{self.key}-config"
         self.secret = f"cistern-{self.key}-control"
         self.credentials = f"cistern-{self.key}-credentials"
+        self.s3_credentials = f"cistern-{self.key}-s3-credentials"
+        # A Service name is a DNS-1035 label (no dots, 63 characters): a readable prefix and a
+        # hash of namespace/name, so two WriteCaches never share one.
+        digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:10]
+        readable = re.sub(r"[^a-z0-9-]", "-", f"{namespace}-{name}")[:40].strip("-")
+        self.s3_service = f"cistern-s3-{readable}-{digest}"
 
 
 def names(name: str, namespace: str) -> Names:
@@ -163,7 +175,7 @@ def node_config(name: str, namespace: str, spec: WriteCacheSpec,
     config = render_node_config(
         name, spec, namespace=namespace, mount_root=settings.mount_root,
         cache_dir=CACHE_DIR_IN_POD, control=f"0.0.0.0:{settings.control_port}",
-        control_token_file=f"{TOKEN_DIR}/token")
+        control_token_file=f"{TOKEN_DIR}/token", s3_credentials_dir=S3_CREDENTIALS_DIR)
     if settings.fuse_holder_dir:
         # One holder per node keeps every cache's connection, keyed by the mount point
         # <mount_root>/<cache_key>, which cannot collide across namespaces.
@@ -303,6 +315,8 @@ def daemonset(body: Mapping[str, Any], spec: WriteCacheSpec, config: NodeConfig,
             {"name": "fuse-holder", "mountPath": settings.fuse_holder_dir})
         pod_spec["volumes"].append({"name": "fuse-holder", "hostPath": {
             "path": settings.fuse_holder_dir, "type": "DirectoryOrCreate"}})
+    if spec.s3_endpoint.enabled:
+        _add_s3_endpoint(pod_spec, spec, n)
     if settings.priority_class_name:
         pod_spec["priorityClassName"] = settings.priority_class_name
     return {
@@ -320,6 +334,17 @@ def daemonset(body: Mapping[str, Any], spec: WriteCacheSpec, config: NodeConfig,
             },
         },
     }
+
+
+def _add_s3_endpoint(pod_spec: dict[str, Any], spec: WriteCacheSpec, n: Names) -> None:
+    """The S3 endpoint's container port (the Service's target) and its keys, read-only."""
+    container = pod_spec["containers"][0]
+    container["ports"].append({"name": "s3", "containerPort": spec.s3_endpoint.port,
+                               "protocol": "TCP"})
+    container["volumeMounts"].append({"name": "s3-credentials",
+                                      "mountPath": S3_CREDENTIALS_DIR, "readOnly": True})
+    pod_spec["volumes"].append({"name": "s3-credentials", "secret": {
+        "secretName": n.s3_credentials, "defaultMode": 0o400}})
 
 
 def storage_class(body: Mapping[str, Any], spec: WriteCacheSpec) -> dict[str, Any]:

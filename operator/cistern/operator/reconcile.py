@@ -35,6 +35,7 @@ from cistern.operator.kubeapi import (
     KubeApi,
 )
 from cistern.operator.mirrors import Mirrors
+from cistern.operator.s3endpoint import S3EndpointObjects, endpoint_url, missing_keys
 from cistern.operator.settings import OperatorSettings
 from cistern.operator.status import (
     ClusterView,
@@ -99,6 +100,7 @@ class Reconciler:
         self.settings = settings
         self.post_event = post_event
         self.mirrors = Mirrors(api, settings)
+        self.s3_endpoint = S3EndpointObjects(api, settings)
 
     # ---------------------------------------------------------------- spec -> objects
 
@@ -140,7 +142,26 @@ class Reconciler:
                 except BucketProblem as exc:
                     raise Problem(exc.reason, exc.message, temporary=True,
                                   delay=self.settings.retry_delay) from None
+        await self._validate_s3_endpoint(meta["namespace"], spec)
         return spec
+
+    async def _validate_s3_endpoint(self, namespace: str, spec: WriteCacheSpec) -> None:
+        endpoint = spec.s3_endpoint
+        if not endpoint.enabled:
+            return
+        if endpoint.port == self.settings.control_port:
+            raise Problem("InvalidSpec", f"spec.s3Endpoint.port: {endpoint.port} is the cache "
+                          "daemons' control port; choose another", temporary=False)
+        secret = await self.api.get(SECRETS, endpoint.credentials_secret or "", namespace)
+        if secret is None:
+            raise Problem("SecretNotFound", f"Secret {namespace}/{endpoint.credentials_secret} "
+                          "(spec.s3Endpoint.credentialsSecretRef) does not exist",
+                          temporary=True, delay=self.settings.retry_delay)
+        missing = missing_keys(secret)
+        if missing:
+            raise Problem("SecretInvalid", f"Secret {namespace}/{endpoint.credentials_secret} "
+                          f"(spec.s3Endpoint.credentialsSecretRef) lacks {', '.join(missing)}",
+                          temporary=True, delay=self.settings.retry_delay)
 
     async def apply(self, body: Mapping[str, Any], spec: WriteCacheSpec) -> dict[str, str]:
         """Create or update every owned object; returns ``{kind: created|patched|unchanged}``."""
@@ -165,6 +186,8 @@ class Reconciler:
         results["DaemonSet"] = await self.api.apply(
             DAEMONSETS, manifests.daemonset(body, spec, config, self.settings))
         results["StorageClass"] = await self._apply_storage_class(body, spec)
+        results.update({k: v for k, v in (await self.s3_endpoint.sync(body, spec)).items()
+                        if spec.s3_endpoint.enabled or v != "unchanged"})
         changed = {k: v for k, v in results.items() if v != "unchanged"}
         if changed:
             logger.info("WriteCache %s/%s: %s", namespace, name,
@@ -253,6 +276,7 @@ class Reconciler:
                 "observedGeneration": generation,
                 "specProblem": None,
                 "storageClassName": storage_class_name(meta["name"], spec),
+                "s3Endpoint": endpoint_url(body, spec, self.settings),
                 "conditions": build_conditions(view, status.get("conditions") or [], now_iso()),
             }
 
@@ -413,7 +437,9 @@ class Reconciler:
         if spec is None or (body.get("status") or {}).get("specProblem"):
             return
         for what, result in (("credentials", await self.mirrors.credentials(body, spec)),
-                             ("access policy", await self.mirrors.access(body, spec))):
+                             ("access policy", await self.mirrors.access(body, spec)),
+                             ("S3 endpoint credentials",
+                              await self.s3_endpoint.follow_source(body, spec))):
             if result != "unchanged":
                 logger.info("WriteCache %s/%s: %s %s", body["metadata"]["namespace"],
                             body["metadata"]["name"], what, result)
@@ -647,6 +673,7 @@ class Reconciler:
         await self.api.delete(CONFIGMAPS, n.configmap, workload)
         await self.api.delete(SECRETS, n.secret, workload)
         await self.api.delete(SECRETS, n.credentials, workload)
+        await self.s3_endpoint.remove(body)
         await self.mirrors.remove_access(n.key)
         await self._delete_storage_classes(body, keep=None)
         await self._remove_node_labels(name, namespace)
