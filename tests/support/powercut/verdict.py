@@ -107,10 +107,33 @@ def judge_bucket(s3: Any, bucket: str, at_cut: dict[str, str], mark: Mark, final
         if before is None or before not in history or md5 == before:
             continue
         first = history.index(before)
-        if md5 not in history[first:]:
+        if md5 not in history[first:] and not _moved_here(md5, key, at_cut, mark, final,
+                                                          etag_to_md5):
             where = f"version {history.index(md5) + 1}" if md5 in history else \
                 "a version of another path"
             figures.regressed.append(f"{label}: {key} went back from version {first + 1} to "
                                      f"{where} of {len(history)} written")
     for upload in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
         figures.open_uploads.append(f"{label}: {upload['Key']} ({upload['UploadId']})")
+
+
+def _moved_here(md5: str, key: str, at_cut: dict[str, str], mark: Mark, final: Mark,
+                etag_to_md5: dict[str, str]) -> bool:
+    """``md5`` is the store's version, at the cut, of a file renamed onto ``key`` before
+    the cut (or a later version of it from before that rename).
+
+    A rename is durable once any later WAL sync happened (a fsync of another file does it),
+    while the renamed file's own unsynced rewrite is not: recovery then shows that file's
+    object again (docs/dev/cachenode.md, Power loss) under its new name, i.e. copies the old
+    key to ``key``. A file system would show that file's older content there too. Versions
+    of the source path older than its object at the cut are still a regression; a source
+    with no object at the cut can only be uploaded from its data file, any version of it."""
+    for src, upto in mark.moved_in.get(key, []):
+        versions = final.history.get(src, [])[:upto]
+        low = 0
+        if src in at_cut:
+            held = etag_to_md5.get(at_cut[src])
+            low = versions.index(held) if held in versions else len(versions)
+        if md5 in versions[low:]:
+            return True
+    return False

@@ -43,6 +43,9 @@ class Mark:
     #: path -> MD5s of every complete version the path held, oldest first.
     history: dict[str, list[str]]
     ops: int
+    #: path -> files renamed onto it (begun before the mark), transitively: (source path,
+    #: how many versions of the source's history were written before that rename).
+    moved_in: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class _Path:
     history: list[str] = field(default_factory=list)
     last_begin: int = 0
     durable: tuple[int, str] | None = None  # (begin of the durable op, md5)
+    moved_in: list[tuple[str, int]] = field(default_factory=list)
 
 
 class Ledger:
@@ -70,9 +74,15 @@ class Ledger:
             os.write(self._out, (json.dumps(record) + "\n").encode())
 
     def begin(self, *paths: str) -> int:
+        """An operation on ``paths`` starts; two paths are a rename (source, target)."""
         self._clock += 1
         for path in paths:
             self._paths.setdefault(path, _Path()).last_begin = self._clock
+        if len(paths) == 2:
+            # Recorded at the start: a rename in flight at a cut may be in the crash state.
+            src, dst = (self._paths[p] for p in paths)
+            self._paths[paths[1]].moved_in = [*dst.moved_in, (paths[0], len(src.history)),
+                                              *src.moved_in]
         self._emit({"begin": list(paths)})
         return self._clock
 
@@ -119,7 +129,9 @@ class Ledger:
                     if state.durable is not None and state.current is not None
                     and state.last_begin == state.durable[0]}
         history = {path: list(state.history) for path, state in self._paths.items()}
-        return Mark(required=required, history=history, ops=self.ops)
+        moved_in = {path: list(state.moved_in) for path, state in self._paths.items()
+                    if state.moved_in}
+        return Mark(required=required, history=history, ops=self.ops, moved_in=moved_in)
 
 
 def read_ledger(log: Path, part_size: int) -> Ledger:
