@@ -277,7 +277,18 @@ class NodeDaemon:
         self._stop_now()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
-        if getattr(self.frontend, "held", False):  # a restart or upgrade: no drain needed
+        if getattr(self.frontend, "held", False):
+            if self._drain_started is not None:
+                # Asked to drain first (the WriteCache is being deleted, or the node drained):
+                # this cache is going away, not being upgraded. Leaving the mount to the holder
+                # would leave a mount nobody serves; unmounting ends the connection, and the
+                # holder drops it when the kernel does.
+                log.info("SIGTERM after a drain: unmounting instead of handing off")
+                assert self.frontend is not None
+                self.frontend.held = False  # type: ignore[attr-defined]
+                self._stop_now()
+                return
+            # A restart or upgrade: no drain needed, the next daemon takes the connection over.
             log.info("SIGTERM: leaving the mount to the FUSE holder for the next daemon")
             self._stop_now()
             return
