@@ -38,6 +38,7 @@ import pytest_asyncio
 import yaml
 
 from cistern.operator.manifests import LABEL_ROLE
+from cistern.writecache import cache_key
 from support.kubelet import ApiClient, Node, helm_template, tool
 from support.node import is_mounted, unmount
 from support.s3server import TEST_CREDENTIALS, MotoServer
@@ -461,7 +462,8 @@ async def test_chart_kubelet_dir_and_mount_root_reach_every_process(harness: Har
     daemon = await until(h.cache_daemon, 60, "the cache daemon pod", h.describe)
     await until(lambda: daemon.ready, 60, "the cache daemon ready", h.describe)
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    assert str(h.root / "host" / "mnt/cistern/mounts" / wc["metadata"]["name"]) in mounts
+    key = cache_key(wc["metadata"]["namespace"], wc["metadata"]["name"])
+    assert str(h.root / "host" / "mnt/cistern/mounts" / key) in mounts, key
     await until(lambda: h.node.csi.probe("csi.cistern.dev"), 30, "the CSI Probe ready",
                 h.describe)
 
