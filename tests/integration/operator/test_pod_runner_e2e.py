@@ -436,12 +436,14 @@ async def test_misspelled_config_key_and_missing_secret_are_named(harness: Harne
 
     # The credentials Secret gone: the daemon pod cannot be created, and says which Secret.
     await asyncio.to_thread(api.delete, "secrets", secret["metadata"]["name"], NAMESPACE)
+    copies = {ref for ref in _secret_refs(daemon.ctx.spec) if "credentials" in ref}
+    await until(lambda: all(api.get("secrets", name, namespace) is None for name in copies),
+                150, "the operator removing its copy of the Secret", h.describe)
     await asyncio.to_thread(api.delete, "pods", pod_name, namespace)
     problem = await until(lambda: "CreateContainerConfigError" in pod_problem(h, labels)
                           and pod_problem(h, labels), 60, "the missing Secret", h.describe)
     # The daemon reads the operator's copy in its own namespace (docs/security.md), which the
     # operator removes with its source: the pod names the copy it cannot find.
-    copies = {ref for ref in _secret_refs(daemon.ctx.spec) if "credentials" in ref}
     assert copies and any(f"secret {name!r} not found" in problem for name in copies), (
         copies, problem)
 
