@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -169,8 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     host, port = server.get_host_and_port()
     print(f"moto S3 server on http://{host}:{port}", flush=True)
     try:
-        while True:
-            time.sleep(3600)
+        signal.pause()  # until SIGINT (KeyboardInterrupt) stops the server
     except KeyboardInterrupt:
         server.stop()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                    "versions": ["1.0.0"], "nodeId": node_info.node_id}, out)
     os.replace(partial, registration)
     if not args.http_endpoint:
-        while True:
-            time.sleep(3600)
+        signal.pause()  # until the runner stops this container
     host, _, port = args.http_endpoint.rpartition(":")
 
     class Health(BaseHTTPRequestHandler):
