@@ -184,6 +184,17 @@ def _field_ref(ctx: PodContext, path: str) -> str:
     raise PodError("CreateContainerConfigError", f"unsupported fieldRef {path!r}")
 
 
+def _project_source(ctx: PodContext, volume: str, kind: str, name: str, src: dict[str, Any],
+                    base: Path, default_mode: int) -> None:
+    """Project a ConfigMap or Secret (``kind``) into ``base``; FailedMount as a kubelet says."""
+    data = _configmap_data(ctx, name) if kind == "configmap" else _secret_data(ctx, name)
+    if data is None and not src.get("optional"):
+        raise PodError("FailedMount", f"MountVolume.SetUp failed for volume {volume!r}: "
+                       f"{kind} {name!r} not found")
+    _project_keys(base, data or {}, src.get("items"), default_mode, f"{kind} {name!r}",
+                  bool(src.get("optional")))
+
+
 def prepare_volumes(ctx: PodContext) -> dict[str, Path]:
     """Materialise every volume of the pod; raise PodError as a kubelet's FailedMount would."""
     result: dict[str, Path] = {}
@@ -197,21 +208,13 @@ def prepare_volumes(ctx: PodContext) -> dict[str, Path]:
             result[name] = base
         elif "configMap" in volume:
             src = volume["configMap"]
-            data = _configmap_data(ctx, src["name"])
-            if data is None and not src.get("optional"):
-                raise PodError("FailedMount", f"MountVolume.SetUp failed for volume {name!r}: "
-                               f"configmap {src['name']!r} not found")
-            _project_keys(base, data or {}, src.get("items"), _mode(src.get("defaultMode"),
-                          0o644), f"configmap {src['name']!r}", bool(src.get("optional")))
+            _project_source(ctx, name, "configmap", src["name"], src, base,
+                            _mode(src.get("defaultMode"), 0o644))
             result[name] = base
         elif "secret" in volume:
             src = volume["secret"]
-            data = _secret_data(ctx, src["secretName"])
-            if data is None and not src.get("optional"):
-                raise PodError("FailedMount", f"MountVolume.SetUp failed for volume {name!r}: "
-                               f"secret {src['secretName']!r} not found")
-            _project_keys(base, data or {}, src.get("items"), _mode(src.get("defaultMode"),
-                          0o644), f"secret {src['secretName']!r}", bool(src.get("optional")))
+            _project_source(ctx, name, "secret", src["secretName"], src, base,
+                            _mode(src.get("defaultMode"), 0o644))
             result[name] = base
         elif "projected" in volume:
             _projected(ctx, name, volume["projected"], base)
@@ -272,20 +275,10 @@ def _projected(ctx: PodContext, name: str, spec: dict[str, Any], base: Path) -> 
             _write(base / source["serviceAccountToken"]["path"], b"test-token", default_mode)
         elif "configMap" in source:
             src = source["configMap"]
-            data = _configmap_data(ctx, src["name"])
-            if data is None and not src.get("optional"):
-                raise PodError("FailedMount", f"MountVolume.SetUp failed for volume {name!r}: "
-                               f"configmap {src['name']!r} not found")
-            _project_keys(base, data or {}, src.get("items"), default_mode,
-                          f"configmap {src['name']!r}", bool(src.get("optional")))
+            _project_source(ctx, name, "configmap", src["name"], src, base, default_mode)
         elif "secret" in source:
             src = source["secret"]
-            data = _secret_data(ctx, src["name"])
-            if data is None and not src.get("optional"):
-                raise PodError("FailedMount", f"MountVolume.SetUp failed for volume {name!r}: "
-                               f"secret {src['name']!r} not found")
-            _project_keys(base, data or {}, src.get("items"), default_mode,
-                          f"secret {src['name']!r}", bool(src.get("optional")))
+            _project_source(ctx, name, "secret", src["name"], src, base, default_mode)
         elif "downwardAPI" in source:
             for item in source["downwardAPI"].get("items") or []:
                 _write(base / item["path"],
