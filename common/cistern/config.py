@@ -80,7 +80,7 @@ DEFAULT_STREAM_EXCLUDE: tuple[str, ...] = ("*.tmp", "*.partial", "*.tmp.*", "*~"
 
 FlushMode = Literal["writeBack", "writeThrough"]
 NewWrites = Literal["hold", "reject"]
-FuseFrontend = Literal["auto", "passthrough", "pyfuse3"]
+FuseFrontend = Literal["auto", "passthrough", "splice", "pyfuse3"]
 
 _MIN_PART = 5 * 2**20
 _MAX_PART = 5 * 2**30
@@ -371,8 +371,10 @@ class NodeConfig(Section):
     fuse_frontend: FuseFrontend = setting(
         "fuseFrontend", "auto", choice(FuseFrontend),
         "`passthrough` (kernel FUSE passthrough: the kernel reads and writes the cache file "
-        "directly), `pyfuse3`, or `auto` (passthrough when the kernel offers it and the daemon "
-        "has CAP_SYS_ADMIN)", shown="`auto`")
+        "directly), `splice` (for kernels without passthrough: the kernel's write-back cache, "
+        "data spliced between /dev/fuse and the cache file), `pyfuse3`, or `auto` (passthrough "
+        "when the kernel offers it and the daemon has CAP_SYS_ADMIN, else splice)",
+        shown="`auto`")
     allow_other: bool = setting(
         "allowOther", True, boolean,
         "let other users (pods) use the mount (a YAML boolean)", shown="`true`")

@@ -196,7 +196,7 @@ class S3EndpointStatus:
 _FUSE_KEYS = {"kernel_protocol": "kernelProtocol", "passthrough_opens": "passthroughOpens",
               "direct_io_opens": "directIoOpens", "open_backing_files": "openBackingFiles",
               "last_takeover_pause_seconds": "lastTakeoverPauseSeconds",
-              "resent_requests": "resentRequests"}
+              "resent_requests": "resentRequests", "writeback_cache": "writebackCache"}
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,10 @@ class FuseStatus:
     by this daemon)."""
     resent_requests: int | None = None
     """Requests the kernel sent again after the takeover (FUSE_NOTIFY_RESEND)."""
+    reason: str | None = None
+    """Why this front end runs (asked for, or what ``auto`` found on this kernel)."""
+    writeback_cache: bool | None = None
+    """The kernel's write-back cache is on (the splice front end)."""
 
     @classmethod
     def from_json(cls, data: Any, where: str = "fuse") -> FuseStatus:
@@ -230,7 +234,8 @@ class FuseStatus:
         for f in dataclasses.fields(cls):
             key = _FUSE_KEYS.get(f.name, f.name)
             kind: Any = {"frontend": str, "kernel_protocol": str, "passthrough": bool,
-                         "held": bool, "last_takeover_pause_seconds": float}.get(f.name, int)
+                         "held": bool, "last_takeover_pause_seconds": float, "reason": str,
+                         "writeback_cache": bool}.get(f.name, int)
             values[f.name] = _field(data, key, kind, f.default, where)
         return cls(**values)
 

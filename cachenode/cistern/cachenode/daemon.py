@@ -95,6 +95,7 @@ class NodeDaemon:
         self.state = "starting"
         self.prom = Metrics()
         self.frontend: FuseFrontend | None = None
+        self.frontend_reason = ""  # why this front end runs (/status fuse.reason)
         self.core: CacheCore | None = None
         self.flusher: Flusher | None = None
         self.control: ControlServer | None = None
@@ -160,7 +161,8 @@ class NodeDaemon:
         except ValueError as exc:  # a non-loopback address without a token
             raise StartupError(str(exc)) from exc
         try:
-            self.frontend = select_frontend(cfg.fuse_frontend, takeover=held is not None)
+            self.frontend, self.frontend_reason = select_frontend(
+                cfg.fuse_frontend, held_session=held.session_fd if held is not None else None)
         except FrontendUnavailable as exc:
             raise StartupError(str(exc)) from exc
         self.prom.set_frontend(self.frontend.name)
@@ -347,7 +349,8 @@ class NodeDaemon:
         return NodeStatus(
             state=state,
             frontend=self.frontend.name if self.frontend else None,
-            fuse=FuseStatus.from_json(self.frontend.status()) if self.frontend
+            fuse=FuseStatus.from_json({**self.frontend.status(), "reason": self.frontend_reason})
+            if self.frontend
             else FuseStatus(),
             mount=os.path.abspath(self.config.mount),
             store=self.config.store.url,

@@ -130,6 +130,8 @@ class KernelFrontend(MetadataHandlers, TakeoverHandling):
         # says when they can be answered inline, sparing a thread hand-off per request.
         self._quick: list[Callable[[int], bool] | None] = [None] * 64
         self._noflush = 0
+        #: Open flags the core must not see (the write-back cache handles O_APPEND itself).
+        self._open_mask = -1
 
     # --- lifecycle ----------------------------------------------------------------------------
     def _bind(self, core: Any, mountpoint: str) -> None:
@@ -276,9 +278,9 @@ class KernelFrontend(MetadataHandlers, TakeoverHandling):
         unpack_header = kf.IN_HEADER.unpack_from
         pack_out = kf.OUT_HEADER.pack
         writev = os.writev
-        readv = os.readv
         clock = time.monotonic_ns
         spin_ns = int(self.spin * 1e9)
+        receive = self._receiver(buf)
         poller = select.poll()
         poller.register(devfd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -296,7 +298,7 @@ class KernelFrontend(MetadataHandlers, TakeoverHandling):
                     token.release()
                     return
                 try:
-                    readv(devfd, [buf])
+                    got = receive()
                 except BlockingIOError:
                     # Nothing queued. Right after a request another one usually follows (a
                     # cp -r sends four per file): poll for ``spin`` seconds before sleeping,
@@ -324,7 +326,8 @@ class KernelFrontend(MetadataHandlers, TakeoverHandling):
                 if opcode >= 64:
                     self._reply_error(unique, errno.ENOSYS)
                     continue
-                body = view[kf.IN_HEADER.size:length - extlen * 8]
+                # ``got`` < ``length``: the rest (a WRITE's data) waits in the worker's pipe
+                body = view[kf.IN_HEADER.size:length - extlen * 8 if got >= length else got]
                 if may_block[opcode]:
                     hint = quick[opcode]
                     try:
@@ -380,6 +383,13 @@ class KernelFrontend(MetadataHandlers, TakeoverHandling):
                         log.error("replying to FUSE %s on %s failed: %s",
                                   kf.OPCODE_NAMES.get(opcode, opcode), self._mountpoint, exc)
 
+    def _receiver(self, buf: bytearray) -> Callable[[], int]:
+        """The calling worker's way to read one request into ``buf`` (non-blocking); returns
+        the bytes now in ``buf``."""
+        devfd = self._devfd
+        readv = os.readv
+        return lambda: readv(devfd, [buf])
+
     def _reply_error(self, unique: int, err: int) -> None:
         try:
             os.write(self._devfd, kf.OUT_HEADER.pack(16, -err, unique))
@@ -410,7 +420,7 @@ class KernelFrontend(MetadataHandlers, TakeoverHandling):
 
     def _open(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
         flags, _ = kf.OPEN_IN.unpack_from(body, 0)
-        handle = self._core.open(nodeid, flags)
+        handle = self._core.open(nodeid, flags & self._open_mask)
         try:
             open_flags, backing_id = self._open_reply(handle)
             fh = self._register(handle, open_flags, backing_id)
@@ -422,8 +432,8 @@ class KernelFrontend(MetadataHandlers, TakeoverHandling):
 
     def _create(self, nodeid: int, uid: int, gid: int, pid: int, body: memoryview) -> Any:
         flags, mode, _umask, _ = kf.CREATE_IN.unpack_from(body, 0)
-        handle, attr = self._core.create(nodeid, name_at(body, kf.CREATE_IN.size), mode, flags,
-                                         uid, gid)
+        handle, attr = self._core.create(nodeid, name_at(body, kf.CREATE_IN.size), mode,
+                                         flags & self._open_mask, uid, gid)
         return self._created(handle, attr)
 
     def _created(self, handle: Any, attr: Any) -> Any:

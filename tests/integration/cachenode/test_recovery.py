@@ -6,8 +6,11 @@ import hashlib
 import os
 from typing import Any
 
+from support.frontends import ON_ALL_FRONTENDS
 from support.s3server import list_keys, read_object
 from support.wait import wait_until
+
+pytestmark = ON_ALL_FRONTENDS
 
 
 def _restart(make_node: Any, bucket: str, old: Any, **kwargs: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,11 @@ class CacheCore:
 
     def write(self, handle: Handle, offset: int, data: bytes) -> int:
         return self._files.write(handle, offset, data)
+
+    def write_with(self, handle: Handle, offset: int, size: int,
+                   copy: Callable[[int, int], int]) -> int:
+        """``write`` of ``size`` bytes the caller moves itself with ``copy(fd, offset)``."""
+        return self._files.write_with(handle, offset, size, copy)
 
     def flush(self, handle: Handle) -> None:
         """close(2) on one descriptor (waits for the store only in write-through mode)."""

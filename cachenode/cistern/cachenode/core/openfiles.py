@@ -11,6 +11,7 @@ import errno
 import itertools
 import os
 import time
+from collections.abc import Callable
 
 from cistern.cachenode.core.admission import Admission
 from cistern.cachenode.core.datafiles import DataFiles
@@ -98,15 +99,27 @@ class OpenFiles:
         return handle.written + size >= ADMIT_EVERY
 
     def write(self, handle: Handle, offset: int, data: bytes) -> int:
+        offset = self._before_write(handle, offset, len(data))
+        return os.pwrite(handle.fd, data, offset)
+
+    def write_with(self, handle: Handle, offset: int, size: int,
+                   copy: Callable[[int, int], int]) -> int:
+        """``write`` of data the caller moves itself: ``copy(fd, offset)`` puts the ``size``
+        bytes at ``offset`` of the data file and returns how many it wrote (a front end
+        splicing them from /dev/fuse, say)."""
+        return copy(handle.fd, self._before_write(handle, offset, size))
+
+    def _before_write(self, handle: Handle, offset: int, size: int) -> int:
+        """Checks and admission of a write; returns the offset it goes to."""
         if not handle.writable:
             raise err(errno.EBADF)
         if handle.flags & os.O_APPEND:
             offset = os.fstat(handle.fd).st_size
-        handle.written += len(data)
+        handle.written += size
         if handle.written >= ADMIT_EVERY:
             handle.written = 0
             self._admission.admit(new_file=False)
-        return os.pwrite(handle.fd, data, offset)
+        return offset
 
     def flush(self, handle: Handle) -> None:
         """close(2) on one descriptor: nothing to wait for in write-back mode; in write-through
