@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="bench/results", help="output directory")
     parser.add_argument("--targets", help="comma list of raw,cistern,juicefs,rclone,s3fs,boto3 "
                         "(boto3: local save, then upload_file with TransferConfig defaults)")
-    parser.add_argument("--frontends", help="Cistern front ends (default pyfuse3,passthrough)")
+    parser.add_argument("--frontends",
+                        help="Cistern front ends (default pyfuse3,passthrough,splice)")
     parser.add_argument("--workloads",
                         help="comma list of fio,checkpoints,smallfiles,s3api (default: all)")
     parser.add_argument("--reps", type=int, help="repetitions (default 3)")

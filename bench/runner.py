@@ -35,7 +35,7 @@ class BenchConfig:
     targets: list[str] = field(
         default_factory=lambda: ["raw", "cistern", "juicefs", "rclone", "s3fs"])
     """raw, cistern, juicefs, rclone, s3fs (cistern expands to one target per front end)."""
-    frontends: list[str] = field(default_factory=lambda: ["pyfuse3", "passthrough"])
+    frontends: list[str] = field(default_factory=lambda: ["pyfuse3", "passthrough", "splice"])
     """Cistern FUSE front ends to measure (``--fuse-frontend``)."""
     workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
     """Which of ``WORKLOADS`` to run."""

@@ -371,8 +371,8 @@ class NodeConfig(Section):
     fuse_frontend: FuseFrontend = setting(
         "fuseFrontend", "auto", choice(FuseFrontend),
         "`passthrough` (kernel FUSE passthrough: the kernel reads and writes the cache file "
-        "directly), `splice` (for kernels without passthrough: the kernel's write-back cache, "
-        "data spliced between /dev/fuse and the cache file), `pyfuse3`, or `auto` (passthrough "
+        "directly), `splice` (for kernels without passthrough: file data spliced between /dev/fuse "
+        "and the cache file, never copied through Python), `pyfuse3`, or `auto` (passthrough "
         "when the kernel offers it and the daemon has CAP_SYS_ADMIN, else splice)",
         shown="`auto`")
     allow_other: bool = setting(
@@ -382,7 +382,7 @@ class NodeConfig(Section):
         "fuseHolder", None, _unset_if_empty(text),
         "unix socket of a `cistern-node holder`: the mount then survives a crash, restart or "
         "upgrade of the daemon (applications see a pause, not `ENOTCONN`); takeovers need the "
-        "passthrough front end (docs/restarts.md)", shown="unset")
+        "passthrough or splice front end (docs/restarts.md)", shown="unset")
     s3_endpoint: S3EndpointConfig = section(
         "s3Endpoint", S3EndpointConfig, "the S3-compatible endpoint (off by default)")
 

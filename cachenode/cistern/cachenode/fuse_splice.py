@@ -136,6 +136,8 @@ class SpliceFrontend(KernelFrontend):
                 "copiedWrites": self.copied_writes}
 
     def _release_backings(self, *, close: bool) -> None:
+        if any(worker.is_alive() for worker in self._workers):
+            return  # a worker may still splice through its pipe; they end with the process
         with self._pipes_lock:
             pipes, self._pipes = self._pipes, []
         for pipe in pipes:

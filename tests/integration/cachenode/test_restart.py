@@ -161,7 +161,6 @@ def held_node(tmp_path: Path, moto: MotoServer, holder: Path, held_frontend: str
         node._close_log()
 
 
-@ALSO_SPLICE
 def test_open_files_work_while_no_daemon_runs(held_node: Any, bucket: str, s3: Any) -> None:
     node = held_node(bucket)
     head, tail = os.urandom(300_000), os.urandom(200_000)
