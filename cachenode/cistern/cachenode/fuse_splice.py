@@ -128,7 +128,11 @@ class SpliceFrontend(KernelFrontend):
         if handle.fd is None or handle.fd < 0:
             self.direct_io_opens += 1
             return kf.FOPEN_DIRECT_IO, 0
-        return 0, 0
+        # In write-back mode close(2) has nothing to wait for: no FLUSH round trip, and a
+        # close (a forked child closing inherited descriptors) never waits for a daemon that
+        # is restarting. With the kernel's write-back cache the kernel still writes dirty
+        # pages back on close; only the FLUSH request is spared.
+        return self._noflush, 0
 
     def _status_extra(self) -> dict[str, Any]:
         return {"writebackCache": self.writeback_cache, "maxPages": self.max_pages,

@@ -9,7 +9,6 @@ suites run against this front end too (``support.frontends.ON_ALL_FRONTENDS``).
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,50 +16,28 @@ from typing import Any
 import pytest
 
 from cistern.cachenode import kernel_fuse as kf
-from cistern.cachenode.core import CacheCore
 from cistern.cachenode.frontend import select_frontend
 from cistern.cachenode.fuse_passthrough import probe_passthrough
 from cistern.cachenode.fuse_splice import SpliceFrontend
 from cistern.cachenode.journal import DIRTY
-from cistern.cachenode.store import LocalDirStore
-from support.node import is_mounted
+from support.kernelmount import KernelMount, kernel_mount
 
 BLOCK = 256 * 1024
 
 
-class Mounted:
-    """A splice front end serving a real CacheCore in this process."""
+Mounted = KernelMount
 
-    def __init__(self, base: Path, **options: Any) -> None:
-        self.store = LocalDirStore(base / "objects")
-        self.store.check()
-        self.core = CacheCore(base / "cache", self.store)
-        self.mount = base / "mnt"
-        self.mount.mkdir()
-        self.frontend = SpliceFrontend(threads=4, **options)
-        self.frontend.mount(self.core, str(self.mount), allow_other=False,
-                            fsname="cistern-test")
-        self.thread = threading.Thread(target=self.frontend.serve, name="serve", daemon=True)
-        self.thread.start()
 
-    def data_file(self, name: str) -> bytes:
-        return self.core.data_path(os.stat(self.mount / name).st_ino).read_bytes()
-
-    def close(self) -> None:
-        self.frontend.request_stop()
-        self.thread.join(10)
-        self.frontend.close()
-        self.core.close()
+def data_file(fs: Mounted, name: str) -> bytes:
+    """What the cache's data file of ``name`` holds (not the kernel's view of it)."""
+    return fs.core.data_path(os.stat(fs.mount / name).st_ino).read_bytes()
 
 
 @pytest.fixture(params=["default", "writeback-cache"])
 def mounted(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mounted]:
-    fs = Mounted(tmp_path, writeback_cache=request.param == "writeback-cache")
-    try:
+    frontend = SpliceFrontend(threads=4, writeback_cache=request.param == "writeback-cache")
+    with kernel_mount(tmp_path, frontend) as fs:
         yield fs
-    finally:
-        fs.close()
-        assert not is_mounted(fs.mount)
 
 
 def test_init_negotiates_the_writeback_cache_and_large_requests(mounted: Mounted) -> None:
@@ -82,7 +59,7 @@ def test_large_writes_are_spliced_and_fsync_puts_every_byte_in_the_data_file(
         for block in blocks:
             f.write(block)
         os.fsync(f.fileno())
-        assert mounted.data_file("big.bin") == b"".join(blocks)  # before close
+        assert data_file(mounted, "big.bin") == b"".join(blocks)  # before close
     assert mounted.frontend.spliced_writes > 0
     entry = mounted.core.debug_entry("big.bin")
     assert entry is not None and entry["state"] == DIRTY
@@ -96,7 +73,7 @@ def test_appends_land_at_the_end(mounted: Mounted) -> None:
         with open(path, "ab") as f:
             f.write(line)
     assert path.read_bytes() == b"one\ntwo\nthree\n"
-    assert mounted.data_file("log.txt") == b"one\ntwo\nthree\n"
+    assert data_file(mounted, "log.txt") == b"one\ntwo\nthree\n"
 
 
 def test_overwrites_truncates_and_reads_of_a_closed_file(mounted: Mounted) -> None:
@@ -110,7 +87,7 @@ def test_overwrites_truncates_and_reads_of_a_closed_file(mounted: Mounted) -> No
     data[BLOCK + 7:BLOCK + 1007] = b"x" * 1000
     del data[2 * BLOCK:]
     assert path.read_bytes() == data
-    assert mounted.data_file("f.bin") == data
+    assert data_file(mounted, "f.bin") == data
     with open(path, "rb") as f:  # a read that is not page aligned, through the daemon
         f.seek(BLOCK - 5)
         assert f.read(10) == data[BLOCK - 5:BLOCK + 5]
