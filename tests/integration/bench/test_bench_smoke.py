@@ -42,7 +42,7 @@ def test_bench_smoke_writes_well_formed_results(tmp_path: Path) -> None:
     assert data["machine"]["cores"] >= 1
     assert "raw" in data["targets"] and data["targets"]["raw"]["available"]
     cistern = {n: t for n, t in data["targets"].items() if n.startswith("cistern-")}
-    assert set(cistern) == {"cistern-pyfuse3", "cistern-passthrough"}
+    assert set(cistern) == {"cistern-pyfuse3", "cistern-passthrough", "cistern-splice"}
     for name, target in data["targets"].items():
         assert target["available"] or target["reason"], name  # never silently dropped
 
