@@ -18,6 +18,7 @@ from cistern.config import ConfigError
 from cistern.operator import manifests
 from cistern.operator.bodies import decode_secret, drain_timeout, valid_spec
 from cistern.operator.bucketprobe import BucketProblem, probe_bucket
+from cistern.operator.conflicts import CONFLICT_REASON, NewConflicts, track_conflicts
 from cistern.operator.daemons import DaemonClient
 from cistern.operator.drains import Drains
 from cistern.operator.finalizer import Finalizer
@@ -178,6 +179,7 @@ class Reconciler:
         timeout = min(drain_timeout(fresh), self.settings.max_drain_timeout)
         node_objects = {n["metadata"]["name"]: n for n in await self.api.list(NODES)}
         summaries = []
+        new_conflicts: list[NewConflicts] = []
         running_nodes = set()
         for endpoint in observed.endpoints:
             running_nodes.add(endpoint.node)
@@ -185,8 +187,15 @@ class Reconciler:
             drain = await self.drains.advance(
                 fresh, endpoint, node_objects.get(endpoint.node), daemon_status,
                 previous_nodes.get(endpoint.node) or {}, timeout)
-            summaries.append(node_summary(endpoint.node, endpoint.pod, daemon_status,
-                                          observed.errors.get(endpoint.node), drain))
+            summary = node_summary(endpoint.node, endpoint.pod, daemon_status,
+                                   observed.errors.get(endpoint.node), drain)
+            conflict_fields, new = track_conflicts(
+                endpoint.node, endpoint.pod, daemon_status,
+                previous_nodes.get(endpoint.node) or {})
+            summary.update(conflict_fields)
+            summaries.append(summary)
+            if new is not None:
+                new_conflicts.append(new)
         # A daemon pod being replaced (rollout) or not yet running still keeps its node's guard.
         running_nodes |= await self.fleet.daemon_nodes(namespace, name)
         await self.drains.remove_stale_guards(fresh, running_nodes)
@@ -220,7 +229,13 @@ class Reconciler:
             fields["conditions"] = conditions
             return fields
 
-        return await self.status.update(fresh, compute) or {}
+        written = await self.status.update(fresh, compute) or {}
+        # Announced once the status holding the new counts is written: that count is what the
+        # next refresh compares with, so a conflict gets one Event.
+        if written:
+            for new in new_conflicts:
+                self.post_event(fresh, "Warning", CONFLICT_REASON, new.message())
+        return written
 
     async def _keep_in_sync(self, body: Mapping[str, Any]) -> None:
         """The credentials copy follows its source, the access policy follows namespace labels

@@ -109,6 +109,7 @@ def totals(nodes: Iterable[Mapping[str, Any]]) -> dict[str, int]:
         "dirtyBytes": sum(_int(n.get("dirtyBytes")) for n in nodes),
         "cachedBytes": sum(_int(n.get("cachedBytes")) for n in nodes),
         "errors": sum(_int(n.get("errors")) for n in nodes),
+        "conflicts": sum(_int(n.get("conflictsTotal")) for n in nodes),
     }
 
 
