@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -83,13 +82,14 @@ def test_backpressure_refuses_new_files_when_nothing_can_be_freed(make_node: Any
         data = os.urandom(3 * 2**20)
         (node.mount / f"ok{i}").write_bytes(data)
         accepted[f"ok{i}"] = data
-    started = time.monotonic()
+    held_before = node.metric("cistern_backpressure_seconds_total")
     with pytest.raises(OSError) as info:
         (node.mount / "refused").write_bytes(b"x")
     assert info.value.errno == errno.ENOSPC
-    assert time.monotonic() - started >= 1.5, "the writer should have been held first"
-    assert node.metric("cistern_admission_refusals_total") >= 1
-    assert node.metric("cistern_backpressure_seconds_total") > 0
+    assert node.metric("cistern_admission_refusals_total") == 1
+    # Refused only after holding the writer for its whole admissionTimeout (2s), as the
+    # daemon accounts it: a refusal at once would add (almost) nothing.
+    assert node.metric("cistern_backpressure_seconds_total") - held_before >= 2.0
     # Accepted data is intact locally and reaches the store when it comes back.
     for name, data in accepted.items():
         assert (node.mount / name).read_bytes() == data
