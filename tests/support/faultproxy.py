@@ -46,7 +46,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -656,6 +656,12 @@ class ProxyControl:
 
     def reset(self) -> None:
         self._call("POST", "reset", {})
+
+    def restore(self) -> None:
+        """As freshly started without options: every setting at its default, counters and log
+        cleared (one proxy process serves many tests)."""
+        self.set(**{f.name: f.default for f in fields(ProxyConfig)})
+        self.reset()
 
 
 class FaultProxyProcess(ChildServer):
