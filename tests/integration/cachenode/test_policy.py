@@ -117,7 +117,9 @@ def test_writer_is_held_then_released_when_the_flusher_frees_space(
 
     thread = threading.Thread(target=writer)
     thread.start()
-    assert not done.wait(2.0), "the writer should be held while the cache is full"
+    wait_until(lambda: "holding a writer" in node.log_path.read_text(errors="replace"),
+               what="the writer held at capacity")
+    assert not done.is_set(), "the writer should be held while the cache is full"
     proxy.set(outage=False)
     thread.join(60)
     assert done.is_set()
@@ -212,7 +214,9 @@ def test_drain_hold_holds_writers_until_resume(make_node: Any, bucket: str) -> N
     thread = threading.Thread(target=lambda: ((node.mount / "held").write_text("x"),
                                               done.set()))
     thread.start()
-    assert not done.wait(1.5)
+    wait_until(lambda: "holding a writer until the node resumes" in node.log_path.read_text(
+        errors="replace"), what="the writer held by the drain")
+    assert not done.is_set()
     node._request("POST", "/resume")  # noqa: SLF001
     thread.join(30)
     assert done.is_set() and (node.mount / "held").read_text() == "x"
