@@ -57,7 +57,7 @@ def test_commit_marker_uploaded_last_with_real_dcp(make_node: Any, bucket: str, 
 @pytest.mark.parametrize("frontend", ["pyfuse3"])
 def test_throttling_storm_every_file_lands(make_node: Any, bucket: str, s3: Any,
                                            proxy: Any) -> None:
-    # Seeded: the same requests fail on every run (a storm of SlowDown, never none).
+    # Seeded: the proxy draws the same failures in arrival order on every run (never none).
     proxy.set(latency=0.035, error_rate=0.3, seed=1)
     node = make_node(bucket, endpoint=proxy.endpoint, upload_delay=0.0,
                      config={"flush": {"partSize": "5Mi", "multipartThreshold": "6Mi"}})
