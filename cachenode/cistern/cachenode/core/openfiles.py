@@ -16,6 +16,7 @@ from cistern.cachenode.core.admission import Admission
 from cistern.cachenode.core.datafiles import DataFiles
 from cistern.cachenode.core.model import Attr, Handle, err
 from cistern.cachenode.core.readthrough import ReadThrough
+from cistern.cachenode.core.replication import FileVersion, NoReplication, Replication
 from cistern.cachenode.core.tree import Tree
 from cistern.cachenode.core.workqueue import WorkQueue
 from cistern.cachenode.journal import CLEAN, DIRTY, Entry
@@ -32,13 +33,15 @@ WRITE_THROUGH_TIMEOUT = 600.0
 
 class OpenFiles:
     def __init__(self, tree: Tree, queue: WorkQueue, datafiles: DataFiles,
-                 readthrough: ReadThrough, admission: Admission, policy: FlushPolicy) -> None:
+                 readthrough: ReadThrough, admission: Admission, policy: FlushPolicy,
+                 replication: Replication | None = None) -> None:
         self._tree = tree
         self._queue = queue
         self._files = datafiles
         self._readthrough = readthrough
         self._admission = admission
         self.write_through = policy.mode == "writeThrough"
+        self.replication: Replication = replication or NoReplication()
         self._handles: dict[int, Handle] = {}
         self._fh = itertools.count(1)
 
@@ -138,15 +141,28 @@ class OpenFiles:
         # file's mtime, which recovery compares after a power loss.
         os.fsync(handle.fd)
         tree = self._tree
+        version: FileVersion | None = None
+        level = "local"
         with tree.lock:
             entry = tree.entries.get(handle.ino)
             if entry is not None and not entry.unlinked:
                 self._sync_size(entry)
                 entry.synced = entry.state == DIRTY
                 tree.journal.update(entry)
+                if entry.synced:
+                    # Durability levels (issue 17, docs/dev/peers.md): decided per path.
+                    key = tree.key_of(entry)
+                    level = self.replication.level(key)
+                    if level == "peers":
+                        version = FileVersion(
+                            key=key, fd=os.dup(handle.fd), size=entry.size,
+                            mtime_ns=entry.mtime_ns, mode=entry.mode,
+                            etag=entry.etag if entry.remote_key == key else None)
         self._files.sync_dir(self._files.path(handle.ino).parent)
         tree.journal.sync()
-        if self.write_through and handle.writable:
+        if version is not None:  # after the local fsync: a copy never precedes the original
+            self.replication.replicate(version)
+        if (self.write_through or level == "s3") and handle.writable:
             self._upload_now_and_wait(handle.ino)
 
     def _sync_size(self, entry: Entry) -> None:
