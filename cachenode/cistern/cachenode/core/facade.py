@@ -34,7 +34,7 @@ from cistern.cachenode.core.retention import Retention
 from cistern.cachenode.core.streams import Streams, StreamState
 from cistern.cachenode.core.tree import EventSink, Tree
 from cistern.cachenode.core.workqueue import WorkQueue
-from cistern.cachenode.journal import Journal
+from cistern.cachenode.journal import DIRTY, Journal
 from cistern.config import CacheConfig, DrainPolicy, FlushPolicy
 
 __all__ = ["CacheCore"]
@@ -169,11 +169,11 @@ class CacheCore:
 
     # ------------------------------------------------------------------ peers (issue 17)
 
-    def state_of(self, key: str) -> str | None:
-        """The state of the file at ``key`` (DIRTY, CLEAN, REMOTE), None if there is none."""
+    def holds_dirty(self, key: str) -> bool:
+        """The file at ``key`` is DIRTY here (not in the store in its current version)."""
         with self._tree.lock:
             entry = self._tree.resolve(key)
-            return None if entry is None or entry.is_dir else entry.state
+            return entry is not None and not entry.is_dir and entry.state == DIRTY
 
     def read_local(self, key: str, offset: int, size: int) -> bytes | None:
         """Bytes of the file at ``key`` if this node has its data (for a peer read)."""

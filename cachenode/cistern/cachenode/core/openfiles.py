@@ -116,6 +116,27 @@ class OpenFiles:
         mode, upload what the file holds now and return when the store has it."""
         if self.write_through and handle.writable:
             self._upload_now_and_wait(handle.ino)
+        elif handle.writable:
+            # Level peers: what was written since the last fsync goes to the peers at close
+            # too (DCP fsyncs `.metadata.tmp` before its buffer is written, then closes and
+            # renames it): close-to-peer, so a rescue or a peer read never sees it empty.
+            version = self._peer_version(handle)
+            if version is not None:
+                self.replication.replicate(version, if_changed=True)
+
+    def _peer_version(self, handle: Handle) -> FileVersion | None:
+        tree = self._tree
+        with tree.lock:
+            entry = tree.entries.get(handle.ino)
+            if entry is None or entry.unlinked or entry.state != DIRTY:
+                return None
+            key = tree.key_of(entry)
+            if self.replication.level(key) != "peers":
+                return None
+            st = os.fstat(handle.fd)
+            return FileVersion(key=key, fd=os.dup(handle.fd), size=st.st_size,
+                               mtime_ns=st.st_mtime_ns, mode=entry.mode,
+                               etag=entry.etag if entry.remote_key == key else None)
 
     def _upload_now_and_wait(self, ino: int) -> None:
         tree = self._tree
@@ -151,13 +172,9 @@ class OpenFiles:
                 tree.journal.update(entry)
                 if entry.synced:
                     # Durability levels (issue 17, docs/dev/peers.md): decided per path.
-                    key = tree.key_of(entry)
-                    level = self.replication.level(key)
-                    if level == "peers":
-                        version = FileVersion(
-                            key=key, fd=os.dup(handle.fd), size=entry.size,
-                            mtime_ns=entry.mtime_ns, mode=entry.mode,
-                            etag=entry.etag if entry.remote_key == key else None)
+                    level = self.replication.level(tree.key_of(entry))
+        if level == "peers":
+            version = self._peer_version(handle)
         self._files.sync_dir(self._files.path(handle.ino).parent)
         tree.journal.sync()
         if version is not None:  # after the local fsync: a copy never precedes the original

@@ -32,9 +32,10 @@ class Replication(Protocol):
     def level(self, key: str) -> Level:
         """The durability level for the file at ``key``."""
 
-    def replicate(self, version: FileVersion) -> None:
+    def replicate(self, version: FileVersion, if_changed: bool = False) -> None:
         """Make ``version`` durable on other nodes (closes ``version.fd``); raise ``OSError``
-        when the level's policy says the fsync must fail."""
+        when the level's policy says the fsync must fail. ``if_changed`` (at close): only if
+        its size or mtime differ from what was last replicated."""
 
     def renamed(self, old: str, new: str) -> None:
         """A file (or a directory: both end in '/') moved; called after the core did."""
@@ -49,7 +50,7 @@ class NoReplication:
     def level(self, key: str) -> Level:
         return "local"
 
-    def replicate(self, version: FileVersion) -> None:
+    def replicate(self, version: FileVersion, if_changed: bool = False) -> None:
         raise AssertionError("level local never replicates")
 
     def renamed(self, old: str, new: str) -> None:

@@ -75,6 +75,11 @@ class PeerIndex:
                     files.append(entry)
         return files, dirs
 
+    def under_all(self, prefix: str) -> list[IndexEntry]:
+        """Every file at any depth below ``prefix``."""
+        with self._lock:
+            return [e for k, e in self._entries.items() if k.startswith(prefix)]
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)

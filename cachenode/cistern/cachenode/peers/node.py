@@ -45,7 +45,7 @@ class PeerSetupError(Exception):
 class LocalFiles(Protocol):
     def read_local(self, key: str, offset: int, size: int) -> bytes | None: ...
 
-    def state_of(self, key: str) -> str | None: ...
+    def holds_dirty(self, key: str) -> bool: ...
 
 
 class PeerNode:
@@ -82,9 +82,9 @@ class PeerNode:
     def start(self, files: LocalFiles, store: RescueStore,
               is_marker: Callable[[str], bool]) -> None:
         self._files = files
-        self.replication.state_of = files.state_of
+        self.replication.holds_dirty = files.holds_dirty
         self.rescuer = Rescuer(self.copies, self.pool, self.membership, store,
-                               self.dead_after, is_marker)
+                               self.dead_after, is_marker, self.index)
         self.server.start()
         threading.Thread(target=self._rounds, name="peer-rounds", daemon=True).start()
         log.info("peer server of %s on port %d", self.node, self.server.port)

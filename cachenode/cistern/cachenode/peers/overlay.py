@@ -103,13 +103,9 @@ class PeerOverlayStore:
         return objects, sorted(set(dirs) | peer_dirs)
 
     def head(self, key: str) -> ObjectInfo:
-        try:
-            return self.inner.head(key)
-        except FileNotFoundError:
-            entry = self.index.lookup(key)
-            if entry is None:
-                raise
-            return _info(entry)
+        # The store only: a HEAD asks whether the *store* has the object (revalidation, the
+        # rescue's check before uploading); a peer-held file is not in it.
+        return self.inner.head(key)
 
     def download(self, key: str, fd: int) -> ObjectInfo:
         entry = self.index.lookup(key)

@@ -50,6 +50,8 @@ class ReplicationStats:
 class _Replicated:
     version: int
     holders: tuple[str, ...]
+    size: int
+    mtime_ns: int
 
 
 def rendezvous(key: str, members: list[Member]) -> list[Member]:
@@ -58,11 +60,11 @@ def rendezvous(key: str, members: list[Member]) -> list[Member]:
 
 class PeerReplication:
     def __init__(self, policy: DurabilityPolicy, pool: PeerPool, membership: Membership,
-                 state_of: Callable[[str], str | None] | None = None) -> None:
+                 holds_dirty: Callable[[str], bool] | None = None) -> None:
         self.policy = policy
         self.pool = pool
         self.membership = membership
-        self.state_of = state_of or (lambda key: "DIRTY")
+        self.holds_dirty = holds_dirty or (lambda key: True)
         self.stats = ReplicationStats()
         self._lock = threading.Lock()
         self.replicated: dict[str, _Replicated] = {}
@@ -73,8 +75,14 @@ class PeerReplication:
     def level(self, key: str) -> Level:
         return self.policy.for_key(key)[0]
 
-    def replicate(self, version: FileVersion) -> None:
+    def replicate(self, version: FileVersion, if_changed: bool = False) -> None:
         try:
+            if if_changed:
+                with self._lock:
+                    last = self.replicated.get(version.key)
+                if last is not None and (last.size, last.mtime_ns) == (version.size,
+                                                                       version.mtime_ns):
+                    return
             self._replicate(version)
         finally:
             os.close(version.fd)
@@ -90,15 +98,21 @@ class PeerReplication:
         candidates = list(members)
         sending: dict[Future[Any], Member] = {}
         holders: list[str] = []
+        hedged = 0
         while len(holders) < wanted and (candidates or sending):
-            while candidates and len(sending) + len(holders) < wanted:
+            while candidates and len(sending) + len(holders) < wanted + hedged:
                 member = candidates.pop(0)
                 sending[self._executor.submit(self.pool.send_copy, member, header, version.fd,
                                               version.size, deadline)] = member
             left = deadline - time.monotonic()
             if left <= 0 or not sending:
                 break
-            done, _ = wait(list(sending), timeout=left, return_when=FIRST_COMPLETED)
+            # A member silent for half the bound is hedged: the next candidate starts too,
+            # so one stopped peer does not use up the whole bound (extra copies are harmless).
+            done, _ = wait(list(sending), timeout=min(left, self.policy.peer_timeout / 2),
+                           return_when=FIRST_COMPLETED)
+            if not done:
+                hedged += 1
             for future in done:
                 member = sending.pop(future)
                 try:
@@ -114,7 +128,8 @@ class PeerReplication:
             self.stats.replicated_total += len(holders)
             self.stats.replicated_bytes_total += len(holders) * version.size
             if holders:
-                self.replicated[version.key] = _Replicated(stamp, tuple(holders))
+                self.replicated[version.key] = _Replicated(stamp, tuple(holders),
+                                                           version.size, version.mtime_ns)
         if len(holders) >= wanted:
             return
         message = (f"{version.key}: {len(holders)} of {wanted} peer copies within "
@@ -154,7 +169,7 @@ class PeerReplication:
             items = list(self.replicated.items())
         done = 0
         for key, rec in items:
-            if self.state_of(key) == "DIRTY":
+            if self.holds_dirty(key):
                 continue
             with self._lock:
                 if self.replicated.get(key) != rec:

@@ -29,6 +29,7 @@ from typing import Protocol
 
 from cistern.cachenode.peers.client import PeerPool
 from cistern.cachenode.peers.copies import CopyRow, CopyStore
+from cistern.cachenode.peers.index import PeerIndex
 from cistern.cachenode.peers.membership import Membership
 from cistern.cachenode.peers.protocol import Op, PeerError
 from cistern.cachenode.store import ObjectInfo, PreconditionFailed, StoreError
@@ -58,8 +59,9 @@ def same_version(info: ObjectInfo, row: CopyRow) -> bool:
 class Rescuer:
     def __init__(self, copies: CopyStore, pool: PeerPool, membership: Membership,
                  store: RescueStore, dead_after: float,
-                 is_marker: Callable[[str], bool]) -> None:
+                 is_marker: Callable[[str], bool], index: PeerIndex) -> None:
         self.copies = copies
+        self.index = index
         self.pool = pool
         self.membership = membership
         self.store = store
@@ -92,10 +94,34 @@ class Rescuer:
                           "here", origin, now - seen)
                 self.dead.add(origin)
             mine = [r for r in rows if r.origin == origin]
-            # Commit markers last, as the origin's flusher would have.
-            for row in sorted(mine, key=lambda r: (self.is_marker(r.key.rsplit("/", 1)[-1]),
-                                                   r.key)):
+            # Commit markers last, as the origin's flusher would have: after this holder's
+            # other copies, and only once every file of the marker's directory the origin
+            # announced (other holders' copies too) is in the store.
+            for row in sorted(mine, key=lambda r: (self._is_marker(r), r.key)):
+                if self._is_marker(row) and not self._siblings_stored(row):
+                    continue
                 self.settle(row, upload=True)
+
+    def _is_marker(self, row: CopyRow) -> bool:
+        return self.is_marker(row.key.rsplit("/", 1)[-1])
+
+    def _siblings_stored(self, marker: CopyRow) -> bool:
+        directory = marker.key.rsplit("/", 1)[0] + "/" if "/" in marker.key else ""
+        for entry in self.index.under_all(directory):
+            if entry.origin != marker.origin or entry.key == marker.key \
+                    or self.is_marker(entry.key.rsplit("/", 1)[-1]):
+                continue
+            try:
+                if self.store.head(entry.key).size == entry.size:
+                    continue
+            except FileNotFoundError:
+                pass
+            except StoreError:
+                return False
+            log.info("%s: commit marker for %s waits for %s", marker.key, marker.origin,
+                     entry.key)
+            return False
+        return True
 
     def _answers(self, origin: str) -> bool:
         member = self.membership.get(origin)
