@@ -156,7 +156,7 @@ def test_copy_read_and_bounds_over_an_authenticated_connection(server: PeerServe
     try:
         pool.send_copy(member, {"key": "ckpt/shard", "size": len(data), "mtime_ns": 5,
                                 "mode": 0o100644, "gen": 1, "etag": None}, fd, len(data),
-                       time.monotonic() + 30)
+                       idle=30)
     finally:
         os.close(fd)
     row = server.copies.get("writer", "ckpt/shard")

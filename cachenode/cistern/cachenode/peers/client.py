@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from cistern.cachenode.peers import auth
@@ -162,11 +162,15 @@ class PeerPool:
             return conn.call(op, header, payload, expect)
 
     def send_copy(self, member: Member, header: dict[str, Any], fd: int, size: int,
-                  deadline: float) -> str:
+                  idle: float, on_progress: Callable[[], None] = lambda: None) -> str:
         """BEGIN, the data in chunks (a window of WINDOW unacknowledged), COMMIT with the MD5
-        of what was sent: returns it once the holder has the copy durable."""
-        with self.connection(member, deadline) as conn:
+        of what was sent: returns it once the holder has the copy durable. ``idle`` bounds
+        every wait for an answer (a silent peer fails after it; a slow but live one does
+        not, whatever the size); ``on_progress`` is called on every acknowledgement."""
+        with self.connection(member, time.monotonic() + idle) as conn:
+            conn.sock.settimeout(idle)
             begin = conn.call(Op.COPY_BEGIN, header)
+            on_progress()
             copy = begin.header.get("copy")
             pending: list[int] = []
             digest = hashlib.md5()
@@ -182,8 +186,10 @@ class PeerPool:
                 offset += len(chunk)
                 if len(pending) >= WINDOW:
                     conn.receive(pending.pop(0))
+                    on_progress()
             for request_id in pending:
                 conn.receive(request_id)
+                on_progress()
             md5 = digest.hexdigest()
             conn.call(Op.COPY_COMMIT, {"copy": copy, "md5": md5})
             return md5

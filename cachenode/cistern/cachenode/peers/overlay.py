@@ -42,7 +42,10 @@ class PeerReader:
     def fetch(self, entry: IndexEntry, fd: int) -> bool:
         if self._fetch_local(entry, fd):
             return True
-        for node in (entry.origin, *entry.holders):
+        # The origin first; then holders (named, or found by asking: a member without the
+        # file answers "missing" at once).
+        others = [m.node for m in self.membership.others()]
+        for node in dict.fromkeys((entry.origin, *entry.holders, *others)):
             member = self.membership.get(node)
             if member is None or not self.pool.usable(member):
                 continue

@@ -89,30 +89,37 @@ class PeerReplication:
 
     def _replicate(self, version: FileVersion) -> None:
         _, wanted = self.policy.for_key(version.key)
+        bound = self.policy.peer_timeout
         stamp = time.time_ns()
-        deadline = time.monotonic() + self.policy.peer_timeout
+        started = time.monotonic()
         members = [m for m in rendezvous(version.key, self.membership.others())
                    if self.pool.usable(m)]
+        # Every member learns of the file (the peer-read index), in parallel with the copies.
+        announcing = [self._executor.submit(self.pool.call, m, Op.ANNOUNCE, {
+            "key": version.key, "size": version.size, "mtime_ns": version.mtime_ns,
+            "version": stamp, "holders": []}, started + bound) for m in members]
         header = {"key": version.key, "size": version.size, "mtime_ns": version.mtime_ns,
                   "mode": version.mode, "gen": stamp, "etag": version.etag}
         candidates = list(members)
         sending: dict[Future[Any], Member] = {}
+        progress: dict[str, float] = {}
+        hedged: set[str] = set()
         holders: list[str] = []
-        hedged = 0
+
+        def launch(member: Member) -> None:
+            progress[member.node] = time.monotonic()
+
+            def moved() -> None:
+                progress[member.node] = time.monotonic()
+            sending[self._executor.submit(self.pool.send_copy, member, header, version.fd,
+                                          version.size, bound, moved)] = member
+
         while len(holders) < wanted and (candidates or sending):
-            while candidates and len(sending) + len(holders) < wanted + hedged:
-                member = candidates.pop(0)
-                sending[self._executor.submit(self.pool.send_copy, member, header, version.fd,
-                                              version.size, deadline)] = member
-            left = deadline - time.monotonic()
-            if left <= 0 or not sending:
+            while candidates and len(sending) + len(holders) < wanted + len(hedged):
+                launch(candidates.pop(0))
+            if not sending:
                 break
-            # A member silent for half the bound is hedged: the next candidate starts too,
-            # so one stopped peer does not use up the whole bound (extra copies are harmless).
-            done, _ = wait(list(sending), timeout=min(left, self.policy.peer_timeout / 2),
-                           return_when=FIRST_COMPLETED)
-            if not done:
-                hedged += 1
+            done, _ = wait(list(sending), timeout=bound / 4, return_when=FIRST_COMPLETED)
             for future in done:
                 member = sending.pop(future)
                 try:
@@ -120,10 +127,14 @@ class PeerReplication:
                     holders.append(member.node)
                 except PeerError as exc:
                     log.warning("%s: copy to %s failed: %s", version.key, member.node, exc)
-        announced = [m for m in members if m not in sending.values()]
-        self._broadcast(announced, Op.ANNOUNCE, {
-            "key": version.key, "size": version.size, "mtime_ns": version.mtime_ns,
-            "version": stamp, "holders": holders}, deadline)
+            # A member silent for half the bound is hedged: the next candidate starts too, so
+            # a stopped peer costs at most the bound (its send fails by then); a slow but
+            # live one is not hedged, whatever the file's size. Extra copies are harmless.
+            now = time.monotonic()
+            for member in sending.values():
+                if now - progress[member.node] > bound / 2:
+                    hedged.add(member.node)
+        wait(announcing, timeout=max(0.0, started + bound - time.monotonic()))
         with self._lock:
             self.stats.replicated_total += len(holders)
             self.stats.replicated_bytes_total += len(holders) * version.size
@@ -132,8 +143,8 @@ class PeerReplication:
                                                            version.size, version.mtime_ns)
         if len(holders) >= wanted:
             return
-        message = (f"{version.key}: {len(holders)} of {wanted} peer copies within "
-                   f"{self.policy.peer_timeout:g}s ({len(members)} members usable)")
+        message = (f"{version.key}: {len(holders)} of {wanted} peer copies ({len(members)} "
+                   f"members usable; a silent one is given up after {bound:g}s)")
         with self._lock:
             self.stats.shortfalls_total += 1
             self.stats.last_shortfall = message
