@@ -79,13 +79,7 @@ class Frame:
 
 
 def encode(frame: Frame) -> bytes:
-    header = json.dumps(frame.header, separators=(",", ":")).encode()
-    if len(header) > MAX_HEADER:
-        raise ProtocolError(f"header of {len(header)} bytes exceeds {MAX_HEADER}")
-    if len(frame.payload) > MAX_PAYLOAD:
-        raise ProtocolError(f"payload of {len(frame.payload)} bytes exceeds {MAX_PAYLOAD}")
-    return _PRELUDE.pack(MAGIC, VERSION, int(frame.op), frame.request_id & 0xFFFFFFFF,
-                         len(header), len(frame.payload)) + header + frame.payload
+    return _prelude_and_header(frame) + frame.payload
 
 
 def decode_prelude(data: bytes) -> tuple[Op, int, int, int]:
@@ -135,7 +129,22 @@ def read_frame(sock: socket.socket) -> Frame:
 
 
 def write_frame(sock: socket.socket, frame: Frame) -> None:
-    sock.sendall(encode(frame))
+    if len(frame.payload) < 64 * 2**10:
+        sock.sendall(encode(frame))
+        return
+    # A large payload is sent as is, not copied behind the prelude and header.
+    sock.sendall(_prelude_and_header(frame))
+    sock.sendall(frame.payload)
+
+
+def _prelude_and_header(frame: Frame) -> bytes:
+    header = json.dumps(frame.header, separators=(",", ":")).encode()
+    if len(header) > MAX_HEADER:
+        raise ProtocolError(f"header of {len(header)} bytes exceeds {MAX_HEADER}")
+    if len(frame.payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {len(frame.payload)} bytes exceeds {MAX_PAYLOAD}")
+    return _PRELUDE.pack(MAGIC, VERSION, int(frame.op), frame.request_id & 0xFFFFFFFF,
+                         len(header), len(frame.payload)) + header
 
 
 def field_of(header: dict[str, Any], name: str, kind: type, *, limit: int | None = None) -> Any:

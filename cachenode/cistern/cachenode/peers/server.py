@@ -98,6 +98,7 @@ class PeerServer:
         except EOFError:
             pass
         except ProtocolError as exc:
+            session.abort_open_copies()  # before the answer: nothing half-received remains
             log.warning("peer connection from %s: %s (closed)", addr[0], exc)
             self.refused_total += 1
             _try_send(conn, Frame(Op.ERROR, 0, {"code": "protocol", "message": str(exc)}))
