@@ -114,3 +114,16 @@ def test_a_stopped_peer_does_not_stall_writers_beyond_the_bound(cluster: Any) ->
         assert c.nodes["c"].status().peers.copies_held_for_peers >= 3
     finally:
         os.killpg(stopped.proc.pid, signal.SIGCONT)
+
+
+def test_a_node_joins_without_a_restart_and_status_says_why_tcp(cluster: Any) -> None:
+    c = cluster(writer={"upload_delay": HELD_BACK}, b={})
+    writer = c.nodes["writer"]
+    assert writer.status().peers.members == ("b",)
+    late = c.add("late")  # the operator publishes the new member; nobody restarts
+    late.start()
+    wait_until(lambda: writer.status().peers.members == ("b", "late"), timeout=30,
+               what="the writer to see the new member")
+    peers = writer.status().peers
+    assert peers.transport == "tcp" and peers.transport_reason
+    assert writer.metric("cistern_peer_transport_info", 'transport="tcp"') == 1.0
