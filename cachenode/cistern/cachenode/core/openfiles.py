@@ -42,6 +42,8 @@ class OpenFiles:
         self._admission = admission
         self.write_through = policy.mode == "writeThrough"
         self.replication: Replication = replication or NoReplication()
+        self._replicating = replication is not None and not isinstance(replication,
+                                                                        NoReplication)
         self._handles: dict[int, Handle] = {}
         self._fh = itertools.count(1)
 
@@ -116,7 +118,7 @@ class OpenFiles:
         mode, upload what the file holds now and return when the store has it."""
         if self.write_through and handle.writable:
             self._upload_now_and_wait(handle.ino)
-        elif handle.writable:
+        elif handle.writable and self._replicating:
             # Level peers: what was written since the last fsync goes to the peers at close
             # too (DCP fsyncs `.metadata.tmp` before its buffer is written, then closes and
             # renames it): close-to-peer, so a rescue or a peer read never sees it empty.
@@ -170,7 +172,7 @@ class OpenFiles:
                 self._sync_size(entry)
                 entry.synced = entry.state == DIRTY
                 tree.journal.update(entry)
-                if entry.synced:
+                if entry.synced and self._replicating:
                     # Durability levels (issue 17, docs/dev/peers.md): decided per path.
                     level = self.replication.level(tree.key_of(entry))
         if level == "peers":

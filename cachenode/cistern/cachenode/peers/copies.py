@@ -22,6 +22,8 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from cistern.cachenode.peers.index import moved_key
+
 __all__ = ["CopyRow", "CopyStore", "check_node_name"]
 
 log = logging.getLogger(__name__)
@@ -148,13 +150,8 @@ class CopyStore:
         moved = 0
         with self._lock:
             for (o, key), row in list(self._rows.items()):
-                if o != origin:
-                    continue
-                if key == old:
-                    target = new
-                elif old.endswith("/") and key.startswith(old):
-                    target = new + key[len(old):]
-                else:
+                target = moved_key(key, old, new)
+                if o != origin or target is None:
                     continue
                 replaced = self._rows.get((origin, target))
                 moved_row = replace(row, key=target, seq=time.time_ns())
@@ -230,6 +227,3 @@ def _md5_of(fd: int, size: int) -> str:
         offset += len(chunk)
     return digest.hexdigest()
 
-
-def md5_of_fd(fd: int, size: int) -> str:
-    return _md5_of(fd, size)

@@ -11,7 +11,17 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, replace
 
-__all__ = ["IndexEntry", "PeerIndex"]
+__all__ = ["IndexEntry", "PeerIndex", "moved_key"]
+
+
+def moved_key(key: str, old: str, new: str) -> str | None:
+    """Where ``key`` is after a rename of ``old`` to ``new`` (a file, or a directory prefix
+    ending in '/'); None if the rename does not concern it."""
+    if key == old:
+        return new
+    if old.endswith("/") and key.startswith(old):
+        return new + key[len(old):]
+    return None
 
 
 @dataclass(frozen=True)
@@ -45,13 +55,8 @@ class PeerIndex:
     def rename(self, origin: str, old: str, new: str) -> None:
         with self._lock:
             for key, entry in list(self._entries.items()):
-                if entry.origin != origin:
-                    continue
-                if key == old:
-                    target = new
-                elif old.endswith("/") and key.startswith(old):
-                    target = new + key[len(old):]
-                else:
+                target = moved_key(key, old, new)
+                if entry.origin != origin or target is None:
                     continue
                 del self._entries[key]
                 self._entries[target] = replace(entry, key=target)

@@ -27,6 +27,7 @@ from typing import Any
 
 from cistern.cachenode.core.replication import FileVersion, Level
 from cistern.cachenode.peers.client import PeerPool
+from cistern.cachenode.peers.index import moved_key
 from cistern.cachenode.peers.membership import Member, Membership
 from cistern.cachenode.peers.protocol import Op, PeerError
 from cistern.peerconfig import DurabilityPolicy
@@ -156,11 +157,11 @@ class PeerReplication:
 
     def renamed(self, old: str, new: str) -> None:
         with self._lock:
-            moved = {k: v for k, v in self.replicated.items()
-                     if k == old or (old.endswith("/") and k.startswith(old))}
-            for key, rec in moved.items():
+            moved = {k: (target, v) for k, v in self.replicated.items()
+                     if (target := moved_key(k, old, new)) is not None}
+            for key, (target, rec) in moved.items():
                 del self.replicated[key]
-                self.replicated[new + key[len(old):] if old.endswith("/") else new] = rec
+                self.replicated[target] = rec
         if moved:
             self._broadcast(self._usable(), Op.RENAME, {"old": old, "new": new},
                             time.monotonic() + self.policy.peer_timeout)

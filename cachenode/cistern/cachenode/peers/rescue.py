@@ -68,6 +68,7 @@ class Rescuer:
         self.dead_after = dead_after
         self.is_marker = is_marker
         self._last_seen: dict[str, float] = {}
+        self._next_check: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
         self.uploaded_total = 0
         self.lost_races_total = 0
@@ -82,8 +83,10 @@ class Rescuer:
             if self._answers(origin):
                 self._last_seen[origin] = now
                 self.dead.discard(origin)
-                for row in rows:
-                    if row.origin == origin and time.time() - row.received > self.dead_after:
+                for row in rows:  # one HEAD per copy per deadAfter, not per round
+                    due = self._next_check.get((origin, row.key), row.received + self.dead_after)
+                    if row.origin == origin and time.time() >= due:
+                        self._next_check[(origin, row.key)] = time.time() + self.dead_after
                         self.settle(row, upload=False)
                 continue
             seen = self._last_seen.setdefault(origin, now)
@@ -170,5 +173,6 @@ class Rescuer:
             return False
 
     def _drop(self, row: CopyRow, why: str) -> None:
+        self._next_check.pop((row.origin, row.key), None)
         if self.copies.drop(row.origin, row.key, upto_gen=row.gen):
             log.info("%s: copy for %s dropped (%s)", row.key, row.origin, why)
