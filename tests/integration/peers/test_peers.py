@@ -63,6 +63,7 @@ def test_a_killed_writers_checkpoint_reaches_s3_uploaded_by_a_peer(
     assert sorted(list_keys(s3, bucket)) == sorted(expected)  # no duplicate or conflict object
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_another_node_reads_a_dcp_checkpoint_not_yet_uploaded(
         cluster: Any, s3: Any, bucket: str) -> None:
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
