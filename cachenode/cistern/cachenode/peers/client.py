@@ -32,13 +32,17 @@ from cistern.cachenode.peers.protocol import (
     write_frame,
 )
 
-__all__ = ["Connection", "PeerPool"]
+__all__ = ["Connection", "LocalFileError", "PeerPool"]
 
 log = logging.getLogger(__name__)
 
 CHUNK = 4 * 2**20
 WINDOW = 8
 """Data frames of a copy in flight before the sender reads an acknowledgement."""
+
+
+class LocalFileError(Exception):
+    """The file being sent could not be read here (the peer is not at fault)."""
 
 
 class Connection:
@@ -176,7 +180,10 @@ class PeerPool:
             digest = hashlib.md5()
             offset = 0
             while offset < size:
-                chunk = os.pread(fd, min(CHUNK, MAX_PAYLOAD, size - offset), offset)
+                try:
+                    chunk = os.pread(fd, min(CHUNK, MAX_PAYLOAD, size - offset), offset)
+                except OSError as exc:  # the local file, not the peer: never a suspect
+                    raise LocalFileError(f"{header.get('key')}: {exc.strerror}") from exc
                 if not chunk:
                     raise PeerError(f"{header.get('key')}: local file shrank while sent",
                                     "shrank")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cistern.cachenode.core.replication import FileVersion, Level
-from cistern.cachenode.peers.client import PeerPool
+from cistern.cachenode.peers.client import LocalFileError, PeerPool
 from cistern.cachenode.peers.index import moved_key
 from cistern.cachenode.peers.membership import Member, Membership
 from cistern.cachenode.peers.protocol import Op, PeerError
@@ -126,7 +126,7 @@ class PeerReplication:
                 try:
                     future.result()
                     holders.append(member.node)
-                except PeerError as exc:
+                except (PeerError, LocalFileError) as exc:
                     log.warning("%s: copy to %s failed: %s", version.key, member.node, exc)
             # A member silent for half the bound is hedged: the next candidate starts too, so
             # a stopped peer costs at most the bound (its send fails by then); a slow but
