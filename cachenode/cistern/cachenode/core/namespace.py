@@ -105,7 +105,7 @@ class Namespace:
             if spare is not None:
                 entry.ino, entry.fd = spare
                 try:
-                    journal.insert(entry)
+                    journal.log_insert(entry)  # one append, no commit (journal.py)
                 except BaseException:
                     self._data.put_back(spare)
                     raise
