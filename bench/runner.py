@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import s3api_bench, workloads
+from bench import dlio_bench, s3api_bench, workloads
 from bench.s3env import S3Env
 from bench.targets import Mounted, Target, build_targets
 
@@ -23,8 +23,11 @@ MiB = 1 << 20
 
 #: fio: bandwidth and latency; checkpoints: DCP and torch.save saves, then cold loads after a
 #: remount; smallfiles: cp -r of many small files (a phase of its own, see _small_files_phase);
-#: s3api: an S3Checkpoint save straight to S3 vs through a node's S3 endpoint (bench.s3api_bench).
-WORKLOADS = ("fio", "checkpoints", "smallfiles", "s3api")
+#: s3api: an S3Checkpoint save straight to S3 vs through a node's S3 endpoint (bench.s3api_bench);
+#: dlio: MLPerf Storage v2.0 checkpointing, Llama 3 8B shapes scaled down (bench.dlio_bench).
+WORKLOADS = ("fio", "checkpoints", "smallfiles", "s3api", "dlio")
+DEFAULT_WORKLOADS = ("fio", "checkpoints", "smallfiles", "s3api")
+"""What runs without ``--workloads``: dlio only when asked (``make bench-dlio``)."""
 
 
 @dataclass
@@ -37,7 +40,7 @@ class BenchConfig:
     """raw, cistern, juicefs, rclone, s3fs (cistern expands to one target per front end)."""
     frontends: list[str] = field(default_factory=lambda: ["pyfuse3", "passthrough"])
     """Cistern FUSE front ends to measure (``--fuse-frontend``)."""
-    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    workloads: list[str] = field(default_factory=lambda: list(DEFAULT_WORKLOADS))
     """Which of ``WORKLOADS`` to run."""
     reps: int = 3
     fio_size: int = 512 * MiB
@@ -55,6 +58,14 @@ class BenchConfig:
     small_files_timeout: float = 180.0
     s3api_size: int = 1 * GiB
     """Bytes of tensors in the S3Checkpoint save of the s3api workload."""
+    dlio_ranks: int = 8
+    """dlio: rank processes (the MLPerf Llama 3 8B run uses 8)."""
+    dlio_scale: float = 400.0
+    """dlio: the Llama 3 8B checkpoint's bytes (~105 GiB) divided by this (~268 MiB)."""
+    dlio_writes: int = 3
+    """dlio: checkpoints written (the official run: 10)."""
+    dlio_reads: int = 3
+    """dlio: checkpoints read back (the official run: 10)."""
     latency_ms: float = 35.0
     error_rate: float = 0.0
     upload_delay: float = 1.0
@@ -73,7 +84,8 @@ FULL = dict(profile="full", fio_size=2 * GiB, model_size=1 * GiB, small_files=10
             small_files_timeout=600.0)
 SMOKE = dict(profile="smoke", targets=["raw", "cistern"], reps=1, fio_size=16 * MiB,
              model_size=8 * MiB, tensors=4, small_files=200, small_files_timeout=60.0,
-             s3api_size=8 * MiB,
+             s3api_size=8 * MiB, dlio_ranks=2, dlio_scale=20_000.0, dlio_writes=2,
+             dlio_reads=2,
              quiet_settle=0.4, durable_timeout=60.0, step_timeout=120.0)
 
 
@@ -205,6 +217,8 @@ def run_bench(cfg: BenchConfig) -> BenchRun:
                         available = [t for t in available if t is not target]
             if "smallfiles" in cfg.workloads:
                 _small_files_phase(cfg, env, available, root, small_src, result)
+            if "dlio" in cfg.workloads:
+                dlio_bench.dlio_phase(cfg, env, available, root, result)
             if "s3api" in cfg.workloads:
                 s3api_bench.s3api_phase(cfg, env, root, result)
     finally:
