@@ -134,28 +134,18 @@ def dlio_phase(cfg: BenchConfig, env: S3Env, targets: list[Target], root: Path,
 
 def _target_once(cfg: BenchConfig, env: S3Env, target: Target, rep: int, phase_dir: Path,
                  run: TargetRun) -> None:
-    bucket = f"bench-dlio-{target.name}-r{rep}".lower()
+    from bench.runner import fresh_mount
+
     workdir = phase_dir / f"{target.name}-r{rep}"
-    workdir.mkdir()
-    env.create_bucket(bucket)
-    mounted: Mounted | None = None
-    t = time.monotonic()
     try:
-        mounted = target.mount(env, bucket, workdir)
-        t = run.step("dlio_mount", t)
-        _run_once(cfg, env, mounted, run)
-        t = run.step("dlio", t)
+        with fresh_mount(env, target, f"bench-dlio-{target.name}-r{rep}".lower(), workdir,
+                         run, "dlio") as mounted:
+            t = time.monotonic()
+            _run_once(cfg, env, mounted, run)
+            run.step("dlio", t)
     except Exception as exc:  # noqa: BLE001 - reported with the figures, the batch goes on
         logger.error("%s rep %d: dlio failed: %s", target.name, rep, exc)
         logger.debug("%s", traceback.format_exc())
         run.notes.append(f"dlio failed: {str(exc)[-300:]}")
     finally:
-        if mounted is not None:
-            try:
-                target.unmount(mounted)
-            except Exception as exc:  # noqa: BLE001
-                logger.warning("%s: unmount failed: %s", target.name, exc)
-        env.delete_bucket(bucket)
-        shutil.rmtree(workdir, ignore_errors=True)
-        run.step("dlio_cleanup", t)
-
+        shutil.rmtree(workdir, ignore_errors=True)  # hundreds of MiB per target and round

@@ -8,6 +8,8 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,34 +262,44 @@ def _small_files_phase(cfg: BenchConfig, env: S3Env, targets: list[Target], root
         workloads.remove_tree(phase_dir)
 
 
-def _copy_small_files(cfg: BenchConfig, env: S3Env, target: Target, rep: int, phase_dir: Path,
-                      small_src: Path, run: TargetRun) -> None:
-    bucket = f"bench-sf-{target.name}-r{rep}".lower()
-    workdir = phase_dir / f"{target.name}-r{rep}"
+@contextmanager
+def fresh_mount(env: S3Env, target: Target, bucket: str, workdir: Path, run: TargetRun,
+                phase: str) -> Iterator[Mounted]:
+    """A phase's mount of ``target``: a new bucket and work directory, unmounted and the
+    bucket deleted afterwards whatever happens (steps ``<phase>_mount``/``_unmount``)."""
     workdir.mkdir()
     env.create_bucket(bucket)
     mounted: Mounted | None = None
     t = time.monotonic()
     try:
         mounted = target.mount(env, bucket, workdir)
-        os.sync()
-        t = run.step("smallfiles_mount", t)
-        cp_seconds, note = workloads.copy_small_files(small_src, mounted.path / "small",
-                                                      cfg.small_files_timeout)
-        run.metrics["smallfiles_cp_s"] = cp_seconds
-        if note:
-            run.notes.append(note)
-        t = run.step("smallfiles_cp", t)
+        t = run.step(f"{phase}_mount", t)
+        yield mounted
+    finally:
+        _unmount_quietly(target, mounted)
+        env.delete_bucket(bucket)
+        run.step(f"{phase}_unmount", t)
+
+
+def _copy_small_files(cfg: BenchConfig, env: S3Env, target: Target, rep: int, phase_dir: Path,
+                      small_src: Path, run: TargetRun) -> None:
+    # No rm -rf through the mount (for rclone that is one DELETE per file at 35 ms): the
+    # copies stay on disk until the phase ends, the bucket goes at once.
+    try:
+        with fresh_mount(env, target, f"bench-sf-{target.name}-r{rep}".lower(),
+                         phase_dir / f"{target.name}-r{rep}", run, "smallfiles") as mounted:
+            os.sync()
+            t = time.monotonic()
+            cp_seconds, note = workloads.copy_small_files(small_src, mounted.path / "small",
+                                                          cfg.small_files_timeout)
+            run.metrics["smallfiles_cp_s"] = cp_seconds
+            if note:
+                run.notes.append(note)
+            run.step("smallfiles_cp", t)
     except Exception as exc:  # noqa: BLE001 - reported with the figures, the batch goes on
         logger.error("%s rep %d: small files failed: %s", target.name, rep, exc)
         run.metrics["smallfiles_cp_s"] = None
         run.notes.append(f"cp -r small files failed: {str(exc)[-300:]}")
-    finally:
-        # No rm -rf through the mount (for rclone that is one DELETE per file at 35 ms): the
-        # copies stay on disk until the phase ends, the bucket goes now.
-        _unmount_quietly(target, mounted)
-        env.delete_bucket(bucket)
-        run.step("smallfiles_unmount", t)
 
 
 def _unmount_quietly(target: Target, mounted: Mounted | None) -> None:
