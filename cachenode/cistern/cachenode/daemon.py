@@ -253,10 +253,16 @@ class NodeDaemon:
                 log.exception("cache maintenance failed")
 
     def _keep_spares(self) -> None:
-        """Keep empty data files ready so that creating a file skips the file system create."""
+        """Keep empty data files ready so that creating a file skips the file system create;
+        and move new files' journal rows from the intent log into SQLite in batches."""
         assert self.core
         while not self._stopping.is_set():
-            if not self.core.spares_wanted.wait(1.0):
+            woken = self.core.spares_wanted.wait(1.0)
+            try:  # about every 32 creates in a burst, else once a second
+                self.core.apply_journal_intents()
+            except Exception:  # kept in the log and applied before any other journal write
+                log.exception("applying the journal's intent log failed")
+            if not woken:
                 continue
             try:
                 self.core.make_spares()

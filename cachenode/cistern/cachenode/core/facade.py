@@ -263,6 +263,11 @@ class CacheCore:
         """Create empty data files ahead of need (called from the daemon's thread)."""
         return self._data.make_spares(target)
 
+    def apply_journal_intents(self) -> int:
+        """Move new files' rows from the journal's intent log into SQLite, in one commit
+        (called from the daemon's background thread; never takes the core lock)."""
+        return self.journal.apply_intents()
+
     def spare_count(self) -> int:
         with self._tree.lock:
             return self._data.spare_count()
