@@ -45,6 +45,7 @@ from cistern.configschema import (
     size,
     text,
 )
+from cistern.peerconfig import DurabilityPolicy, PeersConfig
 
 __all__ = [
     "DEFAULT_COMMIT_MARKERS",
@@ -383,6 +384,10 @@ class NodeConfig(Section):
         "passthrough front end (docs/restarts.md)", shown="unset")
     s3_endpoint: S3EndpointConfig = section(
         "s3Endpoint", S3EndpointConfig, "the S3-compatible endpoint (off by default)")
+    durability: DurabilityPolicy = section(
+        "durability", DurabilityPolicy, "what an fsync waits for (issue 17)")
+    peers: PeersConfig = section(
+        "peers", PeersConfig, "the other nodes of the WriteCache (issue 17)")
 
     def __post_init__(self) -> None:
         # tenancy (issue 13): any address but loopback needs a token (docs/security.md).
@@ -390,6 +395,10 @@ class NodeConfig(Section):
         if not self.control_token_file and not _is_loopback(host):
             raise ConfigError(f"control: {host} is not a loopback address; set "
                               "controlTokenFile to protect the control API")
+        if self.durability.uses_peers and not (self.peers.listen and self.peers.members_file
+                                               and self.peers.token_file):
+            raise ConfigError("durability: level peers needs peers.listen, "
+                              "peers.membersFile and peers.tokenFile")
 
     def replace(self, **changes: Any) -> NodeConfig:
         return dataclasses.replace(self, **changes)

@@ -26,6 +26,7 @@ __all__ = [
     "NodeState",
     "NodeStatus",
     "NodeStatusError",
+    "PeersStatus",
     "S3EndpointStatus",
     "StoreErrorReport",
 ]
@@ -193,6 +194,54 @@ class S3EndpointStatus:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class PeersStatus:
+    """The node's peer network (issue 17; present only when ``peers.listen`` is set)."""
+
+    node: str = ""
+    port: int = 0
+    transport: str = "tcp"
+    transport_reason: str = ""
+    """Why this transport (e.g. why not RDMA)."""
+    members: tuple[str, ...] = ()
+    suspects: tuple[str, ...] = ()
+    """Members skipped now: they missed a deadline."""
+    bytes_held_for_peers: int = 0
+    copies_held_for_peers: int = 0
+    files_with_copies: int = 0
+    """Dirty files of this node that have copies on peers."""
+    copies_sent_total: int = 0
+    copies_missing_total: int = 0
+    """fsyncs that got fewer peer copies than their durability level asks."""
+    last_copies_missing: str | None = None
+    failed_fsyncs_total: int = 0
+    peer_files_known: int = 0
+    peer_read_bytes_total: int = 0
+    rescued_uploads_total: int = 0
+    rescue_races_lost_total: int = 0
+    copies_conflicting: int = 0
+    dead_peers: tuple[str, ...] = ()
+    refused_connections_total: int = 0
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "peers") -> PeersStatus:
+        data = _object(data, where)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            default = f.default
+            if isinstance(default, tuple):
+                values[f.name] = tuple(_field(data, f.name, list, [], where))
+            elif f.name == "last_copies_missing":
+                values[f.name] = _field(data, f.name, str, None, where)
+            else:
+                values[f.name] = _field(data, f.name, type(default), default, where)
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
 _FUSE_KEYS = {"kernel_protocol": "kernelProtocol", "passthrough_opens": "passthroughOpens",
               "direct_io_opens": "directIoOpens", "open_backing_files": "openBackingFiles",
               "last_takeover_pause_seconds": "lastTakeoverPauseSeconds",
@@ -278,6 +327,8 @@ class NodeStatus:
     drain: DrainProgress | None = None
     s3_endpoint: S3EndpointStatus | None = None
     """The S3 endpoint over the same namespace, when configured."""
+    peers: PeersStatus | None = None
+    """The peer network, when configured (issue 17)."""
     flushed: bool | None = None
     """Only in the answer to ``POST /flush``: whether everything reached the store in time."""
 
@@ -304,6 +355,7 @@ class NodeStatus:
         checkpoints = _field(data, "checkpoints", list, [], w)
         flushed = data.get("flushed")
         s3_endpoint = data.get("s3_endpoint")
+        peers = data.get("peers")
         return cls(
             state=_literal(data, "state", NodeState, None, w),
             frontend=_field(data, "frontend", str, None, w),
@@ -332,6 +384,7 @@ class NodeStatus:
             uptime_seconds=_field(data, "uptime_seconds", float, 0.0, w),
             drain=None if drain is None else DrainProgress.from_json(drain),
             s3_endpoint=None if s3_endpoint is None else S3EndpointStatus.from_json(s3_endpoint),
+            peers=None if peers is None else PeersStatus.from_json(peers),
             flushed=None if flushed is None else _field(data, "flushed", bool, None, w),
         )
 
@@ -343,7 +396,7 @@ class NodeStatus:
                 out["fuse"] = value.to_json()
             elif f.name in ("recent_errors", "checkpoints"):
                 out[f.name] = [item.to_json() for item in value]
-            elif f.name in ("drain", "s3_endpoint"):
+            elif f.name in ("drain", "s3_endpoint", "peers"):
                 if value is not None:
                     out[f.name] = value.to_json()
             elif f.name == "flushed":

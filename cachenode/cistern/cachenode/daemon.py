@@ -26,6 +26,7 @@ from cistern.cachenode.frontend import (
 )
 from cistern.cachenode.holder import Held, HolderClient, HolderError
 from cistern.cachenode.metrics import Metrics
+from cistern.cachenode.peers.node import PeerNode, PeerSetupError
 from cistern.cachenode.s3api import S3Endpoint, load_credential
 from cistern.cachenode.s3store import open_store
 from cistern.cachenode.store import StoreError
@@ -99,6 +100,7 @@ class NodeDaemon:
         self.flusher: Flusher | None = None
         self.control: ControlServer | None = None
         self.s3_endpoint: S3Endpoint | None = None
+        self.peers: PeerNode | None = None
         self._lock_fd = -1
         self._holder: HolderClient | None = None
         self._drain_started: float | None = None
@@ -132,6 +134,12 @@ class NodeDaemon:
         # in flight, and a few for the read path.
         store = open_store(cfg.store, max_pool=cfg.flush.max_concurrent_uploads
                            + cfg.flush.max_concurrent_parts + 4)
+        if cfg.peers.listen:  # issue 17: peer copies and peer reads (docs/dev/peers.md)
+            try:
+                self.peers = PeerNode(cfg, cache_dir)
+            except PeerSetupError as exc:
+                raise StartupError(str(exc)) from exc
+            store = self.peers.overlay(store)
         # One client for the flusher and the read path: one rate limit, one set of metrics.
         client = StoreClient(store, cfg.flush, self.prom)
         try:
@@ -168,7 +176,8 @@ class NodeDaemon:
             self.core = CacheCore(cache_dir, client, flush=cfg.flush, cache=cfg.cache,
                                   drain=cfg.drain,
                                   store_keep_last=cfg.store.keep_last_checkpoints,
-                                  on_event=self.prom.event)
+                                  on_event=self.prom.event,
+                                  replication=self.peers.replication if self.peers else None)
         except OSError as exc:  # e.g. capacityBytes larger than the cache file system
             raise StartupError(f"cache dir {cache_dir}: {exc.strerror or exc}") from exc
         self.flusher = Flusher(self.core, client, cfg.flush)
@@ -207,6 +216,8 @@ class NodeDaemon:
         assert self.frontend and self.core and self.flusher and self.control
         self.flusher.start()
         self.control.start()
+        if self.peers is not None:
+            self.peers.start(self.core, self.flusher.client, self.config.flush.is_commit_marker)
         if self.s3_endpoint is not None:
             try:
                 self.s3_endpoint.start()
@@ -262,6 +273,8 @@ class NodeDaemon:
         self.frontend.close()
         self.flusher.stop()
         self.control.stop()
+        if self.peers is not None:
+            self.peers.stop()
         self.core.close()
         if self._holder is not None:
             self._holder.close()
@@ -374,6 +387,7 @@ class NodeDaemon:
             uptime_seconds=round(time.time() - self._started, 1),
             drain=drain,
             s3_endpoint=self.s3_endpoint.status() if self.s3_endpoint is not None else None,
+            peers=self.peers.status() if self.peers is not None else None,
         )
 
     def flush(self, timeout: float) -> bool:
