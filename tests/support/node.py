@@ -36,6 +36,10 @@ def unmount(path: str | Path) -> None:
         subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
 
 
+class _PortTaken(RuntimeError):
+    """Another process took the control port between ``free_port`` and the daemon's bind."""
+
+
 class NodeProcess:
     """``cistern-node run`` as a child process with its own cache dir, mount and port.
 
@@ -58,11 +62,14 @@ class NodeProcess:
         self.config = config or {}
         self.extra_args = extra_args or []
         self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_file: Any = None
+        self._pick_port()
+
+    def _pick_port(self) -> None:
         self.port = free_port()
         self.control = f"127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / f"node-{self.port}.log"
-        self._log_file: Any = None
+        self.log_path = self.workdir / f"node-{self.port}.log"
 
     def command(self) -> list[str]:
         config_path = self.workdir / f"node-{self.port}.yaml"
@@ -81,6 +88,17 @@ class NodeProcess:
                 "--fuse-frontend", self.frontend, "--log-level", "debug", *self.extra_args]
 
     def start(self, timeout: float = 30.0) -> NodeProcess:
+        """Start the daemon and wait until it serves. ``free_port`` cannot reserve the port:
+        on a busy machine another process may take it first, and then a new one is picked."""
+        for _ in range(2):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                self._close_log()
+                self._pick_port()
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> NodeProcess:
         # A dead mount left by a killed daemon fails mkdir; the daemon detaches it itself.
         with contextlib.suppress(OSError):
             self.mount.mkdir(parents=True, exist_ok=True)
@@ -92,7 +110,10 @@ class NodeProcess:
 
         def running() -> bool:
             if proc.poll() is not None:
-                raise RuntimeError(f"cistern-node exited with {proc.returncode}:\n{self.log()}")
+                log = self.log()
+                if f"control address {self.control}: Address already in use" in log:
+                    raise _PortTaken(log)
+                raise RuntimeError(f"cistern-node exited with {proc.returncode}:\n{log}")
             return is_mounted(self.mount) and self.status().state == "running"
 
         try:
