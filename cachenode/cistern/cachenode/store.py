@@ -10,12 +10,14 @@ to the store's prefix and use '/' separators. Every implementation classifies it
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
 import shutil
 import threading
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,10 @@ __all__ = [
     "TemporaryStoreError",
     "LocalDirStore",
     "validate_key",
+    "PartChecksum",
+    "part_checksum",
+    "part_receipt",
+    "receipt_checksum",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,7 +108,7 @@ class ObjectStore(Protocol):
 
     def upload_part(self, key: str, upload_id: str, number: int, fd: int, offset: int,
                     length: int) -> str:
-        """Upload one part from ``fd``; return its ETag."""
+        """Upload one part from ``fd``; return its ``part_receipt`` (ETag and checksum)."""
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
         """Assemble the parts; return the object's ETag."""
@@ -130,6 +136,60 @@ class ObjectStore(Protocol):
 
     def download(self, key: str, fd: int) -> ObjectInfo:
         """Write the whole object into ``fd`` from offset 0; return its info."""
+
+
+class PartChecksum:
+    """The integrity checksum of a multipart part, and the only place that chooses it.
+
+    CRC32 as S3's ``x-amz-checksum-crc32`` (base64 of the big-endian value): zlib computes it
+    at several GB/s and releases the GIL, where MD5 (Content-MD5) ran at ~600 MB/s in the
+    node's Python and competed with the writer and the store for the CPU. The store verifies
+    it on receipt (``S3Store`` sends it; a mismatch is ``BadDigest``, retried), and the
+    streamer compares it with the final content of parts sent early (streamer.py).
+    """
+
+    def __init__(self) -> None:
+        self._crc = 0
+
+    def update(self, chunk: bytes) -> None:
+        self._crc = zlib.crc32(chunk, self._crc)
+
+    def value(self) -> str:
+        return base64.b64encode(self._crc.to_bytes(4, "big")).decode()
+
+
+def part_checksum(fd: int, offset: int, length: int) -> str:
+    """``PartChecksum`` of ``fd[offset:offset+length]`` (fewer bytes if the file is shorter)."""
+    checksum = PartChecksum()
+    end = offset + length
+    while offset < end:
+        chunk = os.pread(fd, min(_COPY_CHUNK, end - offset), offset)
+        if not chunk:
+            break
+        checksum.update(chunk)
+        offset += len(chunk)
+    return checksum.value()
+
+
+def part_receipt(etag: str, checksum: str) -> str:
+    """What ``upload_part`` returns: the part's ETag and the checksum the store verified."""
+    return f"{etag} {checksum}"
+
+
+def receipt_checksum(receipt: str) -> str:
+    """The checksum in a ``part_receipt`` (what the store received for that part)."""
+    return receipt.rsplit(" ", 1)[-1]
+
+
+class _Both:
+    """Feeds two digests at once."""
+
+    def __init__(self, first: Any, second: Any) -> None:
+        self._first, self._second = first, second
+
+    def update(self, chunk: bytes) -> None:
+        self._first.update(chunk)
+        self._second.update(chunk)
 
 
 def _copy_range(key: str, fd: int, offset: int, length: int, out: Any, digest: Any) -> None:
@@ -241,13 +301,13 @@ class LocalDirStore:
         folder = self._mpu_dir(upload_id)
         if not folder.is_dir():
             raise PermanentStoreError(f"{key}: no such upload {upload_id}", "NoSuchUpload")
-        digest = hashlib.md5()
+        digest, checksum = hashlib.md5(), PartChecksum()
         tmp = folder / f"{number}.tmp"
         with open(tmp, "wb") as out:
-            _copy_range(key, fd, offset, length, out, digest)
+            _copy_range(key, fd, offset, length, out, _Both(digest, checksum))
             os.fsync(out.fileno())
         os.replace(tmp, folder / str(number))
-        return digest.hexdigest()
+        return part_receipt(digest.hexdigest(), checksum.value())
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
         folder = self._mpu_dir(upload_id)
