@@ -149,7 +149,8 @@ def test_a_full_config_round_trips() -> None:
                       "partSize": "8Mi", "multipartThreshold": "64Mi", "maxBytesPerSecond": "1Gi",
                       "maxRequestsPerSecond": 100, "evacuationBytesPerSecond": 10**9,
                       "commitMarkers": ["DONE"], "streaming": False,
-                      "streamExclude": ["*.staging"], "maxConcurrentParts": 3},
+                      "streamExclude": ["*.staging"], "maxConcurrentParts": 3,
+                      "streamTempSuffixes": [".staging"]},
             "drain": {"newWrites": "reject", "timeout": "2h"},
             "s3Endpoint": {"listen": "127.0.0.1:9470", "socket": "/s3.sock",
                            "credentialsDir": "/k", "bucket": "b"}}
