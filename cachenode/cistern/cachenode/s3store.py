@@ -202,11 +202,12 @@ class S3Store:
 
     def upload_part(self, key: str, upload_id: str, number: int, fd: int, offset: int,
                     length: int) -> str:
-        checksum = _digest_of(PartChecksum(), fd, offset, length).value()
+        checksum = _digest_of(PartChecksum(), fd, offset, length)
         response = self._call(
             f"upload-part {key}#{number}", self._client.upload_part, Bucket=self.bucket,
             Key=self._k(key), UploadId=upload_id, PartNumber=number,
-            Body=_FdReader(fd, offset, length), ContentLength=length, ChecksumCRC32=checksum)
+            Body=_FdReader(fd, offset, length), ContentLength=length,
+            ChecksumCRC32=checksum.value())
         return part_receipt(str(response["ETag"]), checksum)
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:

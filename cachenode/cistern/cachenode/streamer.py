@@ -6,12 +6,13 @@ For each ``StreamWork`` the core hands out (core/streams.py) one thread runs ``_
 2. While the file is open: every full part beyond the upload front is made durable locally
    (``fdatasync`` of the data file: a part in the store is never ahead of the local disk) and
    sent on the node's part pool, at most ``partsPerStream`` at a time per file.
-3. Once the file is closed and due (``uploadDelay`` as for any file, commit markers still wait
-   for it because it stays pending): ``fsync``, the tail is sent, then every part sent while the
-   file was open is checked against the final content — the ``PartChecksum`` of its range now
-   against the one in the part's receipt (the checksum of the bytes the store received, which
-   it verified). A part rewritten behind the front is sent again under the same number. Then
-   CompleteMultipartUpload.
+3. Once the file is closed (at once, no ``uploadDelay``: its parts are in the store already;
+   a file streamed under a predicted key must also have been renamed to it; commit markers
+   still wait for it because it stays pending): ``fsync``, the tail is sent, then every part
+   sent while the file was open is checked against the final content — the ``PartChecksum``
+   fingerprint of its range now against the one in the part's receipt (of the bytes the store
+   received and verified). A part rewritten behind the front is sent again under the same
+   number. Then CompleteMultipartUpload.
 4. A file truncated below the front, renamed, unlinked, or rewritten again while being checked
    is abandoned: the upload is aborted (no orphan), the core re-queues the file and it is
    uploaded again from the start. The object therefore never mixes contents.
@@ -33,8 +34,8 @@ from cistern.cachenode.core import CacheCore, StreamWork, UploadWork
 from cistern.cachenode.store import (
     PermanentStoreError,
     StoreError,
-    part_checksum,
-    receipt_checksum,
+    part_fingerprint,
+    receipt_fingerprint,
 )
 from cistern.cachenode.storeclient import StoreClient
 from cistern.config import FlushPolicy
@@ -219,15 +220,15 @@ class Streamer:
             raise StreamAbandoned("shrank below a part already sent")
         # Parts sent while the file was open: their bytes must be the final bytes. Their
         # checksums are computed now, while the tail and the last early parts are uploading.
-        final_sums = {n: self._checks.submit(part_checksum, work.fd, *self._part_range(n, size))
-                      for n in sorted(early)}
+        final_sums = {n: self._checks.submit(part_fingerprint, work.fd,
+                                             *self._part_range(n, size)) for n in sorted(early)}
         for number in range(1, count + 1):
             if number not in sent:
                 self._send(work, upload_id, number, size, sent)
         etags = {n: f.result() for n, f in sent.items()}
         sent_at = time.monotonic()
         for number in sorted(early):
-            if receipt_checksum(etags[number]) != final_sums[number].result():
+            if receipt_fingerprint(etags[number]) != final_sums[number].result():
                 log.info("part %d of %s changed after it was sent: sending it again",
                          number, work.path)
                 self._send(work, upload_id, number, size, sent)
