@@ -126,6 +126,11 @@ class MotoServer:
             raise
         return self
 
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "not started"
+        return self._proc.pid
+
     def client(self) -> Any:
         return s3_client(self.endpoint)
 
