@@ -163,9 +163,10 @@ class Streamer:
 
     def _send_while_open(self, work: StreamWork, upload_id: str,
                          sent: dict[int, Future[str]]) -> tuple[int, int]:
-        """Send full parts as they fill; return (generation, size) once closed and due."""
+        """Send full parts as they fill; return (generation, size) once closed."""
         part = self.policy.part_size
         front = 0  # bytes covered by parts handed to the pool
+        synced = 0  # bytes written before the last fdatasync returned: durable locally
         while True:
             if self._stop.is_set():
                 raise StreamAbandoned("the node is stopping")
@@ -182,8 +183,14 @@ class Streamer:
             room = PARTS_PER_STREAM - in_flight
             if ready > 0 and room > 0 and len(sent) + 1 < MAX_PARTS:
                 # The power-loss rule: a part in the store is never ahead of the local disk.
-                os.fdatasync(work.fd)
-                for _ in range(min(ready, room)):
+                # One fdatasync covers everything written before it (``state.written`` was
+                # read before it), so a writer far ahead of the front costs one sync for many
+                # parts, not one per batch: fewer syncs land while it is still writing.
+                count = min(ready, room)
+                if front + count * part > synced:
+                    os.fdatasync(work.fd)
+                    synced = state.written
+                for _ in range(count):
                     number = front // part + 1
                     self._send(work, upload_id, number, front + part, sent)
                     front += part
