@@ -40,6 +40,11 @@ class S3Env:
         return self._moto.endpoint
 
     @property
+    def moto_pid(self) -> int:
+        """The moto server's process (its CPU seconds: bench/upload_path.py)."""
+        return self._moto.pid
+
+    @property
     def proxy_endpoint(self) -> str:
         assert self._proxy is not None
         return self._proxy.endpoint

@@ -231,16 +231,24 @@ class FlushPolicy(Section):
         "streaming", True, boolean,
         "write-back mode: a file written at a final name that reaches `multipartThreshold` "
         "while open starts its multipart upload and full parts leave as they fill; the upload "
-        "completes after close + `uploadDelay`. Parts sent early are checked against the final "
-        "content (MD5) and re-sent if rewritten; a file truncated below the parts sent, renamed "
-        "or unlinked is uploaded again from the start (the multipart upload is aborted). See "
-        "docs/dev/cachenode.md", shown="`true`")
+        "completes right after close (no `uploadDelay`). Parts sent early are checked against "
+        "the final content (CRC32) and re-sent if rewritten; a file truncated below the parts "
+        "sent, renamed or unlinked is uploaded again from the start (the multipart upload is "
+        "aborted). See docs/dev/cachenode.md", shown="`true`")
     stream_exclude: tuple[str, ...] = setting(
         "streamExclude", DEFAULT_STREAM_EXCLUDE, name_globs,
         "name globs matched against the file's name and every directory above it: such files "
         "are never streamed, they wait for their rename (`torch.save` to `x.tmp` + rename, "
         "DCP's `.metadata.tmp`, a staging directory `step-1.tmp/`) so the object is written "
-        "once, at its final key", shown='`"*.tmp"`, `"*.partial"`, `"*.tmp.*"`, `"*~"`')
+        "once, at its final key (but see `streamTempSuffixes`)",
+        shown='`"*.tmp"`, `"*.partial"`, `"*.tmp.*"`, `"*~"`')
+    stream_temp_suffixes: tuple[str, ...] = setting(
+        "streamTempSuffixes", (".tmp",), name_globs,
+        "a file excluded by `streamExclude` only for its own name, and whose name ends in one "
+        "of these suffixes, streams under the name without it (`model.pt.tmp` -> `model.pt`): "
+        "the multipart upload is completed only once the file is renamed to that name, and "
+        "aborted if it is renamed elsewhere, deleted or left at its temporary name (`[]`: "
+        "temporary names wait for their rename)", shown='`".tmp"`')
 
     def is_commit_marker(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.commit_markers)

@@ -137,6 +137,11 @@ class ChildServer:
             raise
         return self
 
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "not started"
+        return self._proc.pid
+
     def stop(self) -> None:
         stop_child(self._proc)
         self._proc = None

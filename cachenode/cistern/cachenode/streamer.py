@@ -6,12 +6,13 @@ For each ``StreamWork`` the core hands out (core/streams.py) one thread runs ``_
 2. While the file is open: every full part beyond the upload front is made durable locally
    (``fdatasync`` of the data file: a part in the store is never ahead of the local disk) and
    sent on the node's part pool, at most ``partsPerStream`` at a time per file.
-3. Once the file is closed and due (``uploadDelay`` as for any file, commit markers still wait
-   for it because it stays pending): ``fsync``, the tail is sent, then every part sent while the
-   file was open is checked against the final content — the MD5 of its range now against the
-   part's ETag (the MD5 of the bytes the store received, which ``S3Store`` makes it verify with
-   Content-MD5). A part rewritten behind the front is sent again under the same number. Then
-   CompleteMultipartUpload.
+3. Once the file is closed (at once, no ``uploadDelay``: its parts are in the store already;
+   a file streamed under a predicted key must also have been renamed to it; commit markers
+   still wait for it because it stays pending): ``fsync``, the tail is sent, then every part
+   sent while the file was open is checked against the final content — the ``PartChecksum``
+   fingerprint of its range now against the one in the part's receipt (of the bytes the store
+   received and verified). A part rewritten behind the front is sent again under the same
+   number. Then CompleteMultipartUpload.
 4. A file truncated below the front, renamed, unlinked, or rewritten again while being checked
    is abandoned: the upload is aborted (no orphan), the core re-queues the file and it is
    uploaded again from the start. The object therefore never mixes contents.
@@ -23,7 +24,6 @@ node's request rate, successes raise it again, so streams slow down with everyon
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
@@ -31,7 +31,12 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from cistern.cachenode.core import CacheCore, StreamWork, UploadWork
-from cistern.cachenode.store import PermanentStoreError, StoreError
+from cistern.cachenode.store import (
+    PermanentStoreError,
+    StoreError,
+    part_fingerprint,
+    receipt_fingerprint,
+)
 from cistern.cachenode.storeclient import StoreClient
 from cistern.config import FlushPolicy
 
@@ -56,18 +61,6 @@ class StreamAbandoned(Exception):
     """The file changed in a way its parts cannot follow; it is uploaded again."""
 
 
-def _md5_hex(fd: int, offset: int, length: int) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    end = offset + length
-    while offset < end:
-        chunk = os.pread(fd, min(8 * 2**20, end - offset), offset)
-        if not chunk:
-            break
-        digest.update(chunk)
-        offset += len(chunk)
-    return digest.hexdigest()
-
-
 class Streamer:
     def __init__(self, core: CacheCore, client: StoreClient, policy: FlushPolicy,
                  parts: ThreadPoolExecutor) -> None:
@@ -83,7 +76,7 @@ class Streamer:
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(self.max_streams, thread_name_prefix="stream")
         self._checks = ThreadPoolExecutor(2, thread_name_prefix="stream-check")
-        """MD5 of parts sent early, against the final content (hashlib releases the GIL)."""
+        """Checksums of parts sent early, against the final content (zlib releases the GIL)."""
 
     @property
     def active(self) -> int:
@@ -170,9 +163,10 @@ class Streamer:
 
     def _send_while_open(self, work: StreamWork, upload_id: str,
                          sent: dict[int, Future[str]]) -> tuple[int, int]:
-        """Send full parts as they fill; return (generation, size) once closed and due."""
+        """Send full parts as they fill; return (generation, size) once closed."""
         part = self.policy.part_size
         front = 0  # bytes covered by parts handed to the pool
+        synced = 0  # bytes written before the last fdatasync returned: durable locally
         while True:
             if self._stop.is_set():
                 raise StreamAbandoned("the node is stopping")
@@ -189,8 +183,14 @@ class Streamer:
             room = PARTS_PER_STREAM - in_flight
             if ready > 0 and room > 0 and len(sent) + 1 < MAX_PARTS:
                 # The power-loss rule: a part in the store is never ahead of the local disk.
-                os.fdatasync(work.fd)
-                for _ in range(min(ready, room)):
+                # One fdatasync covers everything written before it (``state.written`` was
+                # read before it), so a writer far ahead of the front costs one sync for many
+                # parts, not one per batch: fewer syncs land while it is still writing.
+                count = min(ready, room)
+                if front + count * part > synced:
+                    os.fdatasync(work.fd)
+                    synced = state.written
+                for _ in range(count):
                     number = front // part + 1
                     self._send(work, upload_id, number, front + part, sent)
                     front += part
@@ -226,16 +226,16 @@ class Streamer:
         if len(sent) > count:
             raise StreamAbandoned("shrank below a part already sent")
         # Parts sent while the file was open: their bytes must be the final bytes. Their
-        # MD5s are computed now, while the tail and the last early parts are still uploading.
-        final_md5 = {n: self._checks.submit(_md5_hex, work.fd, *self._part_range(n, size))
-                     for n in sorted(early)}
+        # checksums are computed now, while the tail and the last early parts are uploading.
+        final_sums = {n: self._checks.submit(part_fingerprint, work.fd,
+                                             *self._part_range(n, size)) for n in sorted(early)}
         for number in range(1, count + 1):
             if number not in sent:
                 self._send(work, upload_id, number, size, sent)
         etags = {n: f.result() for n, f in sent.items()}
         sent_at = time.monotonic()
         for number in sorted(early):
-            if etags[number].strip('"') != final_md5[number].result():
+            if receipt_fingerprint(etags[number]) != final_sums[number].result():
                 log.info("part %d of %s changed after it was sent: sending it again",
                          number, work.path)
                 self._send(work, upload_id, number, size, sent)

@@ -81,10 +81,25 @@ def test_first_part_leaves_before_close(make_node: Any, bucket: str, s3: Any,
     assert counts.get("ABORT_MPU", 0) == 0 and counts.get("PUT", 0) == 0
 
 
-def test_rewritten_behind_the_front(make_node: Any, bucket: str, s3: Any, proxy: Any) -> None:
-    node = make_node(bucket, endpoint=proxy.endpoint, config=STREAM)
+def _finish(node: Any, name: str) -> str:
+    """A temporary name (streamed under its final one) is renamed into place, as torch.save
+    callers do; returns the final name."""
+    final = name.removesuffix(".tmp")
+    if final != name:
+        os.rename(node.mount / name, node.mount / final)
+    return final
+
+
+# A long uploadDelay: a stream at a temporary name must wait for the rename, not time out.
+AT_FINAL_OR_TEMP = pytest.mark.parametrize("name", ["rw.bin", "rw.bin.tmp"])
+
+
+@AT_FINAL_OR_TEMP
+def test_rewritten_behind_the_front(make_node: Any, bucket: str, s3: Any, proxy: Any,
+                                    name: str) -> None:
+    node = make_node(bucket, endpoint=proxy.endpoint, config=STREAM, upload_delay=30.0)
     data = bytearray(os.urandom(16 * MiB))
-    f = _write_open(node.mount / "rw.bin", bytes(data))
+    f = _write_open(node.mount / name, bytes(data))
     try:
         _wait(lambda: _parts_sent(s3, bucket, "rw.bin") >= 2, "two parts sent", node)
         patch = os.urandom(MiB)
@@ -97,29 +112,37 @@ def test_rewritten_behind_the_front(make_node: Any, bucket: str, s3: Any, proxy:
         data += tail
     finally:
         f.close()
+    _finish(node, name)
     node.flush()
+    assert list(list_keys(s3, bucket)) == ["rw.bin"]
     _same(read_object(s3, bucket, "rw.bin"), bytes(data))
     _no_uploads_left(s3, bucket)
+    assert proxy.counts().get("DELETE", 0) == 0
 
 
-def test_truncated_below_the_front(make_node: Any, bucket: str, s3: Any, proxy: Any) -> None:
-    node = make_node(bucket, endpoint=proxy.endpoint, config=STREAM)
-    f = _write_open(node.mount / "tr.bin", os.urandom(16 * MiB))
+@AT_FINAL_OR_TEMP
+def test_truncated_below_the_front(make_node: Any, bucket: str, s3: Any, proxy: Any,
+                                   name: str) -> None:
+    node = make_node(bucket, endpoint=proxy.endpoint, config=STREAM, upload_delay=30.0)
+    f = _write_open(node.mount / name, os.urandom(16 * MiB))
     try:
-        _wait(lambda: _parts_sent(s3, bucket, "tr.bin") >= 2, "two parts sent", node)
+        _wait(lambda: _parts_sent(s3, bucket, "rw.bin") >= 2, "two parts sent", node)
         f.truncate(MiB)
         f.seek(MiB)
         more = os.urandom(2 * MiB)
         f.write(more)
         f.flush()
-        with open(node.mount / "tr.bin", "rb") as r:
+        with open(node.mount / name, "rb") as r:
             final = r.read()
     finally:
         f.close()
     assert len(final) == 3 * MiB
+    _finish(node, name)
     node.flush()
-    _same(read_object(s3, bucket, "tr.bin"), final)
+    assert list(list_keys(s3, bucket)) == ["rw.bin"]
+    _same(read_object(s3, bucket, "rw.bin"), final)
     _no_uploads_left(s3, bucket)
+    assert proxy.counts().get("DELETE", 0) == 0
 
 
 def test_renamed_while_streaming(make_node: Any, bucket: str, s3: Any, proxy: Any) -> None:
@@ -147,9 +170,11 @@ def test_temporary_names_wait_for_the_rename(make_node: Any, bucket: str, s3: An
             for name in ("m.pt.tmp", "x.partial", "stage.tmp/shard.bin", "final.bin")]
     try:
         # Once the file at a final name is streaming, the others have had the same chance.
+        # m.pt.tmp streams as m.pt (streamTempSuffixes); the others wait for their rename.
         _wait(lambda: _parts_sent(s3, bucket, "final.bin") >= 1, "final.bin streaming", node)
+        _wait(lambda: _parts_sent(s3, bucket, "m.pt") >= 1, "m.pt.tmp streaming", node)
         uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-        assert {u["Key"] for u in uploads} == {"final.bin"}
+        assert {u["Key"] for u in uploads} == {"final.bin", "m.pt"}
     finally:
         for f in held:
             f.close()
@@ -160,6 +185,55 @@ def test_temporary_names_wait_for_the_rename(make_node: Any, bucket: str, s3: An
     counts = proxy.counts()
     assert counts.get("COPY", 0) == 0 and counts.get("DELETE", 0) == 0
     _no_uploads_left(s3, bucket)
+
+
+def test_a_temporary_name_streams_under_its_final_name(make_node: Any, bucket: str, s3: Any,
+                                                       proxy: Any) -> None:
+    """torch.save's ``x.pt.tmp`` streams as ``x.pt``; nothing is visible before the rename."""
+    node = make_node(bucket, endpoint=proxy.endpoint, config=STREAM, upload_delay=30.0)
+    first = os.urandom(12 * MiB)
+    f = _write_open(node.mount / "m.pt.tmp", first)
+    try:
+        _wait(lambda: _parts_sent(s3, bucket, "m.pt") >= 1, "m.pt.tmp streaming as m.pt", node)
+        rest = os.urandom(5 * MiB)
+        f.write(rest)
+    finally:
+        f.close()
+    assert list_keys(s3, bucket) == {}  # closed, not renamed: the upload is not completed
+    os.rename(node.mount / "m.pt.tmp", node.mount / "m.pt")
+    node.flush()
+    assert list(list_keys(s3, bucket)) == ["m.pt"]
+    _same(read_object(s3, bucket, "m.pt"), first + rest)
+    _no_uploads_left(s3, bucket)
+    counts = proxy.counts()
+    assert counts.get("CREATE_MPU", 0) == 1 and counts.get("PUT", 0) == 0
+    assert sum(counts.get(k, 0) for k in ("COPY", "DELETE", "ABORT_MPU")) == 0
+
+
+@pytest.mark.parametrize("fate", ["renamed elsewhere", "unlinked", "never renamed"])
+def test_a_temporary_name_that_does_not_become_final(make_node: Any, bucket: str, s3: Any,
+                                                     proxy: Any, fate: str) -> None:
+    """The predicted upload is aborted, no object under the predicted name, no DELETE."""
+    node = make_node(bucket, endpoint=proxy.endpoint, config=STREAM, upload_delay=30.0)
+    data = os.urandom(12 * MiB)
+    with _write_open(node.mount / "m.pt.tmp", data):
+        _wait(lambda: _parts_sent(s3, bucket, "m.pt") >= 1, "m.pt.tmp streaming as m.pt", node)
+    expected = {"renamed elsewhere": {"other.pt": data}, "unlinked": {},
+                "never renamed": {"m.pt.tmp": data}}[fate]
+    if fate == "renamed elsewhere":
+        os.rename(node.mount / "m.pt.tmp", node.mount / "other.pt")
+    elif fate == "unlinked":
+        os.unlink(node.mount / "m.pt.tmp")
+    node.flush()  # a flush makes the file due: "never renamed" is uploaded as it is
+    assert set(list_keys(s3, bucket)) == set(expected)
+    for key, body in expected.items():
+        _same(read_object(s3, bucket, key), body)
+    # An unlinked file needs nothing from the store, so the flush does not wait for its abort.
+    _wait(lambda: not s3.list_multipart_uploads(Bucket=bucket).get("Uploads"),
+          "the predicted upload aborted", node)
+    counts = proxy.counts()
+    assert counts.get("ABORT_MPU", 0) == 1
+    assert counts.get("COPY", 0) == 0 and counts.get("DELETE", 0) == 0
 
 
 def test_checkpoint_progress_in_status(make_node: Any, bucket: str, s3: Any,

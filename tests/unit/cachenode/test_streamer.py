@@ -100,7 +100,7 @@ def test_a_failed_part_aborts_and_the_file_is_uploaded_again(node: Node) -> None
 def test_temporary_names_are_not_streamed(node: Node) -> None:
     node.core.mkdir(ROOT_INO, "stage.tmp", 0o755, 0, 0)
     stage = node.core.lookup(ROOT_INO, "stage.tmp").ino
-    temp = _open(node, "model.pt.tmp")
+    temp = _open(node, "model.pt.tmp.1")  # model.pt.tmp streams as model.pt (streamTempSuffixes)
     partial = _open(node, "x.partial")
     inner, _ = node.core.create(stage, "shard", 0o644, os.O_WRONLY, 0, 0)
     final = _open(node, "final")

@@ -352,7 +352,10 @@ class CacheCore:
     def finish_stream(self, work: StreamWork, gen: int, size: int, etag: str | None,
                       error: Exception | None) -> None:
         """The stream is complete (generation ``gen``, ``size`` bytes) or abandoned."""
-        self._queue.finish_upload(Streams.as_upload(work, gen, size), etag, error)
+        with self._tree.lock:
+            if error is not None:
+                self._streams.give_back_prediction(work)
+            self._queue.finish_upload(Streams.as_upload(work, gen, size), etag, error)
 
     def finish_upload(self, work: UploadWork, etag: str | None, error: Exception | None) -> None:
         self._queue.finish_upload(work, etag, error)

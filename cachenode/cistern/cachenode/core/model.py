@@ -96,6 +96,9 @@ class StreamWork:
     fd: int
     metadata: dict[str, str]
     path: str
+    temp_key: str | None = None
+    """Streamed under a predicted final ``key`` while the file still has this temporary key
+    (``flush.streamTempSuffixes``): completed only once it is renamed to ``key``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,15 @@ Nothing here trusts the write path to report writes: the passthrough front end n
 them (the kernel writes the data file). A rewrite behind the upload front is caught when the
 parts are checked at the end; a truncation below the front or a rename makes the flusher
 abort the multipart upload and the file is uploaded again the ordinary way (``abandon``).
+
+A file excluded only by its own temporary name (``model.pt.tmp``, ``flush.streamTempSuffixes``)
+streams under its predicted final key (``model.pt``) when nothing at all holds that key: no
+entry, no owner, no tombstone. A multipart upload is invisible until completed, so nothing is
+at the wrong name meanwhile; ``state`` reports it closed only once it has been renamed to that
+key. Renamed elsewhere, unlinked, or left at its temporary name until it is due
+(``uploadDelay`` after close), the stream is abandoned: the upload is aborted and the key given
+back without a tombstone (nothing of it ever was in the store), and the file takes the
+ordinary path.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ class StreamState:
     """The allocated prefix of ``size`` (what a sequential writer has written; see
     ``_written``): parts are sent only below it while the file is open."""
     closed: bool
-    """No writer has it open and it is due (``uploadDelay`` passed, or a flush asked)."""
+    """No writer has it open (and it has its final key): the stream may complete now."""
     gen: int
     gone: bool
     """Unlinked, renamed away from the stream's key, or no longer dirty: abandon the stream."""
@@ -69,6 +78,21 @@ class Streams:
             node = entries.get(node.parent)
         return False
 
+    def final_name(self, entry: Entry) -> str | None:
+        """The name a temporary file will be renamed to, if it may stream under it: its own
+        name ends in a ``streamTempSuffixes`` suffix, the name without it is neither excluded
+        nor a commit marker, and no directory above it is excluded."""
+        name = entry.name
+        final = next((name[:-len(s)] for s in self._policy.stream_temp_suffixes
+                      if name.endswith(s) and len(name) > len(s)), None)
+        if final is None or self._policy.is_commit_marker(final) \
+                or any(fnmatch.fnmatchcase(final, p) for p in self._policy.stream_exclude):
+            return None
+        parent = self._tree.entries.get(entry.parent)
+        if parent is None or self.looks_temporary(parent):
+            return None
+        return final
+
     def collect(self, limit: int) -> list[StreamWork]:
         """Start up to ``limit`` streams of files being written that have grown large."""
         if not self.enabled or limit <= 0:
@@ -86,15 +110,23 @@ class Streams:
                     continue
                 if _written(os.fstat(entry.fd)) < self._policy.multipart_threshold:
                     continue
+                final: str | None = None
                 if self.looks_temporary(entry):
-                    continue
-                work = self._start(entry)
+                    final = self.final_name(entry)
+                    if final is None or entry.remote_key is not None:
+                        continue
+                work = self._start(entry, final)
                 if work is not None:
                     out.append(work)
         return out
 
-    def _start(self, entry: Entry) -> StreamWork | None:
+    def _start(self, entry: Entry, final: str | None) -> StreamWork | None:
         key = self._tree.key_of(entry)
+        temp_key = None
+        if final is not None:
+            temp_key, key = key, key[:len(key) - len(entry.name)] + final
+            if self._keys.owner(key) is not None or self._tree.resolve(key) is not None:
+                return None  # the rename would replace a file: stream only onto free keys
         owner = self._keys.owner(key)
         if (owner is not None and owner != entry.ino) or key in self._keys.tombstones:
             return None
@@ -110,20 +142,34 @@ class Streams:
         self._queue.recount(entry)
         self._keys.own(key, entry.ino)
         return StreamWork(ino=entry.ino, key=key, fd=fd, metadata=metadata,
-                          path=self._tree.path_of(entry))
+                          path=self._tree.path_of(entry), temp_key=temp_key)
 
     def state(self, work: StreamWork, streamed: int) -> StreamState:
         """How far the file has got; records ``streamed`` bytes sent for /status."""
         tree = self._tree
         with tree.lock:
             entry = tree.entries.get(work.ino)
+            key = None if entry is None else tree.key_of(entry)
             if entry is None or entry.unlinked or entry.state != DIRTY \
-                    or tree.key_of(entry) != work.key:
+                    or key not in (work.key, work.temp_key):
                 return StreamState(0, 0, False, 0, True)
+            # Closed: completed at once (no uploadDelay: its parts are in the store already).
+            closed = entry.writers == 0
+            if key != work.key:  # still at its temporary name: complete only after the rename
+                if closed and self._queue.is_due(entry, time.monotonic()):
+                    return StreamState(0, 0, False, 0, True)  # never renamed: abandon
+                closed = False
             entry.streamed = streamed
             st = os.fstat(work.fd)
-            closed = entry.writers == 0 and self._queue.is_due(entry, time.monotonic())
             return StreamState(st.st_size, _written(st), closed, entry.gen, False)
+
+    def give_back_prediction(self, work: StreamWork) -> None:
+        """An abandoned stream under a predicted key held only a reservation: nothing of it
+        reached the store, so the key goes back without a tombstone (no DELETE). Call with the
+        tree's lock held, right before ``finish_upload``."""
+        entry = self._tree.entries.get(work.ino)
+        if work.temp_key is not None and (entry is None or entry.remote_key != work.key):
+            self._keys.disown(work.key, work.ino)
 
     @staticmethod
     def as_upload(work: StreamWork, gen: int, size: int) -> UploadWork:
