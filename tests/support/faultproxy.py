@@ -2,7 +2,9 @@
 
 The proxy listens on 127.0.0.1 in front of an S3 endpoint (normally ``MotoServer``) and
 
-* delays every S3 request by a fixed latency before forwarding it,
+* delays every S3 request by a fixed latency before forwarding it, and can hold the answer
+  of a forwarded request (``response_delay``: the request took effect, its client has not
+  heard yet),
 * answers a configurable fraction of requests (optionally only some kinds) with a real
   S3 error document (``503 SlowDown`` or ``500 InternalError``) without forwarding them,
 * can simulate an outage: every request fails with ``503 ServiceUnavailable`` or the
@@ -97,13 +99,17 @@ class ProxyConfig:
     """``error``: answer ``503 ServiceUnavailable``; ``refuse``: reset the connection."""
     seed: int | None = None
     """Seed of the random choice of failed requests (``None``: unpredictable)."""
+    response_delay: float = 0.0
+    """Seconds the answer of a forwarded request is held after the upstream gave it: the
+    request has taken effect (an object landed) while its client has not heard yet."""
     opaque_etags: bool = False
     """When true every ``ETag`` response header is replaced by one that is not the MD5 of
     the body, as SSE-KMS, SSE-C and many S3-compatible stores answer."""
 
     def validate(self) -> ProxyConfig:
-        if self.latency < 0:
-            raise ValueError(f"latency must be >= 0, got {self.latency}")
+        for name in ("latency", "response_delay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("error_rate", "internal_error_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -133,7 +139,7 @@ def _config_changes(changes: dict[str, Any]) -> dict[str, Any]:
     if "error_kinds" in out and out["error_kinds"] is not None:
         kinds = out["error_kinds"]
         out["error_kinds"] = frozenset([kinds] if isinstance(kinds, str) else kinds)
-    for name in ("latency", "error_rate", "internal_error_rate"):
+    for name in ("latency", "response_delay", "error_rate", "internal_error_rate"):
         if name in out:
             out[name] = float(out[name])
     return out
@@ -436,6 +442,10 @@ class _Handler(BaseHTTPRequestHandler):
                 upstream.send(chunk)
                 sent += len(chunk)
             response = upstream.getresponse()
+            with state.lock:
+                hold = state.config.response_delay
+            if hold:
+                time.sleep(hold)
         except (OSError, http.client.HTTPException) as exc:
             upstream.close()
             logger.warning("upstream %s failed for %s %s: %s", state.upstream, self.command,

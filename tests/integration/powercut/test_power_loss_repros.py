@@ -5,6 +5,11 @@
     truncated local file must never be uploaded over the good object.
 (b) A CLEAN file is changed in place and the power goes before anything syncs the journal:
     the local copy must not silently differ from the store.
+(c) The power goes while this node's own conditional PUT is landing, after a newer version
+    was fsync'd: the journal still holds the ETag the PUT was conditional on, so the
+    recovered upload meets a 412 from the node's own object. It must overwrite it (If-Match
+    on that object), not take it for another writer's and keep it (the power-cut harness's
+    "wrong in S3").
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import pytest
 
 from support.powercut.blockdev import CacheDevice, missing_capability
 from support.powercut.cut import node_on, power_cut
-from support.s3server import read_object
+from support.s3server import list_keys, read_object
+from support.wait import wait_until
 
 _reason = missing_capability()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"power-cut harness: {_reason}")
@@ -134,4 +140,40 @@ def test_in_place_change_without_fsync_is_never_silently_dropped(
     if stored == v1:
         assert kept == 1 and v2 in aside, \
             f"the in-place change was dropped without a word (kept={kept})\n{log}"
+    cut.discard(s3)
+
+
+def test_own_upload_that_landed_before_the_cut_is_not_a_conflict(
+        tmp_path: Path, moto: Any, s3: Any, bucket: str, proxy: Any) -> None:
+    v1, v2, v3 = (os.urandom(300_000) for _ in range(3))
+    with CacheDevice(tmp_path / "dev") as device:
+        node = node_on(tmp_path / "live", bucket, proxy.endpoint, device.mountpoint / "cache",
+                       tmp_path / "live-mnt", 0.2, CONFIG).start()
+        try:
+            _write(node.mount / "x", v1, sync=True)
+            node.flush()
+            root = os.open(node.mount, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(root)  # x's CLEAN row and its ETag are durable
+            finally:
+                os.close(root)
+            # The PUT of v2 (If-Match: v1's ETag) lands, its answer is held on the way back...
+            proxy.set(response_delay=15.0)
+            _write(node.mount / "x", v2, sync=False)
+            wait_until(lambda: read_object(s3, bucket, "x") == v2, timeout=30,
+                       what="v2 in the store")
+            # ... while v3 is written and fsync'd; the power goes before the node hears.
+            _write(node.mount / "x", v3, sync=True)
+            cut = power_cut(node, device, s3, bucket, "c")
+            proxy.set(response_delay=0.0)
+        finally:
+            node.stop()
+        assert read_object(s3, cut.bucket, "x") == v2
+        with cut.recovered(tmp_path / "r", moto.endpoint, CONFIG) as again:
+            assert (again.mount / "x").read_bytes() == v3
+            status = again.flush()
+            log = again.log()
+    assert read_object(s3, cut.bucket, "x") == v3, f"the fsync'd v3 is not in the store\n{log}"
+    assert set(list_keys(s3, cut.bucket)) == {"x"}, "a conflict copy of the node's own object"
+    assert status.conflicts_total == 0, log
     cut.discard(s3)

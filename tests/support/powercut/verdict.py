@@ -29,6 +29,9 @@ class CutFigures:
     regressed: list[str] = field(default_factory=list)
     torn: list[str] = field(default_factory=list)
     open_uploads: list[str] = field(default_factory=list)
+    #: conflicts a recovered node reported: there is no other writer, so each one is the node
+    #: taking its own object for another writer's (its ETag lost with the power)
+    conflicts: list[str] = field(default_factory=list)
     unsynced_new: int = 0
 
     def summary(self) -> str:
@@ -36,6 +39,7 @@ class CutFigures:
                 f"lost: {len(self.lost)}, wrong in S3: {len(self.wrong_in_store)}, "
                 f"objects regressed: {len(self.regressed)}, torn: {len(self.torn)}, "
                 f"multipart uploads left open: {len(self.open_uploads)}, "
+                f"conflicts after recovery: {len(self.conflicts)}, "
                 f"never-fsync'd new objects uploaded as found: {self.unsynced_new}")
 
 

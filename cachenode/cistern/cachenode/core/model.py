@@ -12,6 +12,7 @@ __all__ = [
     "RENAME_NOREPLACE",
     "ROOT_INO",
     "StreamWork",
+    "WRITER_KEY",
     "Attr",
     "DeleteWork",
     "Handle",
@@ -26,6 +27,10 @@ ROOT_INO = 1
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 NAME_MAX = 255
+WRITER_KEY = "cistern-writer"
+"""Object metadata naming the cache and entry that wrote the object (``<cache id>:<ino>``):
+a 412 answered by this entry's own earlier upload, whose result a power cut kept out of the
+journal, is then told from another writer's object (docs/dev/cachenode.md, Power loss)."""
 
 
 def err(code: int, detail: str = "") -> OSError:

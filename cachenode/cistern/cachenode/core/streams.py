@@ -102,8 +102,7 @@ class Streams:
             fd = os.open(self._files.path(entry.ino), os.O_RDONLY)
         except FileNotFoundError:
             return None
-        metadata = {"mode": oct(entry.mode & 0o7777), "uid": str(entry.uid),
-                    "gid": str(entry.gid), "mtime-ns": str(entry.mtime_ns)}
+        metadata = self._queue.object_metadata(entry)  # (pc, issue 15: names the writer)
         self._tree.journal.add_upload(entry.ino, key)
         entry.in_flight = True
         entry.streamed = 0

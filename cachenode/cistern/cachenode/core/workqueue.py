@@ -18,6 +18,7 @@ from cistern.cachenode.core.datafiles import DataFiles
 from cistern.cachenode.core.keys import DELETE_RESERVATION, Keys
 from cistern.cachenode.core.model import (
     ROOT_INO,
+    WRITER_KEY,
     DeleteWork,
     MoveWork,
     StreamWork,
@@ -54,6 +55,9 @@ class WorkQueue:
         self._counted: dict[int, _Counts] = {}
         self.journal_errors = 0
         """Journal writes that failed in the flusher's reports (e.g. disk full)."""
+        self.cache_id = ""
+        """This cache's identity (journaled at its first start, see ``recovery``); every
+        object it writes names it with the entry (``WRITER_KEY``)."""
 
     def next_seq(self) -> int:
         return next(self._seq)
@@ -252,6 +256,12 @@ class WorkQueue:
                     out.append(work)
         return out
 
+    def object_metadata(self, entry: Entry) -> dict[str, str]:
+        """What an object of ``entry`` carries: its attributes and its writer."""
+        return {"mode": oct(entry.mode & 0o7777), "uid": str(entry.uid),
+                "gid": str(entry.gid), "mtime-ns": str(entry.mtime_ns),
+                WRITER_KEY: f"{self.cache_id}:{entry.ino}"}
+
     def _start(self, entry: Entry) -> Work | None:
         key = self._tree.key_of(entry)
         owner = self._keys.owner(key)
@@ -261,8 +271,7 @@ class WorkQueue:
             return None
         if self._marker_blocked(entry):
             return None
-        metadata = {"mode": oct(entry.mode & 0o7777), "uid": str(entry.uid),
-                    "gid": str(entry.gid), "mtime-ns": str(entry.mtime_ns)}
+        metadata = self.object_metadata(entry)
         if entry.state == DIRTY:
             try:
                 fd = os.open(self._files.path(entry.ino), os.O_RDONLY)
