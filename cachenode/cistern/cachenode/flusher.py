@@ -189,32 +189,35 @@ class Flusher:
                                             if_match=work.if_match,
                                             if_none_match=work.if_none_match)
             except PreconditionFailed:
-                own = self.own_object(work.key, work.metadata)
-                if own is None:
+                again = self._second_chance(work.key, work.metadata)
+                if again is None:
                     self._keep_conflict(work, snap)
                     raise
             try:
                 return self.client.put_file(work.key, snap, work.size, work.metadata,
-                                            if_match=own)
+                                            if_match=again or None, if_none_match=not again)
             except PreconditionFailed:  # another writer came in since the HEAD
                 self._keep_conflict(work, snap)
                 raise
         finally:
             os.close(snap)
 
-    def own_object(self, key: str, metadata: dict[str, str]) -> str | None:
-        """After a 412: the ETag of the object at ``key`` if this entry wrote it, else None.
+    def _second_chance(self, key: str, metadata: dict[str, str]) -> str | None:
+        """After a 412: what the upload may be conditional on instead, or None (a conflict).
 
-        The journal keeps the ETag of an upload's result only once the result is journaled
-        and the WAL synced; a power cut in between leaves the ETag of the version before,
-        and the next upload's condition then fails on this entry's own object. The object
-        names its writer (``WRITER_KEY``, stored with it atomically), so it is recognised
-        and replaced conditionally on its ETag instead of being taken for another writer's
-        (docs/dev/cachenode.md, Power loss). A store that keeps no metadata never matches."""
+        - The object at ``key`` names this entry as its writer (``WRITER_KEY``, stored with
+          it atomically): it is this entry's own earlier upload whose result (the ETag) a
+          power cut kept out of the journal; it is replaced, conditional on its ETag.
+        - There is no object (another writer deleted it): this node's newer version is not
+          thrown away, it is uploaded create-only (``""``: If-None-Match).
+        Anything else is another writer's object (docs/dev/cachenode.md, Power loss and
+        Coherence). A store that keeps no metadata never matches the first case."""
         try:
             info = self.client.head(key)
         except FileNotFoundError:
-            return None
+            log.warning("%s was deleted from the store by another writer; this node's "
+                        "version is uploaded again (create-only)", key)
+            return ""
         if info.metadata.get(WRITER_KEY) != metadata[WRITER_KEY] or not info.etag:
             return None
         log.warning("%s: the object in the store is this node's own upload, whose result "

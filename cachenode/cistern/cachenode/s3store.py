@@ -131,7 +131,9 @@ class S3Store:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if code in ("NoSuchKey", "404") and what.startswith(("head", "get", "copy")):
                 return FileNotFoundError(what)
-            if code == "PreconditionFailed" or status == 412:
+            if code == "PreconditionFailed" or status == 412 or (
+                    code in ("NoSuchKey", "404") and what.startswith("put")):
+                # (a PUT with If-Match on a key another writer deleted: NoSuchKey)
                 return PreconditionFailed(f"{what}: another writer changed the object")
             if code in _TEMPORARY_CODES or status >= 500 or status == 429:
                 return TemporaryStoreError(f"{what}: {code} {error.get('Message', '')}".strip(),

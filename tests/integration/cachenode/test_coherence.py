@@ -99,3 +99,44 @@ def test_new_file_does_not_replace_an_object_created_meanwhile(make_node: Any, b
     assert len(conflicts) == 1 and read_object(s3, bucket, conflicts[0]) == b"node"
     assert status.conflicts_total == 1
     assert (node.mount / "d" / "new.bin").read_bytes() == b"other writer"
+
+
+def test_listings_follow_another_writer_and_keep_dirty_files(make_node: Any, bucket: str,
+                                                              s3: Any) -> None:
+    """A second writer adds, replaces and deletes objects under a running node: after
+    ``revalidateAfter`` the directory shows them; a DIRTY file is never dropped, even when
+    the other writer deletes or creates its key. After a restart the first look lists again."""
+    node = make_node(bucket, upload_delay=3600, config={"cache": {"revalidateAfter": "1s"}})
+    d = node.mount / "d"
+    d.mkdir()
+    (d / "kept.bin").write_bytes(b"kept")
+    (d / "gone.bin").write_bytes(b"gone")
+    (d / "replaced.bin").write_bytes(b"old")
+    (d / "dirty.bin").write_bytes(b"v1")
+    node.flush(timeout=60)
+    assert (d / "replaced.bin").read_bytes() == b"old"  # a CLEAN local copy
+    with open(d / "dirty.bin", "r+b") as dirty:  # DIRTY (open for writing) from here on
+        dirty.write(b"v2")
+        dirty.flush()
+        s3.put_object(Bucket=bucket, Key="d/new.bin", Body=b"theirs")
+        s3.put_object(Bucket=bucket, Key="d/sub/deep.bin", Body=b"deep")
+        s3.put_object(Bucket=bucket, Key="d/replaced.bin", Body=b"replaced by them")
+        s3.delete_object(Bucket=bucket, Key="d/gone.bin")
+        s3.delete_object(Bucket=bucket, Key="d/dirty.bin")
+        want = ["dirty.bin", "kept.bin", "new.bin", "replaced.bin", "sub"]
+        wait_until(lambda: sorted(os.listdir(d)) == want, timeout=30,
+                   what=f"the other writer's changes in the listing (now {os.listdir(d)})")
+        assert (d / "new.bin").read_bytes() == b"theirs"
+        assert (d / "sub" / "deep.bin").read_bytes() == b"deep"
+        assert (d / "replaced.bin").read_bytes() == b"replaced by them"
+        assert (d / "kept.bin").read_bytes() == b"kept"
+        assert (d / "dirty.bin").read_bytes() == b"v2"
+    node.flush(timeout=60)
+    assert read_object(s3, bucket, "d/dirty.bin") == b"v2", "the dirty file was lost"
+
+    node.stop()
+    s3.put_object(Bucket=bucket, Key="d/after.bin", Body=b"while it was down")
+    s3.delete_object(Bucket=bucket, Key="d/kept.bin")
+    node.start()
+    assert sorted(os.listdir(d)) == ["after.bin", "dirty.bin", "new.bin", "replaced.bin",
+                                     "sub"]
