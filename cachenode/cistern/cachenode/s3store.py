@@ -132,7 +132,7 @@ class S3Store:
             if code in ("NoSuchKey", "404") and what.startswith(("head", "get", "copy")):
                 return FileNotFoundError(what)
             if code == "PreconditionFailed" or status == 412 or (
-                    code in ("NoSuchKey", "404") and what.startswith("put")):
+                    code in ("NoSuchKey", "404") and what.startswith(("put", "complete"))):
                 # (a PUT with If-Match on a key another writer deleted: NoSuchKey)
                 return PreconditionFailed(f"{what}: another writer changed the object")
             if code in _TEMPORARY_CODES or status >= 500 or status == 429:
@@ -201,11 +201,15 @@ class S3Store:
             ContentMD5=base64.b64encode(md5).decode())
         return str(response["ETag"])
 
-    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]],
+                           if_match: str | None = None, if_none_match: bool = False) -> str:
+        condition = {"IfMatch": f'"{if_match}"'} if if_match is not None else \
+            {"IfNoneMatch": "*"} if if_none_match else {}
         response = self._call(
             f"complete-multipart {key}", self._client.complete_multipart_upload,
             Bucket=self.bucket, Key=self._k(key), UploadId=upload_id,
-            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in sorted(parts)]})
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in sorted(parts)]},
+            **condition)
         return str(response.get("ETag", "")).strip('"')
 
     def abort_multipart(self, key: str, upload_id: str) -> None:

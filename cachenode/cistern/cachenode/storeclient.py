@@ -147,9 +147,10 @@ class StoreClient:
         return self.request("upload-part", lambda: self.store.upload_part(
             key, upload_id, number, fd, offset, length), nbytes=length)
 
-    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
-        return self.request("complete-multipart",
-                            lambda: self.store.complete_multipart(key, upload_id, parts))
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]],
+                           if_match: str | None = None, if_none_match: bool = False) -> str:
+        return self.request("complete-multipart", lambda: self.store.complete_multipart(
+            key, upload_id, parts, if_match=if_match, if_none_match=if_none_match))
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         self.request("abort-multipart", lambda: self.store.abort_multipart(key, upload_id))

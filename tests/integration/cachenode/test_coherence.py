@@ -140,3 +140,61 @@ def test_listings_follow_another_writer_and_keep_dirty_files(make_node: Any, buc
     node.start()
     assert sorted(os.listdir(d)) == ["after.bin", "dirty.bin", "new.bin", "replaced.bin",
                                      "sub"]
+
+
+# Streamed uploads (flush.streaming) are not conditional yet (docs/dev/cachenode.md).
+_MULTIPART = {"flush": {"partSize": "5Mi", "multipartThreshold": "6Mi", "streaming": False}}
+
+
+def _conflict_copies(s3: Any, bucket: str, key: str) -> list[str]:
+    return [k for k in list_keys(s3, bucket) if k.startswith(f"{key}.cistern-conflict-")]
+
+
+def _race_multipart(node: Any, proxy: Any, s3: Any, bucket: str, ours: bytes,
+                    theirs: bytes) -> Any:
+    """Write ``ours`` (a multipart upload, slowed by the proxy); while it is in flight a
+    second writer puts ``theirs`` at the same key; return the status after the flush."""
+    proxy.set(latency=1.0)
+    started = proxy.counts()["CREATE_MPU"]
+    (node.mount / "big.bin").write_bytes(ours)
+    wait_until(lambda: proxy.counts()["CREATE_MPU"] > started, timeout=60,
+               what="our multipart upload in flight")
+    s3.put_object(Bucket=bucket, Key="big.bin", Body=theirs)
+    status = node.flush(timeout=120)
+    proxy.set(latency=0.0)
+    return status
+
+
+def test_multipart_upload_of_a_new_key_never_replaces_an_object_created_meanwhile(
+        make_node: Any, bucket: str, s3: Any, proxy: Any) -> None:
+    """If-None-Match: * on CompleteMultipartUpload: the other writer's object stays."""
+    node = make_node(bucket, endpoint=proxy.endpoint, config=_MULTIPART)
+    ours, theirs = os.urandom(11 << 20), b"created meanwhile"
+    status = _race_multipart(node, proxy, s3, bucket, ours, theirs)
+    assert read_object(s3, bucket, "big.bin") == theirs, "the other writer's object was lost"
+    copies = _conflict_copies(s3, bucket, "big.bin")
+    assert len(copies) == 1 and read_object(s3, bucket, copies[0]) == ours
+    assert status.conflicts_total == 1
+    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+def test_multipart_overwrite_never_replaces_another_writers_object(
+        make_node: Any, bucket: str, s3: Any, proxy: Any) -> None:
+    """An overwrite checks the key's ETag just before CompleteMultipartUpload (and sends
+    If-Match, which moto ignores): the object another writer put meanwhile stays."""
+    node = make_node(bucket, endpoint=proxy.endpoint, config=_MULTIPART)
+    (node.mount / "big.bin").write_bytes(os.urandom(7 << 20))
+    node.flush(timeout=120)
+    ours, theirs = os.urandom(11 << 20), b"replaced meanwhile"
+    status = _race_multipart(node, proxy, s3, bucket, ours, theirs)
+    assert read_object(s3, bucket, "big.bin") == theirs, "the other writer's object was lost"
+    copies = _conflict_copies(s3, bucket, "big.bin")
+    assert len(copies) == 1 and read_object(s3, bucket, copies[0]) == ours
+    assert status.conflicts_total == 1
+    # This node's own multipart object is replaced as usual: no conflict without a writer.
+    (node.mount / "own.bin").write_bytes(os.urandom(7 << 20))
+    node.flush(timeout=120)
+    again = os.urandom(7 << 20)
+    (node.mount / "own.bin").write_bytes(again)
+    assert node.flush(timeout=120).conflicts_total == 1
+    assert read_object(s3, bucket, "own.bin") == again
