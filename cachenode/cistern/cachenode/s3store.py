@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from collections.abc import Iterator
+import threading
+import zlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from cistern.cachenode.store import (
@@ -29,16 +31,40 @@ CHECKSUM_KEY = "cistern-md5"
 by every download (an ETag is not always an MD5, so it cannot be the reference)."""
 
 
-def _md5_of(fd: int, offset: int, length: int) -> bytes:
-    digest = hashlib.md5()
+class _Crc32:
+    """zlib's CRC-32 with hashlib's interface (S3's ``x-amz-checksum-crc32``, big-endian)."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self._value = zlib.crc32(data)
+
+    def update(self, data: bytes) -> None:
+        self._value = zlib.crc32(data, self._value)
+
+    def digest(self) -> bytes:
+        return self._value.to_bytes(4, "big")
+
+
+_COMPOSITE: dict[str, Callable[..., Any]] = {
+    "ChecksumCRC32": _Crc32, "ChecksumSHA1": hashlib.sha1, "ChecksumSHA256": hashlib.sha256}
+"""S3 checksums whose multipart (COMPOSITE: ``<base64 of the checksum of the parts'
+checksums>-<parts>``) form a download can recompute with the standard library."""
+
+
+def _digests_of(fd: int, offset: int, length: int, *digests: Any) -> None:
     remaining = length
     while remaining > 0:
         chunk = os.pread(fd, min(_COPY_CHUNK, remaining), offset)
         if not chunk:
             raise StoreError(f"local file shrank while reading at offset {offset}", "ShortRead")
-        digest.update(chunk)
+        for digest in digests:
+            digest.update(chunk)
         offset += len(chunk)
         remaining -= len(chunk)
+
+
+def _md5_of(fd: int, offset: int, length: int) -> bytes:
+    digest = hashlib.md5()
+    _digests_of(fd, offset, length, digest)
     return digest.digest()
 
 
@@ -119,6 +145,10 @@ class S3Store:
         from botocore import exceptions as botoexc
 
         self._botoexc = botoexc
+        self._lock = threading.Lock()
+        self._part_crcs: dict[str, dict[int, str]] = {}
+        """CRC-32 of each part sent, by upload id, for CompleteMultipartUpload (an upload
+        never outlives the process: the next start aborts it)."""
 
     def _k(self, key: str) -> str:
         return self.prefix + validate_key(key)
@@ -187,32 +217,46 @@ class S3Store:
         return str(response.get("ETag", "")).strip('"')
 
     def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
+        # Parts carry CRC-32 checksums, so the object has a composite checksum that every
+        # download recomputes (``_check_composite``): multipart objects have no cistern-md5.
         response = self._call(f"create-multipart {key}", self._client.create_multipart_upload,
-                              Bucket=self.bucket, Key=self._k(key), Metadata=metadata)
+                              Bucket=self.bucket, Key=self._k(key), Metadata=metadata,
+                              ChecksumAlgorithm="CRC32")
         return str(response["UploadId"])
 
     def upload_part(self, key: str, upload_id: str, number: int, fd: int, offset: int,
                     length: int) -> str:
-        md5 = _md5_of(fd, offset, length)
+        md5, crc = hashlib.md5(), _Crc32()
+        _digests_of(fd, offset, length, md5, crc)
+        checksum = base64.b64encode(crc.digest()).decode()
         response = self._call(
             f"upload-part {key}#{number}", self._client.upload_part, Bucket=self.bucket,
             Key=self._k(key), UploadId=upload_id, PartNumber=number,
             Body=_FdReader(fd, offset, length), ContentLength=length,
-            ContentMD5=base64.b64encode(md5).decode())
+            ContentMD5=base64.b64encode(md5.digest()).decode(), ChecksumCRC32=checksum)
+        with self._lock:
+            self._part_crcs.setdefault(upload_id, {})[number] = checksum
         return str(response["ETag"])
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]],
                            if_match: str | None = None, if_none_match: bool = False) -> str:
         condition = {"IfMatch": f'"{if_match}"'} if if_match is not None else \
             {"IfNoneMatch": "*"} if if_none_match else {}
+        with self._lock:
+            crcs = self._part_crcs.get(upload_id, {})
+        listed = [{"PartNumber": n, "ETag": e, **({"ChecksumCRC32": crcs[n]} if n in crcs else {})}
+                  for n, e in sorted(parts)]
         response = self._call(
             f"complete-multipart {key}", self._client.complete_multipart_upload,
             Bucket=self.bucket, Key=self._k(key), UploadId=upload_id,
-            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in sorted(parts)]},
-            **condition)
+            MultipartUpload={"Parts": listed}, **condition)
+        with self._lock:
+            self._part_crcs.pop(upload_id, None)
         return str(response.get("ETag", "")).strip('"')
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
+        with self._lock:
+            self._part_crcs.pop(upload_id, None)
         try:
             self._call(f"abort-multipart {key}", self._client.abort_multipart_upload,
                        Bucket=self.bucket, Key=self._k(key), UploadId=upload_id)
@@ -286,7 +330,7 @@ class S3Store:
 
     def download(self, key: str, fd: int) -> ObjectInfo:
         response = self._call(f"get {key}", self._client.get_object, Bucket=self.bucket,
-                              Key=self._k(key))
+                              Key=self._k(key), ChecksumMode="ENABLED")
         body = response["Body"]
         offset = 0
         digest = hashlib.md5()
@@ -309,9 +353,40 @@ class S3Store:
             raise TemporaryStoreError(f"get {key}: MD5 {digest.hexdigest()} is not the stored "
                                       f"checksum {stored}", "BadDigest")
         os.ftruncate(fd, offset)
+        self._check_composite(key, response, fd, offset)
         return ObjectInfo(key=key, size=offset, mtime=response["LastModified"].timestamp(),
                           etag=str(response.get("ETag", "")).strip('"'),
                           metadata=dict(response.get("Metadata", {})))
+
+
+    def _check_composite(self, key: str, response: dict[str, Any], fd: int, size: int) -> None:
+        """A multipart object's composite checksum (``ChecksumMode=ENABLED``), recomputed
+        from the downloaded data; the parts' size comes from a HEAD of part 1. A full-object
+        checksum is checked by botocore itself as the body is read; an object without
+        checksums (older tools, other writers) is checked by its length only: its ETag is
+        not compared, since it is not always an MD5 (docs/dev/cachenode.md, Coherence)."""
+        found = [(name, str(response[name])) for name in _COMPOSITE
+                 if str(response.get(name) or "").rpartition("-")[2].isdigit()]
+        if not found:
+            return
+        name, value = found[0]
+        algorithm = _COMPOSITE[name]
+        encoded, _, count = value.rpartition("-")
+        head = self._call(f"head {key}#1", self._client.head_object, Bucket=self.bucket,
+                          Key=self._k(key), PartNumber=1)
+        part = int(head["ContentLength"])
+        if part <= 0 or -(-size // part) != int(count):
+            raise TemporaryStoreError(f"get {key}: {size} bytes are not {count} parts of "
+                                      f"{part}", "BadDigest")
+        digests = []
+        for offset in range(0, size, part):
+            digest = algorithm()
+            _digests_of(fd, offset, min(part, size - offset), digest)
+            digests.append(digest.digest())
+        got = base64.b64encode(algorithm(b"".join(digests)).digest()).decode()
+        if got != encoded:
+            raise TemporaryStoreError(f"get {key}: {name} {got}-{count} is not the stored "
+                                      f"{value}", "BadDigest")
 
 
 def open_store(config: StoreConfig, max_pool: int = 16) -> ObjectStore:

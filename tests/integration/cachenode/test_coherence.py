@@ -198,3 +198,24 @@ def test_multipart_overwrite_never_replaces_another_writers_object(
     (node.mount / "own.bin").write_bytes(again)
     assert node.flush(timeout=120).conflicts_total == 1
     assert read_object(s3, bucket, "own.bin") == again
+
+
+def test_corrupted_downloads_are_refused_and_fetched_again(make_node: Any, bucket: str,
+                                                           s3: Any, proxy: Any) -> None:
+    """Downloads are checked: a single PUT against its stored MD5 (``cistern-md5``), a
+    multipart object against its composite CRC-32 (its parts carry ``x-amz-checksum-crc32``);
+    a byte flipped on the way is refused and the object fetched again."""
+    writer = make_node(bucket, config=_MULTIPART)
+    big, small = os.urandom(11 << 20), os.urandom(100_000)
+    (writer.mount / "big.bin").write_bytes(big)
+    (writer.mount / "small.bin").write_bytes(small)
+    writer.flush(timeout=120)
+    got = s3.get_object(Bucket=bucket, Key="big.bin", ChecksumMode="ENABLED")
+    got["Body"].close()
+    assert got["ChecksumCRC32"].endswith("-3"), got
+    reader = make_node(bucket, endpoint=proxy.endpoint, name="reader")
+    for name, data in (("big.bin", big), ("small.bin", small)):
+        gets = proxy.counts()["GET"]
+        proxy.set(corrupt_gets=1)
+        assert (reader.mount / name).read_bytes() == data
+        assert proxy.counts()["GET"] == gets + 2, f"the corrupted {name} was not refused"
