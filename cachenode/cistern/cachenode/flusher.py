@@ -47,6 +47,7 @@ class Flusher:
         self.uploaded_objects_total = 0
         self.conflicts_total = 0
         self.last_conflict: str | None = None
+        self.last_conflict_time: float | None = None
         self.last_flush_time: float | None = None
         self._stop = threading.Event()
         self._files = ThreadPoolExecutor(policy.max_concurrent_uploads,
@@ -246,6 +247,7 @@ class Flusher:
         with self._lock:
             self.conflicts_total += 1
             self.last_conflict = f"{work.key} -> {conflict_key}"
+            self.last_conflict_time = time.time()
         log.error("conflict: another writer replaced %s in the store; its object is kept and "
                   "this node's version was uploaded as %s", work.key, conflict_key)
 

@@ -58,6 +58,7 @@ def test_another_writers_object_is_never_overwritten(make_node: Any, bucket: str
     assert read_object(s3, bucket, conflicts[0]) == ours
     assert status.conflicts_total == 1
     assert status.last_conflict == f"model.bin -> {conflicts[0]}"
+    assert status.last_conflict_time is not None
     assert node.metric("cistern_conflicts_total") == 1
     assert "conflict: another writer replaced model.bin" in node.log()
     # The path gave way to the other writer: the next read fetches their object.
