@@ -151,10 +151,11 @@ def _conflict_copies(s3: Any, bucket: str, key: str) -> list[str]:
     return [k for k in list_keys(s3, bucket) if k.startswith(f"{key}.cistern-conflict-")]
 
 
-def _race_multipart(node: Any, proxy: Any, s3: Any, bucket: str, ours: bytes,
-                    theirs: bytes) -> Any:
-    """Write ``ours`` (a multipart upload, slowed by the proxy); while it is in flight a
-    second writer puts ``theirs`` at the same key; return the status after the flush."""
+def _race_multipart(node: Any, proxy: Any, s3: Any, bucket: str) -> None:
+    """Write a file (a multipart upload, slowed by the proxy); while it is in flight a second
+    writer puts its own object at the same key, which must stay, the node's version being
+    kept as a conflict copy."""
+    ours, theirs = os.urandom(11 << 20), b"put meanwhile"
     proxy.set(latency=1.0)
     started = proxy.counts()["CREATE_MPU"]
     (node.mount / "big.bin").write_bytes(ours)
@@ -163,20 +164,18 @@ def _race_multipart(node: Any, proxy: Any, s3: Any, bucket: str, ours: bytes,
     s3.put_object(Bucket=bucket, Key="big.bin", Body=theirs)
     status = node.flush(timeout=120)
     proxy.set(latency=0.0)
-    return status
-
-
-def test_multipart_upload_of_a_new_key_never_replaces_an_object_created_meanwhile(
-        make_node: Any, bucket: str, s3: Any, proxy: Any) -> None:
-    """If-None-Match: * on CompleteMultipartUpload: the other writer's object stays."""
-    node = make_node(bucket, endpoint=proxy.endpoint, config=_MULTIPART)
-    ours, theirs = os.urandom(11 << 20), b"created meanwhile"
-    status = _race_multipart(node, proxy, s3, bucket, ours, theirs)
     assert read_object(s3, bucket, "big.bin") == theirs, "the other writer's object was lost"
     copies = _conflict_copies(s3, bucket, "big.bin")
     assert len(copies) == 1 and read_object(s3, bucket, copies[0]) == ours
     assert status.conflicts_total == 1
     assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+def test_multipart_upload_of_a_new_key_never_replaces_an_object_created_meanwhile(
+        make_node: Any, bucket: str, s3: Any, proxy: Any) -> None:
+    """If-None-Match: * on CompleteMultipartUpload: the other writer's object stays."""
+    _race_multipart(make_node(bucket, endpoint=proxy.endpoint, config=_MULTIPART), proxy, s3,
+                    bucket)
 
 
 def test_multipart_overwrite_never_replaces_another_writers_object(
@@ -186,12 +185,7 @@ def test_multipart_overwrite_never_replaces_another_writers_object(
     node = make_node(bucket, endpoint=proxy.endpoint, config=_MULTIPART)
     (node.mount / "big.bin").write_bytes(os.urandom(7 << 20))
     node.flush(timeout=120)
-    ours, theirs = os.urandom(11 << 20), b"replaced meanwhile"
-    status = _race_multipart(node, proxy, s3, bucket, ours, theirs)
-    assert read_object(s3, bucket, "big.bin") == theirs, "the other writer's object was lost"
-    copies = _conflict_copies(s3, bucket, "big.bin")
-    assert len(copies) == 1 and read_object(s3, bucket, copies[0]) == ours
-    assert status.conflicts_total == 1
+    _race_multipart(node, proxy, s3, bucket)
     # This node's own multipart object is replaced as usual: no conflict without a writer.
     (node.mount / "own.bin").write_bytes(os.urandom(7 << 20))
     node.flush(timeout=120)
