@@ -277,7 +277,7 @@ class Flusher:
             if not self.core.upload_source_current(work):
                 raise _SourceChanged(work.path)  # aborted below: no torn object
             if if_match is not None:
-                self._check_etag(key, if_match)
+                client.check_etag(key, if_match)
             return client.complete_multipart(key, upload_id, parts, if_match=if_match,
                                              if_none_match=if_none_match)
         except BaseException:
@@ -292,16 +292,6 @@ class Flusher:
             except StoreError as exc:
                 log.warning("could not abort multipart upload of %s: %s", key, exc)
             raise
-
-    def _check_etag(self, key: str, etag: str) -> None:
-        """PreconditionFailed unless the object at ``key`` is still the one of ``etag``."""
-        try:
-            current = self.client.head(key).etag
-        except FileNotFoundError:
-            current = None
-        if current != etag:
-            raise PreconditionFailed(f"complete-multipart {key}: the object is "
-                                     f"{current or 'absent'}, not {etag}")
 
     def _move(self, work: MoveWork) -> None:
         error: Exception | None = None

@@ -7,6 +7,8 @@ import hashlib
 import os
 from typing import Any
 
+import pytest
+
 from support.s3server import list_keys, read_object
 from support.wait import wait_until
 
@@ -143,8 +145,8 @@ def test_listings_follow_another_writer_and_keep_dirty_files(make_node: Any, buc
                                      "sub"]
 
 
-# Streamed uploads (flush.streaming) are not conditional yet (docs/dev/cachenode.md).
 _MULTIPART = {"flush": {"partSize": "5Mi", "multipartThreshold": "6Mi", "streaming": False}}
+_STREAMED = {"flush": {"partSize": "5Mi", "multipartThreshold": "6Mi", "streaming": True}}
 
 
 def _conflict_copies(s3: Any, bucket: str, key: str) -> list[str]:
@@ -171,10 +173,12 @@ def _race_multipart(node: Any, proxy: Any, s3: Any, bucket: str) -> None:
     assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
 
 
+@pytest.mark.parametrize("config", [_MULTIPART, _STREAMED], ids=["after-close", "streamed"])
 def test_multipart_upload_of_a_new_key_never_replaces_an_object_created_meanwhile(
-        make_node: Any, bucket: str, s3: Any, proxy: Any) -> None:
-    """If-None-Match: * on CompleteMultipartUpload: the other writer's object stays."""
-    _race_multipart(make_node(bucket, endpoint=proxy.endpoint, config=_MULTIPART), proxy, s3,
+        make_node: Any, bucket: str, s3: Any, proxy: Any, config: dict[str, Any]) -> None:
+    """If-None-Match: * on CompleteMultipartUpload: the other writer's object stays (a
+    streamed upload that meets it is abandoned and uploaded again, conditionally)."""
+    _race_multipart(make_node(bucket, endpoint=proxy.endpoint, config=config), proxy, s3,
                     bucket)
 
 

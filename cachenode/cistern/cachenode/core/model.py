@@ -101,6 +101,9 @@ class StreamWork:
     fd: int
     metadata: dict[str, str]
     path: str
+    #: Coherence, as for ``UploadWork``: checked at CompleteMultipartUpload.
+    if_match: str | None = None
+    if_none_match: bool = False
 
 
 @dataclass(frozen=True, slots=True)

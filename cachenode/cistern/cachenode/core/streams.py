@@ -108,8 +108,10 @@ class Streams:
         entry.streamed = 0
         self._queue.recount(entry)
         self._keys.own(key, entry.ino)
+        if_match, absent = self._queue.conditions(entry, key, owner)  # (pc, issue 15)
         return StreamWork(ino=entry.ino, key=key, fd=fd, metadata=metadata,
-                          path=self._tree.path_of(entry))
+                          path=self._tree.path_of(entry), if_match=if_match,
+                          if_none_match=absent)
 
     def state(self, work: StreamWork, streamed: int) -> StreamState:
         """How far the file has got; records ``streamed`` bytes sent for /status."""

@@ -262,6 +262,14 @@ class WorkQueue:
                 "gid": str(entry.gid), "mtime-ns": str(entry.mtime_ns),
                 WRITER_KEY: f"{self.cache_id}:{entry.ino}"}
 
+    @staticmethod
+    def conditions(entry: Entry, key: str, owner: int | None) -> tuple[str | None, bool]:
+        """Coherence: an upload of ``entry`` to ``key`` (whose owner was ``owner`` before it
+        was reserved) overwrites only the version this node uploaded or saw (If-Match), and
+        creates a key nobody here owns only if it is absent (If-None-Match)."""
+        if_match = entry.etag if entry.remote_key == key else None
+        return if_match, owner is None and entry.remote_key is None
+
     def _start(self, entry: Entry) -> Work | None:
         key = self._tree.key_of(entry)
         owner = self._keys.owner(key)
@@ -284,9 +292,7 @@ class WorkQueue:
             entry.in_flight = True
             self.recount(entry)
             self._keys.own(key, entry.ino)
-            # Coherence: overwrite only the version this node uploaded or saw (If-Match).
-            if_match = entry.etag if entry.remote_key == key else None
-            absent = owner is None and entry.remote_key is None  # create only: If-None-Match
+            if_match, absent = self.conditions(entry, key, owner)
             return UploadWork(ino=entry.ino, key=key, gen=entry.gen, fd=fd, size=size,
                               metadata=metadata, path=self._tree.path_of(entry),
                               if_match=if_match, if_none_match=absent)
