@@ -228,7 +228,8 @@ class Flusher:
             log.warning("%s was deleted from the store by another writer; this node's "
                         "version is uploaded again (create-only)", key)
             return ""
-        if info.metadata.get(WRITER_KEY) != metadata[WRITER_KEY] or not info.etag:
+        writer = metadata.get(WRITER_KEY)
+        if writer is None or info.metadata.get(WRITER_KEY) != writer or not info.etag:
             return None
         log.warning("%s: the object in the store is this node's own upload, whose result "
                     "was not journaled before a crash; it is replaced", key)
