@@ -215,9 +215,11 @@ class Flusher:
     def _second_chance(self, key: str, metadata: dict[str, str]) -> str | None:
         """After a 412: what the upload may be conditional on instead, or None (a conflict).
 
-        - The object at ``key`` names this entry as its writer (``WRITER_KEY``, stored with
-          it atomically): it is this entry's own earlier upload whose result (the ETag) a
-          power cut kept out of the journal; it is replaced, conditional on its ETag.
+        - The object at ``key`` names this cache as its writer (``WRITER_KEY``, stored with
+          it atomically): it is the result of this cache's own earlier upload or copy (a
+          rename) that a power cut kept out of the journal — this entry's previous version,
+          or the copy of a file since replaced by this one; it is replaced, conditional on
+          its ETag. Another writer's object never names this cache.
         - There is no object (another writer deleted it): this node's newer version is not
           thrown away, it is uploaded create-only (``""``: If-None-Match).
         Anything else is another writer's object (docs/dev/cachenode.md, Power loss and
@@ -228,11 +230,13 @@ class Flusher:
             log.warning("%s was deleted from the store by another writer; this node's "
                         "version is uploaded again (create-only)", key)
             return ""
-        writer = metadata.get(WRITER_KEY)
-        if writer is None or info.metadata.get(WRITER_KEY) != writer or not info.etag:
+        ours = metadata.get(WRITER_KEY, "").partition(":")[0]
+        theirs = info.metadata.get(WRITER_KEY, "").partition(":")[0]
+        if not ours or theirs != ours or not info.etag:
             return None
-        log.warning("%s: the object in the store is this node's own upload, whose result "
-                    "was not journaled before a crash; it is replaced", key)
+        log.warning("%s: the object in the store was written by this cache (%s) but the "
+                    "journal lost its result in a crash; it is replaced", key,
+                    info.metadata.get(WRITER_KEY))
         return info.etag
 
     def _keep_conflict(self, work: UploadWork, send: Callable[[str, str | None, bool], str]

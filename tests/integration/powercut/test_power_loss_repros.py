@@ -10,6 +10,9 @@
     recovered upload meets a 412 from the node's own object. It must overwrite it (If-Match
     on that object), not take it for another writer's and keep it (the power-cut harness's
     "wrong in S3").
+(d) The same with a rename: the copy of a renamed file lands at its new key, a file renamed
+    over it is fsync'd (and the rename made durable) before the node hears of the copy; the
+    recovered upload of that file meets this cache's own copy.
 """
 
 from __future__ import annotations
@@ -175,5 +178,46 @@ def test_own_upload_that_landed_before_the_cut_is_not_a_conflict(
             log = again.log()
     assert read_object(s3, cut.bucket, "x") == v3, f"the fsync'd v3 is not in the store\n{log}"
     assert set(list_keys(s3, cut.bucket)) == {"x"}, "a conflict copy of the node's own object"
+    assert status.conflicts_total == 0, log
+    cut.discard(s3)
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_own_copy_that_landed_before_the_cut_is_not_a_conflict(
+        tmp_path: Path, moto: Any, s3: Any, bucket: str, proxy: Any) -> None:
+    v1, v2 = os.urandom(200_000), os.urandom(300_000)
+    with CacheDevice(tmp_path / "dev") as device:
+        node = node_on(tmp_path / "live", bucket, proxy.endpoint, device.mountpoint / "cache",
+                       tmp_path / "live-mnt", 2.0, CONFIG).start()
+        try:
+            _write(node.mount / "a", v1, sync=True)
+            node.flush()
+            _sync_dir(node.mount)
+            # The copy a -> b (the rename's move) lands, its answer is held...
+            proxy.set(response_delay=10.0)
+            os.rename(node.mount / "a", node.mount / "b")
+            wait_until(lambda: "b" in list_keys(s3, bucket), timeout=60, what="the copy to b")
+            # ... while another file replaces b, fsync'd, the rename made durable.
+            _write(node.mount / "tmp", v2, sync=True)
+            os.rename(node.mount / "tmp", node.mount / "b")
+            _sync_dir(node.mount)
+            cut = power_cut(node, device, s3, bucket, "d")
+            proxy.set(response_delay=0.0)
+        finally:
+            node.stop()
+        assert read_object(s3, cut.bucket, "b") == v1
+        with cut.recovered(tmp_path / "r", moto.endpoint, CONFIG) as again:
+            assert (again.mount / "b").read_bytes() == v2
+            status = again.flush()
+            log = again.log()
+    assert read_object(s3, cut.bucket, "b") == v2, f"the fsync'd b is not in the store\n{log}"
+    assert not [k for k in list_keys(s3, cut.bucket) if "cistern-conflict" in k], log
     assert status.conflicts_total == 0, log
     cut.discard(s3)
