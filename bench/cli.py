@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
 from dataclasses import fields, replace
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from bench.report import machine_info, to_json, write_outputs
 from bench.runner import FULL, SMOKE, WORKLOADS, BenchConfig, run_bench
+from cistern.logs import setup_logging
 
 MiB = 1 << 20
 
@@ -87,10 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", help="directory for mounts and caches (default /tmp)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging("debug" if args.verbose else "info")
     cfg = build_config(args)
     unknown = set(cfg.workloads) - set(WORKLOADS)
     if unknown or not cfg.workloads:

@@ -39,6 +39,7 @@ from typing import Any
 
 from bench.report import machine_info
 from bench.s3env import S3Env
+from cistern.logs import setup_logging
 from tests.support.node import NodeProcess
 
 logger = logging.getLogger(__name__)
@@ -551,10 +552,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="only redraw --png from an existing --out JSON")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging("debug" if args.verbose else "info")
     if args.aimd_sim:
         _aimd_table(args.aimd_sim)
         return

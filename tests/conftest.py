@@ -66,10 +66,18 @@ class _ProxyHandle:
         return self._control.set(**changes)
 
 
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[_ProxyHandle]:
+@pytest.fixture(scope="session")
+def _proxy_process(moto: MotoServer) -> Iterator[FaultProxyProcess]:
     with FaultProxyProcess(moto.endpoint) as process:
-        yield _ProxyHandle(process)
+        yield process
+
+
+@pytest.fixture
+def proxy(_proxy_process: FaultProxyProcess) -> _ProxyHandle:
+    """The fault proxy in front of ``moto``, as a fresh one: defaults, no counts (one process
+    for the session; a test's nodes are stopped before the next test restores it)."""
+    _proxy_process.control.restore()
+    return _ProxyHandle(_proxy_process)
 
 
 @pytest.fixture(params=FRONTENDS)

@@ -43,19 +43,18 @@ import logging
 import random
 import socket
 import struct
-import subprocess
 import threading
 import time
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, NamedTuple
 
-from .s3server import free_port, stop_child, support_module_command, wait_for_port
+from .s3server import ChildServer, free_port
 
 __all__ = [
     "KINDS",
@@ -683,46 +682,31 @@ class ProxyControl:
     def reset(self) -> None:
         self._call("POST", "reset", {})
 
+    def restore(self) -> None:
+        """As freshly started without options: every setting at its default, counters and log
+        cleared (one proxy process serves many tests)."""
+        self.set(**{f.name: f.default for f in fields(ProxyConfig)})
+        self.reset()
 
-class FaultProxyProcess:
+
+class FaultProxyProcess(ChildServer):
     """``python -m support.faultproxy`` as a child process on a free port."""
+
+    module = "faultproxy"
 
     def __init__(self, upstream: str, latency: float = 0.0, error_rate: float = 0.0,
                  *, port: int | None = None, extra_args: list[str] | None = None) -> None:
+        super().__init__(port)
         self.upstream = upstream
-        self.port = port or free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
         self._args = [
             "--upstream", upstream, "--port", str(self.port),
             "--latency-ms", str(latency * 1000.0), "--error-rate", str(error_rate),
             *(extra_args or []),
         ]
-        self._proc: subprocess.Popen[bytes] | None = None
         self.control = ProxyControl(self.endpoint)
 
-    def start(self) -> FaultProxyProcess:
-        command, env = support_module_command("faultproxy")
-        self._proc = subprocess.Popen(
-            [*command, *self._args], env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_for_port(self.port)
-        except TimeoutError:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        stop_child(self._proc)
-        self._proc = None
-
-    def __enter__(self) -> FaultProxyProcess:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
+    def arguments(self) -> list[str]:
+        return self._args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,10 +20,10 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 __all__ = [
-    "MotoServer", "free_port", "list_keys", "read_object", "s3_client", "stop_child",
+    "ChildServer", "MotoServer", "free_port", "list_keys", "read_object", "s3_client", "stop_child",
     "support_module_command", "wait_for_port",
 ]
 
@@ -105,19 +105,30 @@ def list_keys(s3: Any, bucket: str, prefix: str = "") -> dict[str, int]:
     return out
 
 
-class MotoServer:
-    """A moto S3 server in a child process on 127.0.0.1."""
+class ChildServer:
+    """A module of this package run as a child process that serves HTTP on 127.0.0.1:``port``;
+    ``start`` returns once the port accepts connections. Subclasses name the module and its
+    arguments."""
+
+    module = ""
+    """The module of this package to run (``python -m support.<module>``)."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> MotoServer:
-        command, env = support_module_command("s3server")
+    def arguments(self) -> list[str]:
+        return ["--port", str(self.port)]
+
+    def environment(self, env: dict[str, str]) -> dict[str, str]:
+        return env
+
+    def start(self) -> Self:
+        command, env = support_module_command(self.module)
         self._proc = subprocess.Popen(
-            [*command, "--port", str(self.port)],
-            env=env | TEST_CREDENTIALS, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [*command, *self.arguments()], env=self.environment(env),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         try:
             wait_for_port(self.port)
@@ -126,19 +137,28 @@ class MotoServer:
             raise
         return self
 
-    def client(self) -> Any:
-        return s3_client(self.endpoint)
-
     def stop(self) -> None:
         stop_child(self._proc)
         self._proc = None
 
-    def __enter__(self) -> MotoServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class MotoServer(ChildServer):
+    """A moto S3 server in a child process on 127.0.0.1."""
+
+    module = "s3server"
+
+    def environment(self, env: dict[str, str]) -> dict[str, str]:
+        return env | TEST_CREDENTIALS
+
+    def client(self) -> Any:
+        return s3_client(self.endpoint)
 
 
 def _lock_etag_getter() -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from cistern.nodestatus import NodeStatus, NodeStatusError
+from cistern.operator.httpsession import LazySession
 
 __all__ = ["DaemonClient", "DaemonEndpoint", "DaemonError"]
 
@@ -45,30 +46,20 @@ class DaemonClient:
     """One aiohttp session for all daemons; every call has a timeout."""
 
     def __init__(self, timeout: float) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
-        self._closed = False
+        self._session = LazySession(
+            timeout, lambda: DaemonError("the operator is shutting down"))
 
     async def close(self) -> None:
         """Close the session; later calls fail (a handler still running at shutdown)."""
-        self._closed = True
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._closed:
-            raise DaemonError("the operator is shutting down")
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
-        return self._session
+        await self._session.close()
 
     async def _call(self, method: str, endpoint: DaemonEndpoint, path: str,
                     token: str | None = None) -> NodeStatus:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         url = endpoint.base_url + path
         try:
-            async with self._get_session().request(method, url, headers=headers) as response:
+            session = await self._session.get()
+            async with session.request(method, url, headers=headers) as response:
                 if response.status >= 400:
                     text = (await response.text())[:200]
                     raise DaemonError(f"{method} {path} on node {endpoint.node}: "

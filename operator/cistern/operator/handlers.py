@@ -73,18 +73,18 @@ def build_registry(settings: OperatorSettings, credentials: Credentials,
             spec = await reconciler.validate(body)
         except Problem as problem:
             logger.warning("Not rolling out the spec: %s: %s", problem.reason, problem.message)
-            await reconciler.report_problem(body, problem)
+            await reconciler.status.report_problem(body, problem)
             if problem.temporary:
                 raise kopf.TemporaryError(problem.message, delay=problem.delay) from None
             raise kopf.PermanentError(problem.message) from None
         try:
             results = await reconciler.apply(body, spec)
         except Problem as problem:
-            await reconciler.report_problem(body, problem)
+            await reconciler.status.report_problem(body, problem)
             raise kopf.TemporaryError(problem.message, delay=problem.delay) from None
         except ApiError as exc:
             raise kopf.TemporaryError(f"API error while applying: {exc}", delay=10) from exc
-        await reconciler.report_applied(body, spec)
+        await reconciler.status.report_applied(body, spec)
         changed = {k: v for k, v in results.items() if v != "unchanged"}
         if changed:
             _post_event(body, "Normal", "Applied", "; ".join(
@@ -111,11 +111,11 @@ def build_registry(settings: OperatorSettings, credentials: Credentials,
         waited = (datetime.datetime.now(datetime.UTC)
                   - started.replace(tzinfo=started.tzinfo or datetime.UTC)).total_seconds()
         try:
-            waiting = await reconciler.finalize(body, waited)
+            waiting = await reconciler.finalizer.finalize(body, waited)
         except ApiError as exc:
             raise kopf.TemporaryError(f"API error during deletion: {exc}", delay=10) from exc
         if waiting:
-            gave_up = waited >= reconciler.finalize_deadline(body)
+            gave_up = waited >= reconciler.finalizer.deadline(body)
             raise kopf.TemporaryError(waiting, delay=settings.finalizer_gave_up_poll
                                       if gave_up else settings.finalizer_poll)
 
@@ -125,7 +125,7 @@ def build_registry(settings: OperatorSettings, credentials: Credentials,
         if type == "DELETED":
             return
         try:
-            calls = await reconciler.drain_node(body, namespaces)
+            calls = await reconciler.drains.drain_node(body, namespaces)
         except ApiError as exc:
             logger.warning("Could not look for cache daemons on the node: %s", exc)
             return

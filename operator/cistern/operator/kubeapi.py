@@ -20,6 +20,7 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 
+from cistern.operator.httpsession import LazySession
 from cistern.operator.patches import LAST_APPLIED, merge_patch
 
 __all__ = ["ApiError", "Credentials", "KubeApi", "Resource", "load_credentials"]
@@ -127,29 +128,19 @@ class KubeApi:
 
     def __init__(self, credentials: Credentials, timeout: float = 30.0) -> None:
         self.credentials = credentials
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
+        self._session = LazySession(
+            timeout, lambda: ApiError(503, "ClientClosed", "the operator is shutting down"))
         self._token = credentials.token
         self._token_read_at = 0.0
-        self._closed = False
 
     async def close(self) -> None:
         """Close the session; later calls fail (a handler still running at shutdown)."""
-        self._closed = True
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._session.close()
 
-    async def _get_session(self) -> aiohttp.ClientSession:
-        if self._closed:
-            raise ApiError(503, "ClientClosed", "the operator is shutting down")
-        if self._session is None or self._session.closed:
-            connector: aiohttp.BaseConnector | None = None
-            if self.credentials.server.startswith("https"):
-                context = await asyncio.to_thread(self._ssl_context)
-                connector = aiohttp.TCPConnector(ssl=context)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
-        return self._session
+    async def _connector(self) -> aiohttp.BaseConnector | None:
+        if not self.credentials.server.startswith("https"):
+            return None
+        return aiohttp.TCPConnector(ssl=await asyncio.to_thread(self._ssl_context))
 
     def _ssl_context(self) -> ssl.SSLContext:
         creds = self.credentials
@@ -171,7 +162,7 @@ class KubeApi:
     async def request(self, method: str, path: str, body: Any = None,
                       content_type: str = "application/json",
                       params: Mapping[str, str] | None = None) -> Any:
-        session = await self._get_session()
+        session = await self._session.get(self._connector)
         url = self.credentials.server.rstrip("/") + path
         if params:
             url += "?" + urlencode(params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,8 @@ __all__ = [
     "build_conditions",
     "human_bytes",
     "node_summary",
+    "now_iso",
+    "parse_time",
     "totals",
 ]
 
@@ -39,6 +42,16 @@ class ClusterView:
     daemonset: Mapping[str, Any] | None = None
     nodes: Sequence[Mapping[str, Any]] = field(default_factory=list)
     """Per-node summaries as built by ``node_summary``."""
+
+
+def now_iso() -> str:
+    """The time stamps of status fields and conditions (UTC, seconds)."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str) -> datetime.datetime:
+    """A ``now_iso`` time stamp back."""
+    return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
 
 
 def human_bytes(value: int | float) -> str:
@@ -96,6 +109,7 @@ def totals(nodes: Iterable[Mapping[str, Any]]) -> dict[str, int]:
         "dirtyBytes": sum(_int(n.get("dirtyBytes")) for n in nodes),
         "cachedBytes": sum(_int(n.get("cachedBytes")) for n in nodes),
         "errors": sum(_int(n.get("errors")) for n in nodes),
+        "conflicts": sum(_int(n.get("conflictsTotal")) for n in nodes),
     }
 
 

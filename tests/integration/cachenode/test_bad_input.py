@@ -129,6 +129,8 @@ def test_s3_outage_while_running_loses_nothing(make_node: Any, bucket: str, s3: 
     assert list_keys(s3, bucket) == {"during-outage.bin": 64_000}
 
 
+# The CLI talks to the control API; the front end the files came through plays no part.
+@pytest.mark.parametrize("frontend", ["pyfuse3"])
 @pytest.mark.parametrize("command", ["status", "flush", "drain"])
 def test_cli_against_running_node(make_node: Any, bucket: str, command: str) -> None:
     node = make_node(bucket)

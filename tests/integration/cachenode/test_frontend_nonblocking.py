@@ -41,9 +41,10 @@ def test_a_writer_held_in_admission_does_not_freeze_the_mount(make_node: Any,
                                                                bucket: str) -> None:
     # The writer's own 16 MiB cannot be uploaded while it is open, so it is held at capacity
     # for the whole admission timeout (then let through: a write to an existing file is never
-    # failed). During that time every other request must still be answered.
+    # failed). During that time every other request must still be answered; the probes take
+    # milliseconds, and the test checks that the hold outlasted them.
     node = make_node(bucket, upload_delay=0.0,
-                     config={"cache": {"capacityBytes": "4Mi", "admissionTimeout": "30s",
+                     config={"cache": {"capacityBytes": "4Mi", "admissionTimeout": "12s",
                                        "highWatermark": 0.5, "lowWatermark": 0.25}})
     (node.mount / "existing").write_bytes(b"readable")
     done = threading.Event()

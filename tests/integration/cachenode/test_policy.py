@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -54,18 +53,21 @@ def test_commit_marker_uploaded_last_with_real_dcp(make_node: Any, bucket: str, 
     assert proxy.counts().get("COPY", 0) == 0
 
 
+# The storm is between the flusher and S3; how the files came in (the front end) plays no part.
+@pytest.mark.parametrize("frontend", ["pyfuse3"])
 def test_throttling_storm_every_file_lands(make_node: Any, bucket: str, s3: Any,
                                            proxy: Any) -> None:
-    proxy.set(latency=0.035, error_rate=0.3)
+    # Seeded: the proxy draws the same failures in arrival order on every run (never none).
+    proxy.set(latency=0.035, error_rate=0.3, seed=1)
     node = make_node(bucket, endpoint=proxy.endpoint, upload_delay=0.0,
                      config={"flush": {"partSize": "5Mi", "multipartThreshold": "6Mi"}})
-    files = {f"f{i:02d}": os.urandom(50_000 + i) for i in range(30)}
+    files = {f"f{i:02d}": os.urandom(50_000 + i) for i in range(12)}
     files["big"] = os.urandom(12 * 2**20)
     for name, data in files.items():
         (node.mount / name).write_bytes(data)
     node.flush(timeout=300)
     assert list_keys(s3, bucket) == {k: len(v) for k, v in files.items()}
-    for name in ("f00", "f29", "big"):
+    for name in ("f00", "f11", "big"):
         assert read_object(s3, bucket, name) == files[name]
     assert node.metric("cistern_s3_throttles_total") > 0
     assert node.metric("cistern_s3_errors_total", 'code="SlowDown"') > 0
@@ -83,13 +85,14 @@ def test_backpressure_refuses_new_files_when_nothing_can_be_freed(make_node: Any
         data = os.urandom(3 * 2**20)
         (node.mount / f"ok{i}").write_bytes(data)
         accepted[f"ok{i}"] = data
-    started = time.monotonic()
+    held_before = node.metric("cistern_backpressure_seconds_total")
     with pytest.raises(OSError) as info:
         (node.mount / "refused").write_bytes(b"x")
     assert info.value.errno == errno.ENOSPC
-    assert time.monotonic() - started >= 1.5, "the writer should have been held first"
-    assert node.metric("cistern_admission_refusals_total") >= 1
-    assert node.metric("cistern_backpressure_seconds_total") > 0
+    assert node.metric("cistern_admission_refusals_total") == 1
+    # Refused only after holding the writer for its whole admissionTimeout (2s), as the
+    # daemon accounts it: a refusal at once would add (almost) nothing.
+    assert node.metric("cistern_backpressure_seconds_total") - held_before >= 2.0
     # Accepted data is intact locally and reaches the store when it comes back.
     for name, data in accepted.items():
         assert (node.mount / name).read_bytes() == data
@@ -115,7 +118,9 @@ def test_writer_is_held_then_released_when_the_flusher_frees_space(
 
     thread = threading.Thread(target=writer)
     thread.start()
-    assert not done.wait(2.0), "the writer should be held while the cache is full"
+    wait_until(lambda: "holding a writer" in node.log_path.read_text(errors="replace"),
+               what="the writer held at capacity")
+    assert not done.is_set(), "the writer should be held while the cache is full"
     proxy.set(outage=False)
     thread.join(60)
     assert done.is_set()
@@ -210,7 +215,9 @@ def test_drain_hold_holds_writers_until_resume(make_node: Any, bucket: str) -> N
     thread = threading.Thread(target=lambda: ((node.mount / "held").write_text("x"),
                                               done.set()))
     thread.start()
-    assert not done.wait(1.5)
+    wait_until(lambda: "holding a writer until the node resumes" in node.log_path.read_text(
+        errors="replace"), what="the writer held by the drain")
+    assert not done.is_set()
     node._request("POST", "/resume")  # noqa: SLF001
     thread.join(30)
     assert done.is_set() and (node.mount / "held").read_text() == "x"

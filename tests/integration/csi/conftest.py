@@ -22,7 +22,7 @@ import pytest
 from cistern.csi.mounts import read_mount_table, unmount
 from cistern.csi.proto import csi_pb2, csi_pb2_grpc
 from cistern.nodestatus import NodeStatus
-from support.s3server import free_port
+from support.s3server import free_port, stop_child
 from support.wait import WaitTimeout, wait_until
 
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
@@ -97,13 +97,7 @@ class Driver:
 
     def stop(self) -> None:
         self.channel.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process)
 
 
 @dataclass
@@ -148,10 +142,7 @@ class CacheNode:
         """Start the daemon again after it died, as its pod would be restarted: first remove
         the dead mount it left (the daemon does not mount over one)."""
         assert self.process.poll() is not None, "restart() is for a daemon that died"
-        for _ in range(4):
-            if read_mount_table().at(self.mount) is None:
-                break
-            unmount(str(self.mount))
+        self._unmount()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
         wait_for_cache(self)
@@ -163,20 +154,19 @@ class CacheNode:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            self.process.send_signal(signal.SIGCONT)  # a test may have stopped it
+            stop_child(self.process, timeout=20)
         # A killed daemon leaves its (dead) mount; remove only this daemon's own mount.
+        if self._unmount():
+            shutil.rmtree(self.mount, ignore_errors=True)
+
+    def _unmount(self) -> bool:
+        """Unmount whatever is stacked at the mount point; True when nothing is left."""
         for _ in range(4):
             if read_mount_table().at(self.mount) is None:
-                break
+                return True
             unmount(str(self.mount))
-        if read_mount_table().at(self.mount) is None:
-            shutil.rmtree(self.mount, ignore_errors=True)
+        return read_mount_table().at(self.mount) is None
 
 
 def unmount_below(directory: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import grpc
@@ -54,9 +53,7 @@ def test_replaces_a_stale_socket_and_stops_cleanly_on_sigterm(short_tmp: Path) -
     crashed.communicate(timeout=20)
     assert socket.exists()
     process = start()  # the next run replaces it
-    begin = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=20)
+    _, stderr = process.communicate(timeout=20)  # a driver that ignored SIGTERM times out
     assert process.returncode == 0, stderr
-    assert time.monotonic() - begin < 10
     assert "SIGTERM" in stderr

@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import pytest
 
 from cistern.csi.mounts import read_mount_table
 from cistern.csi.proto import csi_pb2
+from support.wait import wait_until
 
 from .conftest import CacheNode, Driver, error_of, mount_cap, status_code
 
@@ -40,6 +40,23 @@ def unpublish(driver: Driver, target: Path, volume_id: str = "ckpt/run-1"
               ) -> csi_pb2.NodeUnpublishVolumeResponse:
     return driver.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
         volume_id=volume_id, target_path=str(target)))
+
+
+#: statfs(2) by architecture: the driver's health check of a cache is a statvfs of its mount.
+STATFS_SYSCALL = {"x86_64": 137, "aarch64": 43}
+
+
+def waiting_in_statfs(pid: int) -> bool:
+    """True while a thread of process ``pid`` is inside statfs(2) (blocked on a hung FUSE
+    daemon: the driver checks the cache with the target's lock held)."""
+    number = str(STATFS_SYSCALL[os.uname().machine])
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "syscall").read_text().split()[0] == number:
+                return True
+        except (OSError, IndexError):  # the thread ended meanwhile
+            continue
+    return False
 
 
 def mounts_at(path: Path) -> int:
@@ -269,6 +286,8 @@ def test_republish_after_a_daemon_restart_replaces_the_dead_bind(
 
 def test_concurrent_calls_on_one_target_are_aborted(start_driver: Any, cache: CacheNode,
                                                     tmp_path: Path) -> None:
+    if os.uname().machine not in STATFS_SYSCALL:
+        pytest.skip(f"the statfs syscall number of {os.uname().machine} is not listed here")
     driver = start_driver(health_timeout=3.0)
     target = tmp_path / "target"
     cache.process.send_signal(signal.SIGSTOP)  # the daemon hangs: the health check blocks
@@ -283,7 +302,8 @@ def test_concurrent_calls_on_one_target_are_aborted(start_driver: Any, cache: Ca
 
         thread = threading.Thread(target=slow_publish)
         thread.start()
-        time.sleep(0.8)
+        wait_until(lambda: waiting_in_statfs(driver.process.pid), timeout=2.5, interval=0.01,
+                   what="the first publish to hold the target, waiting on the hung cache")
         assert status_code(publish, driver, target) == grpc.StatusCode.ABORTED
         assert status_code(unpublish, driver, target) == grpc.StatusCode.ABORTED
         thread.join(timeout=30)

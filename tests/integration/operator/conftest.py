@@ -346,7 +346,8 @@ def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
 
 
 #: Loggers whose warnings the tests provoke on purpose (handler retries of bad specs).
-EXPECTED_WARNING_LOGGERS = {"kopf.objects", "cistern.operator.reconcile"}
+EXPECTED_WARNING_LOGGERS = {"kopf.objects", "cistern.operator.reconcile",
+                            "cistern.operator.drains"}
 #: kopf's notice when the test stops the operator while watch events are still queued.
 SHUTDOWN_NOISE = ("Unprocessed streams left",)
 

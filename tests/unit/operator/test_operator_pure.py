@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cistern.nodestatus import NodeStatus
+from cistern.operator.conflicts import NewConflicts, track_conflicts
 from cistern.operator.disruption import disruption_reason
 from cistern.operator.patches import contains, merge_patch
 from cistern.operator.status import (
@@ -91,7 +92,8 @@ def test_rollout_backlog_drain_and_unreachable() -> None:
     assert c["Degraded"]["reason"] == "DaemonUnhealthy" and "n2" in c["Degraded"]["message"]
     assert c["FlushBacklog"]["status"] == "True" and "n1" in c["FlushBacklog"]["message"]
     assert c["Draining"]["status"] == "True" and "cordoned" in c["Draining"]["message"]
-    assert totals(nodes) == {"nodes": 2, "dirtyBytes": 60, "cachedBytes": 60, "errors": 0}
+    assert totals(nodes) == {"nodes": 2, "dirtyBytes": 60, "cachedBytes": 60, "errors": 0,
+                            "conflicts": 0}
 
 
 def test_spec_problem_is_degraded_and_transition_times_are_kept() -> None:
@@ -113,3 +115,22 @@ def test_no_nodes_and_not_deployed() -> None:
         "reason"] == "NoNodes"
     assert by_type(build_conditions(ClusterView(1, None, None, [])))["Ready"][
         "reason"] == "NotDeployed"
+
+
+def test_conflicts_are_new_past_the_count_written_for_the_same_pod() -> None:
+    latest = "run1/a.pt -> run1/a.pt.cistern-conflict-20261129T091500Z"
+    status = NodeStatus(state="running", conflicts_total=3, last_conflict=latest)
+    fields, new = track_conflicts("n1", "p1", status, {"pod": "p1", "conflictsTotal": 1})
+    assert fields == {"conflictsTotal": 3, "lastConflict": latest}
+    assert new is not None and (new.count, new.total) == (2, 3)
+    assert "kept as run1/a.pt.cistern-conflict-20261129T091500Z" in new.message()
+    assert track_conflicts("n1", "p1", status, {"pod": "p1", "conflictsTotal": 3})[1] is None
+    # A new pod, or a counter that went down (restart in the same pod), counts from zero.
+    assert track_conflicts("n1", "p2", status, {"pod": "p1", "conflictsTotal": 3})[1] == \
+        track_conflicts("n1", "p1", status, {"pod": "p1", "conflictsTotal": 9})[1] == NewConflicts(
+            node="n1", count=3, total=3, latest=latest)
+    # Unreachable: the written fields stay (same pod only), nothing is announced.
+    kept = {"pod": "p1", "conflictsTotal": 3, "lastConflict": latest, "errors": 0}
+    assert track_conflicts("n1", "p1", None, kept) == (
+        {"conflictsTotal": 3, "lastConflict": latest}, None)
+    assert track_conflicts("n1", "p2", None, kept) == ({}, None)

@@ -73,6 +73,8 @@ class Admission:
 
     def _wait_for_drain_end(self) -> None:
         """``drain.newWrites: hold``: new writers wait while the node drains."""
+        if self.draining and self._drain.new_writes == "hold":
+            log.info("draining: holding a writer until the node resumes")
         while self.draining and self._drain.new_writes == "hold":
             self._tree.changed.wait(1.0)
 
