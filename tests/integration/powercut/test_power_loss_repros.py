@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from support.powercut.blockdev import CacheDevice, missing_capability
-from support.powercut.cut import node_on, power_cut
+from support.powercut.cut import Cut, node_on, power_cut
 from support.s3server import list_keys, read_object
 from support.wait import wait_until
 
@@ -146,6 +146,29 @@ def test_in_place_change_without_fsync_is_never_silently_dropped(
     cut.discard(s3)
 
 
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _recovers_without_conflict(tmp_path: Path, moto: Any, s3: Any, cut: Cut, key: str,
+                               fsynced: bytes) -> None:
+    """The crash state recovered: ``key`` reads back and reaches the store as ``fsynced``,
+    with no conflict: the object the node met at the key is this cache's own."""
+    with cut.recovered(tmp_path / "r", moto.endpoint, CONFIG) as again:
+        assert (again.mount / key).read_bytes() == fsynced
+        status = again.flush()
+        log = again.log()
+    assert read_object(s3, cut.bucket, key) == fsynced, f"the fsync'd {key} is not in the " \
+        f"store\n{log}"
+    assert not [k for k in list_keys(s3, cut.bucket) if "cistern-conflict" in k], log
+    assert status.conflicts_total == 0, log
+    cut.discard(s3)
+
+
 def test_own_upload_that_landed_before_the_cut_is_not_a_conflict(
         tmp_path: Path, moto: Any, s3: Any, bucket: str, proxy: Any) -> None:
     v1, v2, v3 = (os.urandom(300_000) for _ in range(3))
@@ -155,11 +178,7 @@ def test_own_upload_that_landed_before_the_cut_is_not_a_conflict(
         try:
             _write(node.mount / "x", v1, sync=True)
             node.flush()
-            root = os.open(node.mount, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(root)  # x's CLEAN row and its ETag are durable
-            finally:
-                os.close(root)
+            _sync_dir(node.mount)  # x's CLEAN row and its ETag are durable
             # The PUT of v2 (If-Match: v1's ETag) lands, its answer is held on the way back...
             proxy.set(response_delay=15.0)
             _write(node.mount / "x", v2, sync=False)
@@ -172,22 +191,7 @@ def test_own_upload_that_landed_before_the_cut_is_not_a_conflict(
         finally:
             node.stop()
         assert read_object(s3, cut.bucket, "x") == v2
-        with cut.recovered(tmp_path / "r", moto.endpoint, CONFIG) as again:
-            assert (again.mount / "x").read_bytes() == v3
-            status = again.flush()
-            log = again.log()
-    assert read_object(s3, cut.bucket, "x") == v3, f"the fsync'd v3 is not in the store\n{log}"
-    assert set(list_keys(s3, cut.bucket)) == {"x"}, "a conflict copy of the node's own object"
-    assert status.conflicts_total == 0, log
-    cut.discard(s3)
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        _recovers_without_conflict(tmp_path, moto, s3, cut, "x", v3)
 
 
 def test_own_copy_that_landed_before_the_cut_is_not_a_conflict(
@@ -213,11 +217,4 @@ def test_own_copy_that_landed_before_the_cut_is_not_a_conflict(
         finally:
             node.stop()
         assert read_object(s3, cut.bucket, "b") == v1
-        with cut.recovered(tmp_path / "r", moto.endpoint, CONFIG) as again:
-            assert (again.mount / "b").read_bytes() == v2
-            status = again.flush()
-            log = again.log()
-    assert read_object(s3, cut.bucket, "b") == v2, f"the fsync'd b is not in the store\n{log}"
-    assert not [k for k in list_keys(s3, cut.bucket) if "cistern-conflict" in k], log
-    assert status.conflicts_total == 0, log
-    cut.discard(s3)
+        _recovers_without_conflict(tmp_path, moto, s3, cut, "b", v2)
