@@ -56,8 +56,13 @@ def copy_bucket(s3: Any, source: str, target: str) -> dict[str, str]:
     source had (multipart ETags stay recognisable that way)."""
     s3.create_bucket(Bucket=target)
     etags = object_etags(s3, source)
-    for key in etags:
-        s3.copy_object(Bucket=target, Key=key, CopySource={"Bucket": source, "Key": key})
+    for key in list(etags):
+        try:
+            s3.copy_object(Bucket=target, Key=key, CopySource={"Bucket": source, "Key": key})
+        except s3.exceptions.NoSuchKey:
+            # A DeleteObject that was on the wire when the node froze landed after the
+            # listing: the key is gone at the cut (requests on the wire may land).
+            del etags[key]
     for upload in s3.list_multipart_uploads(Bucket=source).get("Uploads", []):
         s3.create_multipart_upload(Bucket=target, Key=upload["Key"])
     return etags
