@@ -3,7 +3,7 @@ PYTHON ?= python3
 BENCH_OUT ?= bench/results
 SMOKE_OUT ?= /tmp/cistern-bench-smoke
 
-.PHONY: bench bench-full bench-smoke bench-smallfiles fuse-floor smoothing
+.PHONY: bench bench-full bench-smoke bench-smallfiles bench-dlio fuse-floor smoothing
 
 # The batch: raw disk, Cistern (pyfuse3 and passthrough front ends), JuiceFS, rclone, s3fs;
 # 3 repetitions; JSON, Markdown and PNG in $(BENCH_OUT). Under 20 minutes on 2 cores.
@@ -22,6 +22,12 @@ bench-smoke:
 bench-smallfiles:
 	$(PYTHON) -m bench --targets raw,cistern --workloads smallfiles --small-files 10000 \
 		--reps 5 --out $(BENCH_OUT)/smallfiles $(BENCH_ARGS)
+
+# MLPerf Storage v2.0's checkpointing workload (Llama 3 8B shapes, scaled to ~268 MiB per
+# checkpoint, 8 ranks, 3 written and read back): raw disk vs Cistern (passthrough), 3 rounds.
+bench-dlio:
+	$(PYTHON) -m bench --targets raw,cistern --frontends passthrough --workloads dlio \
+		--reps 3 --out $(BENCH_OUT)/dlio $(BENCH_ARGS)
 
 # The FUSE round trip of a minimal C libfuse server vs cistern-node, and the floor it puts
 # under cp -r of small files through any FUSE file system (see docs/benchmarks.md).

@@ -45,6 +45,10 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         "tensors": args.tensors,
         "small_files": args.small_files,
         "s3api_size": _size(args.s3api_size) if args.s3api_size else None,
+        "dlio_ranks": args.dlio_ranks,
+        "dlio_scale": args.dlio_scale,
+        "dlio_writes": args.dlio_writes,
+        "dlio_reads": args.dlio_reads,
         "latency_ms": args.latency_ms,
         "error_rate": args.error_rate,
         "upload_delay": args.upload_delay,
@@ -70,9 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="bench/results", help="output directory")
     parser.add_argument("--targets", help="comma list of raw,cistern,juicefs,rclone,s3fs,boto3 "
                         "(boto3: local save, then upload_file with TransferConfig defaults)")
-    parser.add_argument("--frontends", help="Cistern front ends (default pyfuse3,passthrough)")
+    parser.add_argument("--frontends",
+                        help="Cistern front ends (default pyfuse3,passthrough,splice)")
     parser.add_argument("--workloads",
-                        help="comma list of fio,checkpoints,smallfiles,s3api (default: all)")
+                        help="comma list of fio,checkpoints,smallfiles,s3api,dlio (default: all "
+                        "but dlio)")
     parser.add_argument("--reps", type=int, help="repetitions (default 3)")
     parser.add_argument("--fio-size", help="bytes per fio run, e.g. 2G")
     parser.add_argument("--fio-jobs", help="fio job counts, e.g. 1,4 (default 1,4)")
@@ -81,6 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small-files", type=int, help="files for cp -r")
     parser.add_argument("--s3api-size", help="tensor bytes of the s3api workload's "
                         "S3Checkpoint save, e.g. 1G (default 1 GiB; smoke 8 MiB)")
+    parser.add_argument("--dlio-ranks", type=int, help="dlio: rank processes (default 8)")
+    parser.add_argument("--dlio-scale", type=float, help="dlio: divide the Llama 3 8B "
+                        "checkpoint's bytes by this (default 400: ~268 MiB per checkpoint)")
+    parser.add_argument("--dlio-writes", type=int, help="dlio: checkpoints written (default 3)")
+    parser.add_argument("--dlio-reads", type=int, help="dlio: checkpoints read (default 3)")
     parser.add_argument("--latency-ms", type=float, help="S3 latency per request (default 35)")
     parser.add_argument("--error-rate", type=float, help="S3 503 SlowDown rate (default 0)")
     parser.add_argument("--upload-delay", type=float, help="Cistern --upload-delay (default 1)")

@@ -26,9 +26,12 @@ _METRIC_KINDS: dict[str, tuple[str, str, bool]] = {
     "read_after_write_s": ("read-after-write load", "s", False),
     "cold_read_s": ("cold-restart load (empty cache)", "s", False),
     "cp_s": ("cp -r of the small files", "s", False),
+    "write_gib_s": ("checkpoint write", "GiB/s", True),
+    "read_gib_s": ("checkpoint read", "GiB/s", True),
 }
 _WORKLOADS = {"dcp": "DCP save", "torchsave": "torch.save+rename", "smallfiles": "small files",
-              "s3ckpt": "S3Checkpoint save (S3 API)"}
+              "s3ckpt": "S3Checkpoint save (S3 API)",
+              "dlio": "MLPerf-shaped checkpointing (Llama 3 8B, scaled)"}
 
 
 def metric_label(name: str) -> tuple[str, str, bool]:
@@ -156,6 +159,16 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3f}"
 
 
+def _dlio_sizes(cfg: dict[str, Any]) -> str:
+    from bench.dlio_io import shard_bytes
+
+    ranks, scale = int(cfg.get("dlio_ranks", 8)), float(cfg.get("dlio_scale", 400.0))
+    model, optim = shard_bytes(ranks, scale)
+    return (f"MLPerf-shaped checkpointing: Llama 3 8B / {scale:g}, {ranks} ranks, "
+            f"{(model + optim) * ranks / (1 << 20):.0f} MiB per checkpoint, "
+            f"{cfg.get('dlio_writes')} written, {cfg.get('dlio_reads')} read")
+
+
 def to_markdown(data: dict[str, Any]) -> str:
     summary: dict[str, dict[str, Any]] = data["summary"]
     names = [n for n, t in data["targets"].items() if t["available"] and summary.get(n)]
@@ -172,6 +185,7 @@ def to_markdown(data: dict[str, Any]) -> str:
                        f"({cfg['tensors']} tensors)",
         "smallfiles": f"{cfg['small_files']} small files of {cfg['small_file_size']} B",
         "s3api": f"S3Checkpoint saves of {cfg.get('s3api_size', 0) / (1 << 20):g} MiB",
+        "dlio": _dlio_sizes(cfg),
     }
     lines = [
         f"Profile `{cfg['profile']}`, {cfg['reps']} repetition(s), medians; "

@@ -8,11 +8,13 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import s3api_bench, workloads
+from bench import dlio_bench, s3api_bench, workloads
 from bench.s3env import S3Env
 from bench.targets import Mounted, Target, build_targets
 
@@ -23,8 +25,11 @@ MiB = 1 << 20
 
 #: fio: bandwidth and latency; checkpoints: DCP and torch.save saves, then cold loads after a
 #: remount; smallfiles: cp -r of many small files (a phase of its own, see _small_files_phase);
-#: s3api: an S3Checkpoint save straight to S3 vs through a node's S3 endpoint (bench.s3api_bench).
-WORKLOADS = ("fio", "checkpoints", "smallfiles", "s3api")
+#: s3api: an S3Checkpoint save straight to S3 vs through a node's S3 endpoint (bench.s3api_bench);
+#: dlio: MLPerf Storage v2.0 checkpointing, Llama 3 8B shapes scaled down (bench.dlio_bench).
+WORKLOADS = ("fio", "checkpoints", "smallfiles", "s3api", "dlio")
+DEFAULT_WORKLOADS = ("fio", "checkpoints", "smallfiles", "s3api")
+"""What runs without ``--workloads``: dlio only when asked (``make bench-dlio``)."""
 
 
 @dataclass
@@ -35,9 +40,9 @@ class BenchConfig:
     targets: list[str] = field(
         default_factory=lambda: ["raw", "cistern", "juicefs", "rclone", "s3fs"])
     """raw, cistern, juicefs, rclone, s3fs (cistern expands to one target per front end)."""
-    frontends: list[str] = field(default_factory=lambda: ["pyfuse3", "passthrough"])
+    frontends: list[str] = field(default_factory=lambda: ["pyfuse3", "passthrough", "splice"])
     """Cistern FUSE front ends to measure (``--fuse-frontend``)."""
-    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    workloads: list[str] = field(default_factory=lambda: list(DEFAULT_WORKLOADS))
     """Which of ``WORKLOADS`` to run."""
     reps: int = 3
     fio_size: int = 512 * MiB
@@ -55,6 +60,14 @@ class BenchConfig:
     small_files_timeout: float = 180.0
     s3api_size: int = 1 * GiB
     """Bytes of tensors in the S3Checkpoint save of the s3api workload."""
+    dlio_ranks: int = 8
+    """dlio: rank processes (the MLPerf Llama 3 8B run uses 8)."""
+    dlio_scale: float = 400.0
+    """dlio: the Llama 3 8B checkpoint's bytes (~105 GiB) divided by this (~268 MiB)."""
+    dlio_writes: int = 3
+    """dlio: checkpoints written (the official run: 10)."""
+    dlio_reads: int = 3
+    """dlio: checkpoints read back (the official run: 10)."""
     latency_ms: float = 35.0
     error_rate: float = 0.0
     upload_delay: float = 1.0
@@ -73,7 +86,8 @@ FULL = dict(profile="full", fio_size=2 * GiB, model_size=1 * GiB, small_files=10
             small_files_timeout=600.0)
 SMOKE = dict(profile="smoke", targets=["raw", "cistern"], reps=1, fio_size=16 * MiB,
              model_size=8 * MiB, tensors=4, small_files=200, small_files_timeout=60.0,
-             s3api_size=8 * MiB,
+             s3api_size=8 * MiB, dlio_ranks=2, dlio_scale=20_000.0, dlio_writes=2,
+             dlio_reads=2,
              quiet_settle=0.4, durable_timeout=60.0, step_timeout=120.0)
 
 
@@ -205,6 +219,8 @@ def run_bench(cfg: BenchConfig) -> BenchRun:
                         available = [t for t in available if t is not target]
             if "smallfiles" in cfg.workloads:
                 _small_files_phase(cfg, env, available, root, small_src, result)
+            if "dlio" in cfg.workloads:
+                dlio_bench.dlio_phase(cfg, env, available, root, result)
             if "s3api" in cfg.workloads:
                 s3api_bench.s3api_phase(cfg, env, root, result)
     finally:
@@ -246,34 +262,44 @@ def _small_files_phase(cfg: BenchConfig, env: S3Env, targets: list[Target], root
         workloads.remove_tree(phase_dir)
 
 
-def _copy_small_files(cfg: BenchConfig, env: S3Env, target: Target, rep: int, phase_dir: Path,
-                      small_src: Path, run: TargetRun) -> None:
-    bucket = f"bench-sf-{target.name}-r{rep}".lower()
-    workdir = phase_dir / f"{target.name}-r{rep}"
+@contextmanager
+def fresh_mount(env: S3Env, target: Target, bucket: str, workdir: Path, run: TargetRun,
+                phase: str) -> Iterator[Mounted]:
+    """A phase's mount of ``target``: a new bucket and work directory, unmounted and the
+    bucket deleted afterwards whatever happens (steps ``<phase>_mount``/``_unmount``)."""
     workdir.mkdir()
     env.create_bucket(bucket)
     mounted: Mounted | None = None
     t = time.monotonic()
     try:
         mounted = target.mount(env, bucket, workdir)
-        os.sync()
-        t = run.step("smallfiles_mount", t)
-        cp_seconds, note = workloads.copy_small_files(small_src, mounted.path / "small",
-                                                      cfg.small_files_timeout)
-        run.metrics["smallfiles_cp_s"] = cp_seconds
-        if note:
-            run.notes.append(note)
-        t = run.step("smallfiles_cp", t)
+        t = run.step(f"{phase}_mount", t)
+        yield mounted
+    finally:
+        _unmount_quietly(target, mounted)
+        env.delete_bucket(bucket)
+        run.step(f"{phase}_unmount", t)
+
+
+def _copy_small_files(cfg: BenchConfig, env: S3Env, target: Target, rep: int, phase_dir: Path,
+                      small_src: Path, run: TargetRun) -> None:
+    # No rm -rf through the mount (for rclone that is one DELETE per file at 35 ms): the
+    # copies stay on disk until the phase ends, the bucket goes at once.
+    try:
+        with fresh_mount(env, target, f"bench-sf-{target.name}-r{rep}".lower(),
+                         phase_dir / f"{target.name}-r{rep}", run, "smallfiles") as mounted:
+            os.sync()
+            t = time.monotonic()
+            cp_seconds, note = workloads.copy_small_files(small_src, mounted.path / "small",
+                                                          cfg.small_files_timeout)
+            run.metrics["smallfiles_cp_s"] = cp_seconds
+            if note:
+                run.notes.append(note)
+            run.step("smallfiles_cp", t)
     except Exception as exc:  # noqa: BLE001 - reported with the figures, the batch goes on
         logger.error("%s rep %d: small files failed: %s", target.name, rep, exc)
         run.metrics["smallfiles_cp_s"] = None
         run.notes.append(f"cp -r small files failed: {str(exc)[-300:]}")
-    finally:
-        # No rm -rf through the mount (for rclone that is one DELETE per file at 35 ms): the
-        # copies stay on disk until the phase ends, the bucket goes now.
-        _unmount_quietly(target, mounted)
-        env.delete_bucket(bucket)
-        run.step("smallfiles_unmount", t)
 
 
 def _unmount_quietly(target: Target, mounted: Mounted | None) -> None:

@@ -14,6 +14,8 @@ from support.faultproxy import FaultProxyProcess
 from support.node import NodeProcess
 from support.s3server import MotoServer
 
+#: Every cache-node test runs on these; the data-path and durability suites also on the splice
+#: front end (``support.frontends.ALL_FRONTENDS``), to keep CI time in bounds.
 FRONTENDS = ("pyfuse3", "passthrough")
 
 

@@ -45,6 +45,7 @@ from cistern.configschema import (
     size,
     text,
 )
+from cistern.peerconfig import DurabilityPolicy, PeersConfig
 
 __all__ = [
     "DEFAULT_COMMIT_MARKERS",
@@ -80,7 +81,7 @@ DEFAULT_STREAM_EXCLUDE: tuple[str, ...] = ("*.tmp", "*.partial", "*.tmp.*", "*~"
 
 FlushMode = Literal["writeBack", "writeThrough"]
 NewWrites = Literal["hold", "reject"]
-FuseFrontend = Literal["auto", "passthrough", "pyfuse3"]
+FuseFrontend = Literal["auto", "passthrough", "splice", "pyfuse3"]
 
 _MIN_PART = 5 * 2**20
 _MAX_PART = 5 * 2**30
@@ -374,8 +375,10 @@ class NodeConfig(Section):
     fuse_frontend: FuseFrontend = setting(
         "fuseFrontend", "auto", choice(FuseFrontend),
         "`passthrough` (kernel FUSE passthrough: the kernel reads and writes the cache file "
-        "directly), `pyfuse3`, or `auto` (passthrough when the kernel offers it and the daemon "
-        "has CAP_SYS_ADMIN)", shown="`auto`")
+        "directly), `splice` (for kernels without passthrough: file data spliced between /dev/fuse "
+        "and the cache file, never copied through Python), `pyfuse3`, or `auto` (passthrough "
+        "when the kernel offers it and the daemon has CAP_SYS_ADMIN, else splice)",
+        shown="`auto`")
     allow_other: bool = setting(
         "allowOther", True, boolean,
         "let other users (pods) use the mount (a YAML boolean)", shown="`true`")
@@ -383,9 +386,13 @@ class NodeConfig(Section):
         "fuseHolder", None, _unset_if_empty(text),
         "unix socket of a `cistern-node holder`: the mount then survives a crash, restart or "
         "upgrade of the daemon (applications see a pause, not `ENOTCONN`); takeovers need the "
-        "passthrough front end (docs/restarts.md)", shown="unset")
+        "passthrough or splice front end (docs/restarts.md)", shown="unset")
     s3_endpoint: S3EndpointConfig = section(
         "s3Endpoint", S3EndpointConfig, "the S3-compatible endpoint (off by default)")
+    durability: DurabilityPolicy = section(
+        "durability", DurabilityPolicy, "what an fsync waits for (issue 17)")
+    peers: PeersConfig = section(
+        "peers", PeersConfig, "the other nodes of the WriteCache (issue 17)")
 
     def __post_init__(self) -> None:
         # tenancy (issue 13): any address but loopback needs a token (docs/security.md).
@@ -393,6 +400,10 @@ class NodeConfig(Section):
         if not self.control_token_file and not _is_loopback(host):
             raise ConfigError(f"control: {host} is not a loopback address; set "
                               "controlTokenFile to protect the control API")
+        if self.durability.uses_peers and not (self.peers.listen and self.peers.members_file
+                                               and self.peers.token_file):
+            raise ConfigError("durability: level peers needs peers.listen, "
+                              "peers.membersFile and peers.tokenFile")
 
     def replace(self, **changes: Any) -> NodeConfig:
         return dataclasses.replace(self, **changes)

@@ -26,6 +26,7 @@ __all__ = [
     "NodeState",
     "NodeStatus",
     "NodeStatusError",
+    "PeersStatus",
     "S3EndpointStatus",
     "StoreErrorReport",
 ]
@@ -193,10 +194,58 @@ class S3EndpointStatus:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class PeersStatus:
+    """The node's peer network (issue 17; present only when ``peers.listen`` is set)."""
+
+    node: str = ""
+    port: int = 0
+    transport: str = "tcp"
+    transport_reason: str = ""
+    """Why this transport (e.g. why not RDMA)."""
+    members: tuple[str, ...] = ()
+    suspects: tuple[str, ...] = ()
+    """Members skipped now: they missed a deadline."""
+    bytes_held_for_peers: int = 0
+    copies_held_for_peers: int = 0
+    files_with_copies: int = 0
+    """Dirty files of this node that have copies on peers."""
+    copies_sent_total: int = 0
+    copies_missing_total: int = 0
+    """fsyncs that got fewer peer copies than their durability level asks."""
+    last_copies_missing: str | None = None
+    failed_fsyncs_total: int = 0
+    peer_files_known: int = 0
+    peer_read_bytes_total: int = 0
+    rescued_uploads_total: int = 0
+    rescue_races_lost_total: int = 0
+    copies_conflicting: int = 0
+    dead_peers: tuple[str, ...] = ()
+    refused_connections_total: int = 0
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "peers") -> PeersStatus:
+        data = _object(data, where)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            default = f.default
+            if isinstance(default, tuple):
+                values[f.name] = tuple(_field(data, f.name, list, [], where))
+            elif f.name == "last_copies_missing":
+                values[f.name] = _field(data, f.name, str, None, where)
+            else:
+                values[f.name] = _field(data, f.name, type(default), default, where)
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
 _FUSE_KEYS = {"kernel_protocol": "kernelProtocol", "passthrough_opens": "passthroughOpens",
               "direct_io_opens": "directIoOpens", "open_backing_files": "openBackingFiles",
               "last_takeover_pause_seconds": "lastTakeoverPauseSeconds",
-              "resent_requests": "resentRequests"}
+              "resent_requests": "resentRequests", "writeback_cache": "writebackCache"}
 
 
 @dataclass(frozen=True)
@@ -222,6 +271,10 @@ class FuseStatus:
     by this daemon)."""
     resent_requests: int | None = None
     """Requests the kernel sent again after the takeover (FUSE_NOTIFY_RESEND)."""
+    reason: str | None = None
+    """Why this front end runs (asked for, or what ``auto`` found on this kernel)."""
+    writeback_cache: bool | None = None
+    """The kernel's write-back cache is on (the splice front end)."""
 
     @classmethod
     def from_json(cls, data: Any, where: str = "fuse") -> FuseStatus:
@@ -230,7 +283,8 @@ class FuseStatus:
         for f in dataclasses.fields(cls):
             key = _FUSE_KEYS.get(f.name, f.name)
             kind: Any = {"frontend": str, "kernel_protocol": str, "passthrough": bool,
-                         "held": bool, "last_takeover_pause_seconds": float}.get(f.name, int)
+                         "held": bool, "last_takeover_pause_seconds": float, "reason": str,
+                         "writeback_cache": bool}.get(f.name, int)
             values[f.name] = _field(data, key, kind, f.default, where)
         return cls(**values)
 
@@ -280,6 +334,8 @@ class NodeStatus:
     drain: DrainProgress | None = None
     s3_endpoint: S3EndpointStatus | None = None
     """The S3 endpoint over the same namespace, when configured."""
+    peers: PeersStatus | None = None
+    """The peer network, when configured (issue 17)."""
     flushed: bool | None = None
     """Only in the answer to ``POST /flush``: whether everything reached the store in time."""
 
@@ -306,6 +362,7 @@ class NodeStatus:
         checkpoints = _field(data, "checkpoints", list, [], w)
         flushed = data.get("flushed")
         s3_endpoint = data.get("s3_endpoint")
+        peers = data.get("peers")
         return cls(
             state=_literal(data, "state", NodeState, None, w),
             frontend=_field(data, "frontend", str, None, w),
@@ -335,6 +392,7 @@ class NodeStatus:
             uptime_seconds=_field(data, "uptime_seconds", float, 0.0, w),
             drain=None if drain is None else DrainProgress.from_json(drain),
             s3_endpoint=None if s3_endpoint is None else S3EndpointStatus.from_json(s3_endpoint),
+            peers=None if peers is None else PeersStatus.from_json(peers),
             flushed=None if flushed is None else _field(data, "flushed", bool, None, w),
         )
 
@@ -346,7 +404,7 @@ class NodeStatus:
                 out["fuse"] = value.to_json()
             elif f.name in ("recent_errors", "checkpoints"):
                 out[f.name] = [item.to_json() for item in value]
-            elif f.name in ("drain", "s3_endpoint"):
+            elif f.name in ("drain", "s3_endpoint", "peers"):
                 if value is not None:
                     out[f.name] = value.to_json()
             elif f.name == "flushed":

@@ -55,9 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds a closed file waits before upload (default 1)")
     run.add_argument("--control", metavar="HOST:PORT",
                      help=f"control API address (default {DEFAULT_CONTROL})")
-    run.add_argument("--fuse-frontend", choices=("auto", "passthrough", "pyfuse3"),
+    run.add_argument("--fuse-frontend", choices=("auto", "passthrough", "splice", "pyfuse3"),
                      help="FUSE implementation (default auto: kernel passthrough when "
-                     "available)")
+                     "available, else splice)")
     run.add_argument("--fuse-holder", metavar="SOCKET",
                      help="unix socket of a FUSE holder (cistern-node holder): the mount "
                      "then survives a crash, restart or upgrade of this daemon")

@@ -26,6 +26,7 @@ from cistern.cachenode.frontend import (
 )
 from cistern.cachenode.holder import Held, HolderClient, HolderError
 from cistern.cachenode.metrics import Metrics
+from cistern.cachenode.peers.node import PeerNode, PeerSetupError
 from cistern.cachenode.s3api import S3Endpoint, load_credential
 from cistern.cachenode.s3store import open_store
 from cistern.cachenode.store import StoreError
@@ -95,10 +96,12 @@ class NodeDaemon:
         self.state = "starting"
         self.prom = Metrics()
         self.frontend: FuseFrontend | None = None
+        self.frontend_reason = ""  # why this front end runs (/status fuse.reason)
         self.core: CacheCore | None = None
         self.flusher: Flusher | None = None
         self.control: ControlServer | None = None
         self.s3_endpoint: S3Endpoint | None = None
+        self.peers: PeerNode | None = None
         self._lock_fd = -1
         self._holder: HolderClient | None = None
         self._drain_started: float | None = None
@@ -132,6 +135,12 @@ class NodeDaemon:
         # in flight, and a few for the read path.
         store = open_store(cfg.store, max_pool=cfg.flush.max_concurrent_uploads
                            + cfg.flush.max_concurrent_parts + 4)
+        if cfg.peers.listen:  # issue 17: peer copies and peer reads (docs/dev/peers.md)
+            try:
+                self.peers = PeerNode(cfg, cache_dir)
+            except PeerSetupError as exc:
+                raise StartupError(str(exc)) from exc
+            store = self.peers.overlay(store)
         # One client for the flusher and the read path: one rate limit, one set of metrics.
         client = StoreClient(store, cfg.flush, self.prom)
         try:
@@ -160,7 +169,8 @@ class NodeDaemon:
         except ValueError as exc:  # a non-loopback address without a token
             raise StartupError(str(exc)) from exc
         try:
-            self.frontend = select_frontend(cfg.fuse_frontend, takeover=held is not None)
+            self.frontend, self.frontend_reason = select_frontend(
+                cfg.fuse_frontend, held_session=held.session_fd if held is not None else None)
         except FrontendUnavailable as exc:
             raise StartupError(str(exc)) from exc
         self.prom.set_frontend(self.frontend.name)
@@ -168,7 +178,8 @@ class NodeDaemon:
             self.core = CacheCore(cache_dir, client, flush=cfg.flush, cache=cfg.cache,
                                   drain=cfg.drain,
                                   store_keep_last=cfg.store.keep_last_checkpoints,
-                                  on_event=self.prom.event)
+                                  on_event=self.prom.event,
+                                  replication=self.peers.replication if self.peers else None)
         except OSError as exc:  # e.g. capacityBytes larger than the cache file system
             raise StartupError(f"cache dir {cache_dir}: {exc.strerror or exc}") from exc
         self.flusher = Flusher(self.core, client, cfg.flush)
@@ -207,6 +218,8 @@ class NodeDaemon:
         assert self.frontend and self.core and self.flusher and self.control
         self.flusher.start()
         self.control.start()
+        if self.peers is not None:
+            self.peers.start(self.core, self.flusher.client, self.config.flush.is_commit_marker)
         if self.s3_endpoint is not None:
             try:
                 self.s3_endpoint.start()
@@ -242,10 +255,16 @@ class NodeDaemon:
                 log.exception("cache maintenance failed")
 
     def _keep_spares(self) -> None:
-        """Keep empty data files ready so that creating a file skips the file system create."""
+        """Keep empty data files ready so that creating a file skips the file system create;
+        and move new files' journal rows from the intent log into SQLite in batches."""
         assert self.core
         while not self._stopping.is_set():
-            if not self.core.spares_wanted.wait(1.0):
+            woken = self.core.spares_wanted.wait(1.0)
+            try:  # about every 32 creates in a burst, else once a second
+                self.core.apply_journal_intents()
+            except Exception:  # kept in the log and applied before any other journal write
+                log.exception("applying the journal's intent log failed")
+            if not woken:
                 continue
             try:
                 self.core.make_spares()
@@ -262,6 +281,8 @@ class NodeDaemon:
         self.frontend.close()
         self.flusher.stop()
         self.control.stop()
+        if self.peers is not None:
+            self.peers.stop()
         self.core.close()
         if self._holder is not None:
             self._holder.close()
@@ -347,7 +368,8 @@ class NodeDaemon:
         return NodeStatus(
             state=state,
             frontend=self.frontend.name if self.frontend else None,
-            fuse=FuseStatus.from_json(self.frontend.status()) if self.frontend
+            fuse=FuseStatus.from_json({**self.frontend.status(), "reason": self.frontend_reason})
+            if self.frontend
             else FuseStatus(),
             mount=os.path.abspath(self.config.mount),
             store=self.config.store.url,
@@ -375,6 +397,7 @@ class NodeDaemon:
             uptime_seconds=round(time.time() - self._started, 1),
             drain=drain,
             s3_endpoint=self.s3_endpoint.status() if self.s3_endpoint is not None else None,
+            peers=self.peers.status() if self.peers is not None else None,
         )
 
     def flush(self, timeout: float) -> bool:

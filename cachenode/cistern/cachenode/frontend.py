@@ -2,9 +2,9 @@
 
 A front end mounts the file system, serves requests until ``request_stop()`` (from any thread)
 or an external unmount, and unmounts in ``close()``. ``select_frontend`` picks one for
-``--fuse-frontend auto|passthrough|pyfuse3``. With a FUSE holder (``holder.py``),
-``claim_held`` and ``attach_frontend`` hand the connection to the holder after mounting, or
-take over the one it holds instead of mounting.
+``--fuse-frontend auto|passthrough|splice|pyfuse3`` and says why. With a FUSE holder
+(``holder.py``), ``claim_held`` and ``attach_frontend`` hand the connection to the holder after
+mounting, or take over the one it holds instead of mounting.
 """
 
 from __future__ import annotations
@@ -14,7 +14,11 @@ import os
 from typing import Any, Protocol
 
 from cistern.cachenode.core import CacheCore
+from cistern.cachenode.fuse_passthrough import PassthroughFrontend, probe_passthrough
+from cistern.cachenode.fuse_session import SessionFile
+from cistern.cachenode.fuse_splice import SpliceFrontend
 from cistern.cachenode.holder import Held, HolderClient
+from cistern.cachenode.kernel_frontend import KernelFrontend
 
 __all__ = ["FrontendUnavailable", "FuseFrontend", "attach_frontend", "claim_held",
            "is_mountpoint", "select_frontend"]
@@ -56,36 +60,52 @@ def is_mountpoint(path: str) -> bool:
     return False
 
 
-def select_frontend(choice: str, *, takeover: bool = False) -> FuseFrontend:
-    """Return the front end for ``choice``; ``auto`` prefers kernel passthrough when offered.
+def select_frontend(choice: str, *, held_session: int | None = None
+                    ) -> tuple[FuseFrontend, str]:
+    """The front end for ``choice`` and why it was chosen (for /status).
 
-    ``takeover``: a holder keeps a connection for the mount point; only the kernel-protocol
-    front end can serve a connection it did not mount (libfuse insists on answering INIT).
+    ``auto`` prefers kernel passthrough where the kernel offers it (``probe_passthrough``),
+    else the splice front end (write-back cache + splice, docs/dev/splice.md); ``pyfuse3``
+    stays selectable. ``held_session``: a holder keeps a connection for the mount point (its
+    session file): only the /dev/fuse front end that negotiated it can serve it (libfuse
+    insists on answering INIT itself, and what INIT settled cannot change).
     """
-    if takeover:
+    if held_session is not None:
         if choice == "pyfuse3":
             raise FrontendUnavailable(
                 "the FUSE holder keeps a live connection for this mount point, and the pyfuse3 "
                 "front end cannot serve a connection it did not mount (libfuse must see INIT); "
-                "use --fuse-frontend auto or passthrough")
-        from cistern.cachenode.fuse_passthrough import PassthroughFrontend
-
-        return PassthroughFrontend()
-    if choice in ("auto", "passthrough"):
+                "use --fuse-frontend auto, passthrough or splice")
         try:
-            from cistern.cachenode import fuse_passthrough
-        except ImportError as exc:
-            if choice == "passthrough":
-                raise FrontendUnavailable(f"passthrough front end not available: {exc}") from exc
-            log.info("FUSE passthrough front end not built in; using pyfuse3")
-        else:
-            ok, reason = fuse_passthrough.probe_passthrough()
-            if ok:
-                return fuse_passthrough.PassthroughFrontend()
-            if choice == "passthrough":
-                raise FrontendUnavailable(f"FUSE passthrough is not available: {reason}")
-            log.info("FUSE passthrough not available (%s); using pyfuse3", reason)
-    from cistern.cachenode.fuse_pyfuse3 import Pyfuse3Frontend
+            init = SessionFile.read_init(held_session)
+        except (OSError, ValueError) as exc:
+            raise FrontendUnavailable(f"the session file of the held connection: {exc}") from exc
+        held = "passthrough" if init.passthrough else "splice"
+        if choice not in ("auto", held):
+            log.warning("--fuse-frontend %s asked for, but the held connection was negotiated "
+                        "for the %s front end: serving it with that one", choice, held)
+        return _make(held), f"took over a held connection negotiated for {held}"
+    if choice == "pyfuse3":
+        return _make(choice), "asked for (--fuse-frontend pyfuse3)"
+    if choice == "splice":
+        return _make(choice), "asked for (--fuse-frontend splice)"
+    ok, reason = probe_passthrough()
+    if ok:
+        return _make("passthrough"), ("asked for (--fuse-frontend passthrough)"
+                                      if choice == "passthrough" else
+                                      "auto: the kernel offers FUSE passthrough")
+    if choice == "passthrough":
+        raise FrontendUnavailable(f"FUSE passthrough is not available: {reason}")
+    log.info("FUSE passthrough not available (%s); using the splice front end", reason)
+    return _make("splice"), f"auto: no FUSE passthrough ({reason})"
+
+
+def _make(name: str) -> FuseFrontend:
+    if name == "passthrough":
+        return PassthroughFrontend()
+    if name == "splice":
+        return SpliceFrontend()
+    from cistern.cachenode.fuse_pyfuse3 import Pyfuse3Frontend  # imports pyfuse3 and trio
 
     return Pyfuse3Frontend()
 
@@ -107,16 +127,14 @@ def attach_frontend(frontend: FuseFrontend, core: CacheCore, mountpoint: str, *,
                     allow_other: bool, fsname: str, holder: HolderClient | None,
                     held: Held | None) -> None:
     """Mount (handing the connection to ``holder`` if there is one) or take over ``held``."""
-    from cistern.cachenode.fuse_passthrough import PassthroughFrontend
-
     if held is not None:
-        assert isinstance(frontend, PassthroughFrontend)
+        assert isinstance(frontend, KernelFrontend)
         frontend.adopt(core, mountpoint, held.devfd, held.session_fd,
                        detached_at=held.claimed_at - held.detached_for)
     else:
         frontend.mount(core, mountpoint, allow_other=allow_other, fsname=fsname)
         if holder is not None:
-            if isinstance(frontend, PassthroughFrontend):
+            if isinstance(frontend, KernelFrontend):
                 holder.hold(mountpoint, *frontend.handoff_fds())
                 frontend.held = True
             else:

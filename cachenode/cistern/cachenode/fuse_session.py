@@ -29,6 +29,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from cistern.cachenode import kernel_fuse as kf
 
@@ -95,6 +96,14 @@ class SessionFile:
         session._write_header()
         return session
 
+    @staticmethod
+    def read_init(fd: int) -> kf.InitResult:
+        """What INIT settled for the connection of session file ``fd`` (read only)."""
+        raw = os.pread(fd, HEADER.size, 0)
+        if len(raw) < HEADER.size:
+            raise SessionFileError(f"session file too small ({len(raw)} bytes)")
+        return _init_of(HEADER.unpack(raw))
+
     @classmethod
     def attach(cls, fd: int) -> SessionFile:
         """Take over the session file of a previous daemon: a new epoch, one more takeover."""
@@ -104,11 +113,8 @@ class SessionFile:
         raw = os.pread(fd, HEADER.size, 0)
         (magic, version, major, kminor, minor, passthrough, epoch, kflags, flags, takeovers,
          high) = HEADER.unpack(raw)
-        if magic != MAGIC or version != VERSION:
-            raise SessionFileError(f"not a session file of this version ({magic!r} v{version})")
-        init = kf.InitResult(major, kminor, kflags, minor, flags,
-                             bool(kflags & kf.FUSE_PASSTHROUGH), bool(passthrough),
-                             "" if passthrough else "passthrough was not negotiated")
+        init = _init_of((magic, version, major, kminor, minor, passthrough, epoch, kflags,
+                         flags, takeovers, high))
         session = cls(fd, init, epoch=epoch + 1, takeovers=takeovers + 1, high=high)
         session._free = [index for index in range(high)
                          if session._state(index) == FREE]
@@ -173,3 +179,12 @@ class SessionFile:
 
     def in_use(self) -> int:
         return self._high - len(self._free)
+
+
+def _init_of(header: tuple[Any, ...]) -> kf.InitResult:
+    magic, version, major, kminor, minor, passthrough, _epoch, kflags, flags, *_ = header
+    if magic != MAGIC or version != VERSION:
+        raise SessionFileError(f"not a session file of this version ({magic!r} v{version})")
+    return kf.InitResult(major, kminor, kflags, minor, flags,
+                         bool(kflags & kf.FUSE_PASSTHROUGH), bool(passthrough),
+                         "" if passthrough else "passthrough was not negotiated")

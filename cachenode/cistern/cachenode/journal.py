@@ -4,6 +4,11 @@ Every state change that matters is written here before it is acted on (see
 docs/dev/cachenode.md for the invariants and the crash-recovery table). Commits use
 ``synchronous=NORMAL``: they survive a crash of the daemon; ``sync()`` additionally fsyncs the
 WAL so they survive a power loss, which ``fsync`` on a file in the mount asks for.
+
+New files go through the intent log first (``log_insert``, intentlog.py): one ``write(2)``
+instead of a commit; the rows reach SQLite in batches (``apply_intents``, from a background
+thread) and always before any other journal statement, so SQLite sees every change in the
+order it was made.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cistern.cachenode.intentlog import IntentLog, Row
 
 __all__ = ["Entry", "Journal", "UploadIntent"]
 
@@ -60,6 +67,10 @@ _INSERT_WITH_INO = (f"INSERT INTO entries ({', '.join(_COLUMNS)}) "
                     f"VALUES ({', '.join('?' * len(_COLUMNS))})")
 _INSERT_NEW_INO = (f"INSERT INTO entries ({', '.join(_COLUMNS[1:])}) "
                    f"VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})")
+_APPLIED = "intents_applied"
+"""meta: the seq of the last intent-log record applied to SQLite."""
+INTENTS_INLINE = 4096
+"""Rows waiting in the intent log above which ``log_insert`` applies them itself."""
 _UPDATE = f"UPDATE entries SET {', '.join(f'{c}=?' for c in _COLUMNS[1:])} WHERE ino=?"
 
 
@@ -109,7 +120,7 @@ class Entry:
     durable_at: float | None = None
     waiters: list[object] = field(default_factory=list)
 
-    def row(self) -> tuple[object, ...]:
+    def row(self) -> Row:
         return (self.ino, self.parent, self.name, int(self.is_dir), self.mode, self.uid,
                 self.gid, self.size, self.mtime_ns, self.ctime_ns, self.state, int(self.local),
                 self.remote_key, self.remote_size, int(self.listed), int(self.meta_dirty),
@@ -144,17 +155,100 @@ class Journal:
             self._db.execute("ALTER TABLE entries ADD COLUMN etag TEXT")
         self._depth = 0
         self._sync_at_commit = False
+        self._log_lock = threading.Lock()  # the intent log and _pending; taken after _lock
+        self._pending: list[Row] = []
+        self._intents = IntentLog(Path(f"{path}-intents"))
+        self._seq = self._replay_intents()
+
+    def _replay_intents(self) -> int:
+        """Apply what a stopped daemon left in the intent log; return the last seq."""
+        row = self._db.execute("SELECT value FROM meta WHERE name=?", (_APPLIED,)).fetchone()
+        applied = int(row[0]) if row else 0
+        records = self._intents.read(applied)
+        if records:
+            with self.transaction():
+                self._db.executemany(_INSERT_WITH_INO, [r for _, r in records])
+                self._set_applied(records[-1][0])
+            applied = records[-1][0]
+        self._intents.clear()
+        return applied
+
+    def _set_applied(self, seq: int) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                         (_APPLIED, str(seq)))
 
     def close(self) -> None:
         with self._lock:
+            self._apply_locked()
+            self._intents.clear()
+            self._intents.close()
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
+
+    # ------------------------------------------------------------------ the intent log
+
+    def log_insert(self, entry: Entry) -> None:
+        """Journal a new entry (its ino given) with one append to the intent log.
+
+        As durable as ``insert`` against a daemon crash (the page cache keeps the record);
+        against power loss both need ``sync``, which applies the log first.
+        """
+        row = entry.row()
+        with self._log_lock:
+            self._seq += 1
+            try:
+                self._intents.append(self._seq, row)
+            except BaseException:
+                self._seq -= 1
+                raise
+            self._pending.append(row)
+            backlog = len(self._pending)
+        if backlog >= INTENTS_INLINE:
+            self.apply_intents()
+
+    def intents_pending(self) -> int:
+        return len(self._pending)
+
+    def apply_intents(self) -> int:
+        """Move the rows waiting in the intent log into SQLite (one commit); return how many.
+        Appends go on meanwhile (into the log's other file)."""
+        with self._lock:
+            return self._apply_locked()
+
+    def _apply_locked(self) -> int:
+        # Inside a transaction its BEGIN applied them already (and creates, which append,
+        # hold the core lock, as every caller of a transaction does).
+        if self._depth or not self._pending:
+            return 0
+        with self._log_lock:
+            if not self._pending:
+                return 0
+            batch, self._pending = self._pending, []
+            last = self._seq
+            self._intents.swap()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(_INSERT_WITH_INO, batch)
+                self._set_applied(last)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except BaseException:
+            with self._log_lock:
+                self._pending[:0] = batch  # still in the log files; tried again next time
+            raise
+        with self._log_lock:
+            self._intents.clear_previous()
+        return len(batch)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """Group several changes into one commit (nested uses join the outer one)."""
         with self._lock:
             if self._depth == 0:
+                self._apply_locked()
                 self._db.execute("BEGIN IMMEDIATE")
             self._depth += 1
             try:
@@ -180,6 +274,7 @@ class Journal:
             if self._depth:
                 self._sync_at_commit = True
                 return
+            self._apply_locked()
         self._sync_wal()
 
     def _sync_wal(self) -> None:
@@ -195,6 +290,7 @@ class Journal:
 
     def load(self) -> list[Entry]:
         with self._lock:
+            self._apply_locked()
             rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM entries").fetchall()
         return [Entry(ino=r[0], parent=r[1], name=r[2], is_dir=bool(r[3]), mode=r[4], uid=r[5],
                       gid=r[6], size=r[7], mtime_ns=r[8], ctime_ns=r[9], state=r[10],
@@ -205,11 +301,13 @@ class Journal:
 
     def get_meta(self, name: str) -> str | None:
         with self._lock:
+            self._apply_locked()
             row = self._db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
         return None if row is None else str(row[0])
 
     def set_meta(self, name: str, value: str) -> None:
         with self._lock:
+            self._apply_locked()
             self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
                              (name, value))
 
@@ -217,6 +315,7 @@ class Journal:
         """Insert a new entry (``entry.ino`` 0 lets the journal pick one); return its ino."""
         row = entry.row()
         with self._lock:
+            self._apply_locked()
             if entry.ino == 0:
                 cursor = self._db.execute(_INSERT_NEW_INO, row[1:])
                 return int(cursor.lastrowid or 0)
@@ -243,39 +342,48 @@ class Journal:
 
     def update(self, entry: Entry) -> None:
         with self._lock:
+            self._apply_locked()
             self._db.execute(_UPDATE, (*entry.row()[1:], entry.ino))
 
     def delete(self, ino: int) -> None:
         with self._lock:
+            self._apply_locked()
             self._db.execute("DELETE FROM entries WHERE ino=?", (ino,))
 
     def tombstones(self) -> set[str]:
         with self._lock:
+            self._apply_locked()
             return {r[0] for r in self._db.execute("SELECT key FROM tombstones")}
 
     def add_tombstone(self, key: str) -> None:
         with self._lock:
+            self._apply_locked()
             self._db.execute("INSERT OR IGNORE INTO tombstones (key) VALUES (?)", (key,))
 
     def remove_tombstone(self, key: str) -> None:
         with self._lock:
+            self._apply_locked()
             self._db.execute("DELETE FROM tombstones WHERE key=?", (key,))
 
     def add_upload(self, ino: int, key: str) -> None:
         with self._lock:
+            self._apply_locked()
             self._db.execute("INSERT OR REPLACE INTO uploads (ino, key, upload_id) "
                              "VALUES (?, ?, NULL)", (ino, key))
 
     def set_upload_id(self, ino: int, key: str, upload_id: str) -> None:
         with self._lock:
+            self._apply_locked()
             self._db.execute("UPDATE uploads SET upload_id=? WHERE ino=? AND key=?",
                              (upload_id, ino, key))
 
     def remove_upload(self, ino: int, key: str) -> None:
         with self._lock:
+            self._apply_locked()
             self._db.execute("DELETE FROM uploads WHERE ino=? AND key=?", (ino, key))
 
     def uploads(self) -> list[UploadIntent]:
         with self._lock:
+            self._apply_locked()
             return [UploadIntent(*r) for r in
                     self._db.execute("SELECT ino, key, upload_id FROM uploads")]

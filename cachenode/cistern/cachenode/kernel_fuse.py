@@ -233,6 +233,7 @@ FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502
 # --- tunables we ask for in INIT --------------------------------------------------------------
 MAX_WRITE = 1 << 20
 MAX_PAGES = 256
+PAGE_SIZE = 4096
 MAX_BACKGROUND = 64
 CONGESTION_THRESHOLD = 48
 #: Backing files live on a plain file system (depth 0), so our mount is depth 1.
@@ -371,14 +372,17 @@ def _read_request(devfd: int, buf: bytearray) -> int:
             raise
 
 
-def negotiate_init(devfd: int, *, want_passthrough: bool,
-                   buf: bytearray | None = None) -> InitResult:
+def negotiate_init(devfd: int, *, want_passthrough: bool, want_writeback_cache: bool = False,
+                   max_pages: int = MAX_PAGES, buf: bytearray | None = None) -> InitResult:
     """Read the kernel's INIT request from ``devfd`` and answer it.
 
     Asks for passthrough (minor >= 40, FUSE_INIT_EXT, FUSE_PASSTHROUGH in flags2,
-    max_stack_depth 1) when ``want_passthrough`` and the kernel offers it; never asks for
-    the writeback cache, which would switch passthrough off.
+    max_stack_depth 1) when ``want_passthrough`` and the kernel offers it. The write-back
+    cache (``want_writeback_cache``, which would switch passthrough off) only without it.
+    ``max_pages`` (at most ``MAX_PAGES``) bounds a READ or WRITE; max_write follows from it.
     """
+    if want_passthrough and want_writeback_cache:
+        raise ValueError("FUSE passthrough and the write-back cache exclude each other")
     buf = buf if buf is not None else bytearray(read_buffer_size())
     n = _read_request(devfd, buf)
     if n < IN_HEADER.size:
@@ -406,12 +410,15 @@ def negotiate_init(devfd: int, *, want_passthrough: bool,
               | FUSE_PARALLEL_DIROPS | FUSE_ASYNC_DIO | FUSE_INIT_EXT)
     if passthrough:
         wanted |= FUSE_PASSTHROUGH
+    if want_writeback_cache:
+        wanted |= FUSE_WRITEBACK_CACHE
     reply_flags = wanted & kernel_flags
-    assert not reply_flags & FORBIDDEN_WITH_PASSTHROUGH
+    assert not (passthrough and reply_flags & FORBIDDEN_WITH_PASSTHROUGH)
     reply_minor = min(minor, OUR_MINOR)
     payload = INIT_OUT.pack(
         KERNEL_MAJOR, reply_minor, max_readahead, reply_flags & 0xFFFFFFFF,
-        MAX_BACKGROUND, CONGESTION_THRESHOLD, MAX_WRITE, 1, MAX_PAGES, 0,
+        MAX_BACKGROUND, CONGESTION_THRESHOLD, min(MAX_WRITE, max_pages * PAGE_SIZE), 1,
+        min(max_pages, MAX_PAGES), 0,
         reply_flags >> 32, MAX_STACK_DEPTH if passthrough else 0)
     os.write(devfd, OUT_HEADER.pack(OUT_HEADER.size + len(payload), 0, unique) + payload)
     return InitResult(major, minor, kernel_flags, reply_minor, reply_flags, offered,

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cistern.nodestatus import NodeStatus
+from cistern.nodestatus import NodeStatus, PeersStatus
 
 __all__ = ["THROTTLE_CODES", "Metrics"]
 
@@ -64,6 +64,32 @@ class _StateCollector(Collector):
                                     value=float(fuse.open_backing_files))
         yield GaugeMetricFamily("cistern_draining", "1 while the node drains",
                                 value=1.0 if status.draining else 0.0)
+        if status.peers is not None:  # issue 17
+            yield from _peer_metrics(status.peers)
+
+
+def _peer_metrics(peers: PeersStatus) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    transport = GaugeMetricFamily("cistern_peer_transport_info",
+                                  "Transport of peer traffic, and why (e.g. why not RDMA)",
+                                  labels=["transport", "reason"])
+    transport.add_metric([peers.transport, peers.transport_reason], 1.0)
+    yield transport
+    for name, value, doc in (
+            ("peer_bytes_held", peers.bytes_held_for_peers, "Bytes of copies held for peers"),
+            ("peer_copies_held", peers.copies_held_for_peers, "Copies held for peers"),
+            ("peer_members", len(peers.members), "Other members of the WriteCache"),
+            ("peer_suspects", len(peers.suspects), "Members skipped after a missed deadline"),
+            ("peer_copies_conflicting", peers.copies_conflicting,
+             "Copies of dead peers not uploaded: another version is in the store")):
+        yield GaugeMetricFamily(f"cistern_{name}", doc, value=float(value))
+    for name, value, doc in (
+            ("peer_copies_sent", peers.copies_sent_total, "Copies acknowledged by peers"),
+            ("peer_copies_missing", peers.copies_missing_total,
+             "fsyncs that got fewer peer copies than asked (degraded or failed)"),
+            ("peer_read_bytes", peers.peer_read_bytes_total, "Bytes read from peers"),
+            ("peer_rescued_uploads", peers.rescued_uploads_total,
+             "Objects uploaded for a dead peer")):
+        yield CounterMetricFamily(f"cistern_{name}", doc, value=float(value))
 
 
 class Metrics:

@@ -97,6 +97,12 @@ def node_summary(node: str, pod: str, status: NodeStatus | None,
             entry["lastFlushTime"] = status.last_flush_time
         if status.last_error:
             entry["lastError"] = status.last_error[:300]
+        if status.peers is not None:  # issue 17: peer copies, and why not RDMA
+            entry.update(peerTransport=status.peers.transport,
+                         peerTransportReason=status.peers.transport_reason[:300],
+                         bytesHeldForPeers=status.peers.bytes_held_for_peers,
+                         peerCopiesMissing=status.peers.copies_missing_total,
+                         peerSuspects=list(status.peers.suspects))
     if drain:
         entry.update({k: v for k, v in drain.items() if v is not None})
     return entry

@@ -43,7 +43,7 @@ def test_bench_smoke_writes_well_formed_results(tmp_path: Path) -> None:
     assert data["machine"]["cores"] >= 1
     assert "raw" in data["targets"] and data["targets"]["raw"]["available"]
     cistern = {n: t for n, t in data["targets"].items() if n.startswith("cistern-")}
-    assert set(cistern) == {"cistern-pyfuse3", "cistern-passthrough"}
+    assert set(cistern) == {"cistern-pyfuse3", "cistern-passthrough", "cistern-splice"}
     for name, target in data["targets"].items():
         assert target["available"] or target["reason"], name  # never silently dropped
 
@@ -125,3 +125,27 @@ def _check_s3api_workload(data: dict[str, Any], table: str) -> None:
     assert direct["PUT"] + direct["COMPLETE_MPU"] >= 1
     assert node["PUT"] + node["COMPLETE_MPU"] == 1
     assert "S3Checkpoint save (S3 API): writer stall" in table
+
+
+@pytest.mark.timeout(300)
+def test_bench_dlio_phase_reports_write_read_and_durability(tmp_path: Path) -> None:
+    """The MLPerf-shaped checkpointing phase at tiny size: raw disk and Cistern (passthrough)
+    in one batch, every figure present; the checkpoints reach the bucket."""
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--workloads", "dlio",
+         "--frontends", "passthrough", "--out", str(out), "--workdir", str(tmp_path / "work")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    measured = [n for n, t in data["targets"].items() if t["available"]]
+    assert "raw" in measured
+    for name in measured:
+        summary = data["summary"][name]
+        assert not data["errors"][name], data["errors"][name]
+        for metric in ("dlio_write_gib_s", "dlio_read_gib_s", "dlio_durable_s"):
+            assert summary[metric]["median"] > 0, (name, metric, data["notes"].get(name))
+    assert "MLPerf-shaped checkpointing" in (out / "results.md").read_text()

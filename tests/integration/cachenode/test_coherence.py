@@ -9,8 +9,11 @@ from typing import Any
 
 import pytest
 
+from support.frontends import ON_ALL_FRONTENDS
 from support.s3server import list_keys, read_object
 from support.wait import wait_until
+
+pytestmark = ON_ALL_FRONTENDS
 
 
 def test_upload_completes_when_etags_are_not_md5(make_node: Any, bucket: str, s3: Any,

@@ -24,9 +24,8 @@ from typing import Any
 import pytest
 
 from cistern.cachenode import kernel_fuse as kf
-from cistern.cachenode.core import CacheCore
 from cistern.cachenode.fuse_passthrough import PassthroughFrontend, probe_passthrough
-from cistern.cachenode.store import LocalDirStore
+from support.kernelmount import KernelMount, kernel_mount
 from support.node import NodeProcess, is_mounted
 from support.wait import wait_until
 
@@ -41,40 +40,14 @@ def _require_passthrough() -> None:
         pytest.skip(f"kernel FUSE passthrough unavailable on this machine: {_PROBE[1]}")
 
 
-class Mounted:
-    """A passthrough front end serving a real CacheCore in this process."""
-
-    def __init__(self, base: Path) -> None:
-        self.store = LocalDirStore(base / "objects")
-        self.store.check()
-        self.core = CacheCore(base / "cache", self.store)
-        self.mount = base / "mnt"
-        self.mount.mkdir()
-        self.frontend = PassthroughFrontend(threads=4)
-        self.frontend.mount(self.core, str(self.mount), allow_other=False,
-                            fsname="cistern-test")
-        self.thread = threading.Thread(target=self.frontend.serve, name="serve", daemon=True)
-        self.thread.start()
-
-    def status(self) -> dict[str, Any]:
-        return self.frontend.status()
-
-    def close(self) -> None:
-        self.frontend.request_stop()
-        self.thread.join(10)
-        self.frontend.close()
-        self.core.close()
+Mounted = KernelMount
 
 
 @pytest.fixture
 def mounted(tmp_path: Path) -> Iterator[Mounted]:
     _require_passthrough()
-    fs = Mounted(tmp_path)
-    try:
+    with kernel_mount(tmp_path, PassthroughFrontend(threads=4)) as fs:
         yield fs
-    finally:
-        fs.close()
-        assert not is_mounted(fs.mount)
 
 
 def test_probe_and_init_negotiate_passthrough(mounted: Mounted) -> None:

@@ -13,7 +13,10 @@ from typing import Any
 
 import pytest
 
+from support.frontends import ON_ALL_FRONTENDS
 from support.s3server import list_keys, read_object
+
+pytestmark = ON_ALL_FRONTENDS
 
 
 @pytest.fixture

@@ -54,8 +54,9 @@ class HeldNode(NodeProcess):
     daemon serves, any access to it waits for the next daemon.
     """
 
-    def __init__(self, workdir: Path, store: str, *, holder: Path, **kwargs: Any) -> None:
-        super().__init__(workdir, store, frontend="passthrough",
+    def __init__(self, workdir: Path, store: str, *, holder: Path, frontend: str = "passthrough",
+                 **kwargs: Any) -> None:
+        super().__init__(workdir, store, frontend=frontend,
                          extra_args=["--fuse-holder", str(holder)], **kwargs)
         self.mount.mkdir(parents=True, exist_ok=True)
 
@@ -124,18 +125,31 @@ def holder(holder_process: HolderProcess) -> Path:
     return holder_process.socket
 
 
+@pytest.fixture(params=["passthrough"])
+def held_frontend(request: pytest.FixtureRequest) -> str:
+    """The /dev/fuse front end of the held daemons (``ALSO_SPLICE`` adds the splice one)."""
+    name = str(request.param)
+    if name == "passthrough":
+        ok, reason = probe_passthrough()
+        if not ok:
+            pytest.skip(f"kernel FUSE passthrough unavailable on this machine: {reason}")
+    return name
+
+
+#: Tests that also run with the splice front end taking the connection over.
+ALSO_SPLICE = pytest.mark.parametrize("held_frontend", ["passthrough", "splice"], indirect=True)
+
+
 @pytest.fixture
-def held_node(tmp_path: Path, moto: MotoServer, holder: Path
+def held_node(tmp_path: Path, moto: MotoServer, holder: Path, held_frontend: str
               ) -> Iterator[Callable[..., HeldNode]]:
-    """Daemons with the passthrough front end (the only one that can take a connection over;
+    """Daemons with a /dev/fuse front end (only those can take a connection over;
     ``test_pyfuse3_refuses_a_held_connection`` shows why)."""
-    ok, reason = probe_passthrough()
-    if not ok:
-        pytest.skip(f"kernel FUSE passthrough unavailable on this machine: {reason}")
     nodes: list[HeldNode] = []
 
     def make(bucket: str, **kwargs: Any) -> HeldNode:
         node = HeldNode(tmp_path / "node", f"s3://{bucket}", holder=holder,
+                        frontend=held_frontend,
                         endpoint_url=kwargs.pop("endpoint", moto.endpoint), **kwargs)
         nodes.append(node)
         return node.start()
@@ -170,6 +184,7 @@ def test_open_files_work_while_no_daemon_runs(held_node: Any, bucket: str, s3: A
     assert node.metric("cistern_fuse_takeovers_total") == 1
 
 
+@ALSO_SPLICE
 def test_a_writer_kept_open_across_a_restart_is_uploaded_after_its_close(
         held_node: Any, bucket: str, s3: Any) -> None:
     """The new daemon must know the file still has a writer: it may not upload the file and
@@ -187,6 +202,7 @@ def test_a_writer_kept_open_across_a_restart_is_uploaded_after_its_close(
     assert read_object(s3, bucket, "long.bin") == b"a" * 1000 + b"b" * 1000
 
 
+@ALSO_SPLICE
 def test_sigterm_hands_the_mount_to_the_next_daemon(held_node: Any, bucket: str,
                                                     s3: Any) -> None:
     node = held_node(bucket)
@@ -203,6 +219,7 @@ def test_sigterm_hands_the_mount_to_the_next_daemon(held_node: Any, bucket: str,
     assert read_object(s3, bucket, "kept.txt") == b"before after"
 
 
+@ALSO_SPLICE
 def test_a_request_the_dead_daemon_was_answering_is_resent(
         held_node: Any, bucket: str, s3: Any, proxy: Any) -> None:
     data = os.urandom(1 << 20)
@@ -273,6 +290,7 @@ def _writer(directory: Path, lister: Path, stop: threading.Event, ops: list[Any]
         errors.append(exc)
 
 
+@ALSO_SPLICE
 def test_writer_through_a_bind_mount_sees_no_error_across_20_kill_9(
         held_node: Any, bucket: str, s3: Any, tmp_path: Path) -> None:
     node = held_node(bucket, upload_delay=0.2)

@@ -18,8 +18,11 @@ from typing import Any
 import pytest
 
 from cistern.config import FlushPolicy
+from support.frontends import ON_ALL_FRONTENDS
 from support.s3server import list_keys, read_object
 from support.wait import wait_until
+
+pytestmark = ON_ALL_FRONTENDS
 
 MiB = 2**20
 STREAM = {"flush": {"partSize": "5Mi", "multipartThreshold": "5Mi"}}

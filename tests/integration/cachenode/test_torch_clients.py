@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
+from support.frontends import ON_ALL_FRONTENDS
 from support.s3server import list_keys, read_object
+
+pytestmark = ON_ALL_FRONTENDS
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch==2.13.0)")
 

@@ -7,8 +7,11 @@ import os
 import threading
 from typing import Any
 
+from support.frontends import ON_ALL_FRONTENDS
 from support.s3server import list_keys, read_object
 from support.wait import wait_until
+
+pytestmark = ON_ALL_FRONTENDS
 
 
 def test_close_and_fsync_do_not_wait_for_s3(make_node: Any, bucket: str, s3: Any,

@@ -152,7 +152,14 @@ def test_a_full_config_round_trips() -> None:
                       "streamExclude": ["*.staging"], "maxConcurrentParts": 3},
             "drain": {"newWrites": "reject", "timeout": "2h"},
             "s3Endpoint": {"listen": "127.0.0.1:9470", "socket": "/s3.sock",
-                           "credentialsDir": "/k", "bucket": "b"}}
+                           "credentialsDir": "/k", "bucket": "b"},
+            "durability": {"level": "peers", "peers": 2, "peerTimeout": "1s",
+                           "onShortfall": "fail",
+                           "paths": [{"pattern": "tmp/*", "level": "local"},
+                                     {"pattern": "ckpt/*", "level": "peers", "peers": 1}]},
+            "peers": {"listen": "0.0.0.0:7070", "nodeName": "n1", "membersFile": "/p/m.json",
+                      "tokenFile": "/p/token", "suspectFor": "5s", "deadAfter": "1m",
+                      "transport": "tcp"}}
     config = NodeConfig.from_dict(data)
     assert NodeConfig.from_dict(config.to_dict()) == config
     assert config.cache.cache_ttl == 3600.0 and config.flush.part_size == 8 * 2**20

@@ -21,7 +21,8 @@ FULL = NodeStatus(
     fuse=FuseStatus(frontend="passthrough", passthrough=True, kernel_protocol="7.41",
                     requests=10, errors=0, passthrough_opens=3, direct_io_opens=1,
                     open_backing_files=2, held=True, takeovers=2,
-                    last_takeover_pause_seconds=0.75, resent_requests=1),
+                    last_takeover_pause_seconds=0.75, resent_requests=1,
+                    reason="auto: the kernel offers FUSE passthrough", writeback_cache=False),
     mount="/mnt/c", store="s3://b/p", dirty_bytes=5, dirty_files=1, uploading_files=1,
     open_writers=1, pending_moves=2, pending_deletes=3, clean_bytes=7,
     uploaded_bytes_total=100, uploaded_objects_total=4, last_flush_time=1767225600.5,
@@ -47,7 +48,8 @@ def test_the_wire_keys_are_the_documented_ones() -> None:
     assert set(wire["fuse"]) == {"frontend", "passthrough", "kernelProtocol", "requests",
                                  "errors", "passthroughOpens", "directIoOpens",
                                  "openBackingFiles", "held", "takeovers",
-                                 "lastTakeoverPauseSeconds", "resentRequests"}
+                                 "lastTakeoverPauseSeconds", "resentRequests", "reason",
+                                 "writebackCache"}
     assert "flushed" not in NodeStatus(state="running").to_json()
     assert "drain" not in NodeStatus(state="running").to_json()
 

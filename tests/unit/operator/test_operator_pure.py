@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cistern.nodestatus import NodeStatus
+from cistern.nodestatus import NodeStatus, PeersStatus
 from cistern.operator.conflicts import NewConflicts, track_conflicts
 from cistern.operator.disruption import disruption_reason
 from cistern.operator.patches import contains, merge_patch
@@ -77,6 +77,19 @@ def test_healthy_cache_conditions() -> None:
                                      "Draining")] == ["True", "False", "False", "False", "False"]
     assert c["Ready"]["reason"] == "AllNodesReady"
     assert all(cond["observedGeneration"] == 2 for cond in c.values())
+
+
+def test_a_node_reports_its_peer_copies_and_why_not_rdma() -> None:
+    peers = PeersStatus(node="n1", transport="tcp", transport_reason="fallback to TCP: no RDMA "
+                        "device", bytes_held_for_peers=4096, copies_missing_total=2,
+                        suspects=("n3",))
+    status = NodeStatus.from_json(NodeStatus(state="running", peers=peers).to_json())
+    assert status.peers == peers
+    entry = node_summary("n1", "p1", status)
+    assert (entry["peerTransport"], entry["bytesHeldForPeers"], entry["peerCopiesMissing"],
+            entry["peerSuspects"]) == ("tcp", 4096, 2, ["n3"])
+    assert "no RDMA device" in entry["peerTransportReason"]
+    assert "peerTransport" not in node_summary("n2", "p2", NodeStatus(state="running"))
 
 
 def test_rollout_backlog_drain_and_unreachable() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,12 @@ from cistern.cachenode.core.namespace import Namespace
 from cistern.cachenode.core.openfiles import OpenFiles
 from cistern.cachenode.core.readthrough import ReadThrough, ReadThroughStore
 from cistern.cachenode.core.recovery import recover
+from cistern.cachenode.core.replication import NoReplication, Replication
 from cistern.cachenode.core.retention import Retention
 from cistern.cachenode.core.streams import Streams, StreamState
 from cistern.cachenode.core.tree import EventSink, Tree
 from cistern.cachenode.core.workqueue import WorkQueue
-from cistern.cachenode.journal import Journal
+from cistern.cachenode.journal import DIRTY, Journal
 from cistern.config import CacheConfig, DrainPolicy, FlushPolicy
 
 __all__ = ["CacheCore"]
@@ -45,8 +47,10 @@ class CacheCore:
     def __init__(self, cache_dir: Path, store: ReadThroughStore, *,
                  flush: FlushPolicy | None = None, cache: CacheConfig | None = None,
                  drain: DrainPolicy | None = None, store_keep_last: int | None = None,
-                 on_event: EventSink | None = None) -> None:
+                 on_event: EventSink | None = None,
+                 replication: Replication | None = None) -> None:
         self.cache_dir = cache_dir
+        self.replication: Replication = replication or NoReplication()
         self.store = store
         self.flush_policy = flush or FlushPolicy()
         self.cache_config = cache or CacheConfig()
@@ -67,7 +71,7 @@ class CacheCore:
         self._readthrough = ReadThrough(tree, self._keys, self._data, self._queue, store,
                                         self.cache_config.revalidate_after)
         self._files = OpenFiles(tree, self._queue, self._data, self._readthrough,
-                                self._admission, self.flush_policy)
+                                self._admission, self.flush_policy, self.replication)
         self._namespace = Namespace(tree, self._keys, self._queue, self._data,
                                     self._readthrough, self._admission, self._files)
         self._retention = Retention(tree, self._queue, self._data, self._readthrough,
@@ -139,14 +143,54 @@ class CacheCore:
         return self._namespace.create(parent, name, mode, flags, uid, gid)
 
     def unlink(self, parent: int, name: str) -> None:
+        key = self._child_key(parent, name)
         self._namespace.unlink(parent, name)
+        if key is not None:
+            self.replication.removed(key)
 
     def rmdir(self, parent: int, name: str) -> None:
         self._namespace.rmdir(parent, name)
 
     def rename(self, parent_old: int, old: str, parent_new: int, new: str,
                flags: int = 0) -> None:
+        old_key = self._child_key(parent_old, old)
         self._namespace.rename(parent_old, old, parent_new, new, flags)
+        new_key = self._child_key(parent_new, new)
+        if old_key is not None and new_key is not None and old_key != new_key:
+            self.replication.renamed(old_key, new_key)  # copies elsewhere follow (issue 17)
+
+    def _child_key(self, parent: int, name: str) -> str | None:
+        """The key of ``name`` in ``parent`` (a directory's ends in '/'), None if absent."""
+        with self._tree.lock:
+            ino = self._tree.child(parent, name)
+            entry = self._tree.entries.get(ino) if ino is not None else None
+            if entry is None:
+                return None
+            return self._tree.key_of(entry) + ("/" if entry.is_dir else "")
+
+    # ------------------------------------------------------------------ peers (issue 17)
+
+    def holds_dirty(self, key: str) -> bool:
+        """The file at ``key`` is DIRTY here (not in the store in its current version)."""
+        with self._tree.lock:
+            entry = self._tree.resolve(key)
+            return entry is not None and not entry.is_dir and entry.state == DIRTY
+
+    def read_local(self, key: str, offset: int, size: int) -> bytes | None:
+        """Bytes of the file at ``key`` if this node has its data (for a peer read)."""
+        with self._tree.lock:
+            entry = self._tree.resolve(key)
+            if entry is None or entry.is_dir or not (entry.local or entry.fd >= 0):
+                return None
+            path = self._data.path(entry.ino)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
 
     def symlink(self, parent: int, name: str, target: str, uid: int, gid: int) -> Attr:
         raise err(errno.EPERM, "symbolic links cannot be stored in the object store")
@@ -186,6 +230,11 @@ class CacheCore:
     def write(self, handle: Handle, offset: int, data: bytes) -> int:
         return self._files.write(handle, offset, data)
 
+    def write_with(self, handle: Handle, offset: int, size: int,
+                   copy: Callable[[int, int], int]) -> int:
+        """``write`` of ``size`` bytes the caller moves itself with ``copy(fd, offset)``."""
+        return self._files.write_with(handle, offset, size, copy)
+
     def flush(self, handle: Handle) -> None:
         """close(2) on one descriptor (waits for the store only in write-through mode)."""
         self._files.flush(handle)
@@ -219,6 +268,11 @@ class CacheCore:
     def make_spares(self, target: int = SPARE_FILES) -> int:
         """Create empty data files ahead of need (called from the daemon's thread)."""
         return self._data.make_spares(target)
+
+    def apply_journal_intents(self) -> int:
+        """Move new files' rows from the journal's intent log into SQLite, in one commit
+        (called from the daemon's background thread; never takes the core lock)."""
+        return self.journal.apply_intents()
 
     def spare_count(self) -> int:
         with self._tree.lock:

@@ -69,6 +69,8 @@ class Keys:
 
     def claim_tombstone(self, entry: Entry) -> None:
         """A new or renamed file landed on a key scheduled for deletion: overwrite it instead."""
+        if not self.tombstones or entry.remote_key is not None:
+            return  # the usual case, and a create's hot path: no key to compute
         key = self._tree.key_of(entry)
         if entry.remote_key is None and key in self.tombstones:
             self.remove_tombstone(key)

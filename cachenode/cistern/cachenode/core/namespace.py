@@ -47,15 +47,22 @@ class Namespace:
     def _listed_dir(self, ino: int) -> Entry:
         with self._tree.lock:
             directory = self._tree.dir(ino)
-        self._readthrough.ensure_listed(directory)
+        if not directory.listed:
+            self._readthrough.ensure_listed(directory)
         return directory
 
     # ------------------------------------------------------------------ reading
 
     def find(self, parent: int, name: str) -> Attr | None:
         """``lookup`` that answers None for a missing name (no exception on the hot path)."""
-        directory = self._listed_dir(parent)
         tree = self._tree
+        with tree.lock:  # the usual case: a listed directory, one pass under the lock
+            directory = tree.entries.get(parent)
+            if directory is not None and directory.listed and directory.is_dir \
+                    and name not in (".", ".."):
+                ino = tree.child(parent, name)
+                return None if ino is None else tree.attr(tree.entries[ino])
+        directory = self._listed_dir(parent)
         with tree.lock:
             if name == ".":
                 return tree.attr(directory)
@@ -105,7 +112,7 @@ class Namespace:
             if spare is not None:
                 entry.ino, entry.fd = spare
                 try:
-                    journal.insert(entry)
+                    journal.log_insert(entry)  # one append, no commit (journal.py)
                 except BaseException:
                     self._data.put_back(spare)
                     raise
@@ -123,7 +130,10 @@ class Namespace:
                 journal.update(entry)
             tree.touch_dir(directory)
             handle = self._files.open_handle(entry, flags | os.O_RDWR, writable=True)
-            return handle, tree.attr(entry)
+            # Empty and just made: its attributes need no fstat of the data file.
+            return handle, Attr(ino=entry.ino, mode=entry.mode, nlink=1, uid=entry.uid,
+                                gid=entry.gid, size=0, atime_ns=entry.mtime_ns,
+                                mtime_ns=entry.mtime_ns, ctime_ns=entry.ctime_ns)
 
     # ------------------------------------------------------------------ removing
 

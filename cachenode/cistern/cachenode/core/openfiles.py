@@ -11,11 +11,13 @@ import errno
 import itertools
 import os
 import time
+from collections.abc import Callable
 
 from cistern.cachenode.core.admission import Admission
 from cistern.cachenode.core.datafiles import DataFiles
 from cistern.cachenode.core.model import Attr, Handle, err
 from cistern.cachenode.core.readthrough import ReadThrough
+from cistern.cachenode.core.replication import FileVersion, NoReplication, Replication
 from cistern.cachenode.core.tree import Tree
 from cistern.cachenode.core.workqueue import WorkQueue
 from cistern.cachenode.journal import CLEAN, DIRTY, Entry
@@ -32,13 +34,17 @@ WRITE_THROUGH_TIMEOUT = 600.0
 
 class OpenFiles:
     def __init__(self, tree: Tree, queue: WorkQueue, datafiles: DataFiles,
-                 readthrough: ReadThrough, admission: Admission, policy: FlushPolicy) -> None:
+                 readthrough: ReadThrough, admission: Admission, policy: FlushPolicy,
+                 replication: Replication | None = None) -> None:
         self._tree = tree
         self._queue = queue
         self._files = datafiles
         self._readthrough = readthrough
         self._admission = admission
         self.write_through = policy.mode == "writeThrough"
+        self.replication: Replication = replication or NoReplication()
+        self._replicating = replication is not None and not isinstance(replication,
+                                                                        NoReplication)
         self._handles: dict[int, Handle] = {}
         self._fh = itertools.count(1)
 
@@ -98,21 +104,54 @@ class OpenFiles:
         return handle.written + size >= ADMIT_EVERY
 
     def write(self, handle: Handle, offset: int, data: bytes) -> int:
+        offset = self._before_write(handle, offset, len(data))
+        return os.pwrite(handle.fd, data, offset)
+
+    def write_with(self, handle: Handle, offset: int, size: int,
+                   copy: Callable[[int, int], int]) -> int:
+        """``write`` of data the caller moves itself: ``copy(fd, offset)`` puts the ``size``
+        bytes at ``offset`` of the data file and returns how many it wrote (a front end
+        splicing them from /dev/fuse, say)."""
+        return copy(handle.fd, self._before_write(handle, offset, size))
+
+    def _before_write(self, handle: Handle, offset: int, size: int) -> int:
+        """Checks and admission of a write; returns the offset it goes to."""
         if not handle.writable:
             raise err(errno.EBADF)
         if handle.flags & os.O_APPEND:
             offset = os.fstat(handle.fd).st_size
-        handle.written += len(data)
+        handle.written += size
         if handle.written >= ADMIT_EVERY:
             handle.written = 0
             self._admission.admit(new_file=False)
-        return os.pwrite(handle.fd, data, offset)
+        return offset
 
     def flush(self, handle: Handle) -> None:
         """close(2) on one descriptor: nothing to wait for in write-back mode; in write-through
         mode, upload what the file holds now and return when the store has it."""
         if self.write_through and handle.writable:
             self._upload_now_and_wait(handle.ino)
+        elif handle.writable and self._replicating:
+            # Level peers: what was written since the last fsync goes to the peers at close
+            # too (DCP fsyncs `.metadata.tmp` before its buffer is written, then closes and
+            # renames it): close-to-peer, so a rescue or a peer read never sees it empty.
+            version = self._peer_version(handle)
+            if version is not None:
+                self.replication.replicate(version, if_changed=True)
+
+    def _peer_version(self, handle: Handle) -> FileVersion | None:
+        tree = self._tree
+        with tree.lock:
+            entry = tree.entries.get(handle.ino)
+            if entry is None or entry.unlinked or entry.state != DIRTY:
+                return None
+            key = tree.key_of(entry)
+            if self.replication.level(key) != "peers":
+                return None
+            st = os.fstat(handle.fd)
+            return FileVersion(key=key, fd=os.dup(handle.fd), size=st.st_size,
+                               mtime_ns=st.st_mtime_ns, mode=entry.mode,
+                               etag=entry.etag if entry.remote_key == key else None)
 
     def _upload_now_and_wait(self, ino: int) -> None:
         tree = self._tree
@@ -138,15 +177,24 @@ class OpenFiles:
         # file's mtime, which recovery compares after a power loss.
         os.fsync(handle.fd)
         tree = self._tree
+        version: FileVersion | None = None
+        level = "local"
         with tree.lock:
             entry = tree.entries.get(handle.ino)
             if entry is not None and not entry.unlinked:
                 self._sync_size(entry)
                 entry.synced = entry.state == DIRTY
                 tree.journal.update(entry)
+                if entry.synced and self._replicating:
+                    # Durability levels (issue 17, docs/dev/peers.md): decided per path.
+                    level = self.replication.level(tree.key_of(entry))
+        if level == "peers":
+            version = self._peer_version(handle)
         self._files.sync_dir(self._files.path(handle.ino).parent)
         tree.journal.sync()
-        if self.write_through and handle.writable:
+        if version is not None:  # after the local fsync: a copy never precedes the original
+            self.replication.replicate(version)
+        if (self.write_through or level == "s3") and handle.writable:
             self._upload_now_and_wait(handle.ino)
 
     def _sync_size(self, entry: Entry) -> None:

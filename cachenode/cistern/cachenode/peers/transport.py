@@ -1,0 +1,64 @@
+"""Which transport carries peer traffic, and why (RDMA device detection).
+
+RDMA needs three things: the kernel's RDMA subsystem with a device (``/sys/class/infiniband``
+lists one per RDMA-capable port, InfiniBand or RoCE), the ``pyverbs`` bindings (rdma-core), and
+a device pyverbs can open. Each missing piece is the reason reported in ``/status``,
+``/metrics`` and the WriteCache status. The RDMA data path itself (RC queue pairs, registered
+buffers, one-sided reads) is not implemented: with a usable device the node still uses TCP
+and says so (docs/dev/peers.md: what needs an RDMA node).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["SYSFS_RDMA", "TransportChoice", "choose_transport", "detect_rdma"]
+
+SYSFS_RDMA = Path("/sys/class/infiniband")
+
+
+@dataclass(frozen=True)
+class TransportChoice:
+    name: str
+    """``tcp`` (the only data path implemented) or ``rdma``."""
+    reason: str
+    """Why this transport: shown in /status, /metrics and the WriteCache status."""
+    rdma_devices: tuple[str, ...] = ()
+
+
+def detect_rdma(sysfs: Path = SYSFS_RDMA, module: str = "pyverbs.device") \
+        -> tuple[tuple[str, ...], str]:
+    """(devices found, reason when none is usable: '' if one is)."""
+    try:
+        names = tuple(sorted(p.name for p in sysfs.iterdir()))
+    except FileNotFoundError:
+        return (), (f"no RDMA device: {sysfs} does not exist (the kernel has no InfiniBand/"
+                    "RDMA support loaded)")
+    except OSError as exc:
+        return (), f"no RDMA device: {sysfs}: {exc.strerror}"
+    if not names:
+        return (), f"no RDMA device: {sysfs} is empty"
+    try:
+        verbs = importlib.import_module(module)
+    except ImportError as exc:
+        return names, f"RDMA devices {', '.join(names)} but pyverbs is not importable ({exc})"
+    try:
+        listed = verbs.get_device_list()
+    except Exception as exc:  # pyverbs raises its own PyverbsError types
+        return names, f"RDMA devices {', '.join(names)} but pyverbs cannot list them ({exc})"
+    if not listed:
+        return names, f"RDMA devices {', '.join(names)} but pyverbs lists none"
+    return names, ""
+
+
+def choose_transport(wanted: str, sysfs: Path = SYSFS_RDMA,
+                     module: str = "pyverbs.device") -> TransportChoice:
+    if wanted == "tcp":
+        return TransportChoice("tcp", "configured: peers.transport is tcp")
+    devices, problem = detect_rdma(sysfs, module)
+    if problem:
+        return TransportChoice("tcp", f"fallback to TCP: {problem}", devices)
+    return TransportChoice("tcp", f"fallback to TCP: RDMA devices {', '.join(devices)} are "
+                           "usable but the RDMA data path is not implemented yet", devices)

@@ -1,0 +1,70 @@
+"""Several cistern-node processes forming one WriteCache's peer network (issue 17).
+
+Each node has its own mount, cache dir, control port and peer port; they share a token file
+and a members file (what the operator publishes) and one bucket. Used by
+tests/integration/peers and bench/peers_bench.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .node import NodeProcess
+from .s3server import free_port
+
+__all__ = ["Cluster"]
+
+
+class Cluster:
+    def __init__(self, workdir: Path, bucket: str, endpoint: str, *, peer_timeout: float = 1.0,
+                 dead_after: float = 2.0) -> None:
+        self.workdir = workdir
+        self.bucket = bucket
+        self.endpoint = endpoint
+        self.peer_timeout = peer_timeout
+        self.dead_after = dead_after
+        self.token = workdir / "peer-token"
+        self.token.write_text(os.urandom(24).hex())
+        self.members = workdir / "members.json"
+        self.nodes: dict[str, NodeProcess] = {}
+        self.ports: dict[str, int] = {}
+
+    def add(self, name: str, *, upload_delay: float = 0.2,
+            durability: dict[str, Any] | None = None) -> NodeProcess:
+        """A node (not started) and its entry in the members file."""
+        port = free_port()
+        self.ports[name] = port
+        self.publish()
+        workdir = self.workdir / name
+        workdir.mkdir()
+        node = NodeProcess(workdir, f"s3://{self.bucket}", endpoint_url=self.endpoint,
+                           frontend="pyfuse3", upload_delay=upload_delay, config={
+                               "durability": {"level": "peers", "peers": 1,
+                                              "peerTimeout": f"{self.peer_timeout}s",
+                                              **(durability or {})},
+                               "peers": {"listen": f"127.0.0.1:{port}", "nodeName": name,
+                                         "membersFile": str(self.members),
+                                         "tokenFile": str(self.token),
+                                         "deadAfter": f"{self.dead_after}s",
+                                         "suspectFor": "30s"}})
+        self.nodes[name] = node
+        return node
+
+    def publish(self) -> None:
+        """Write the members file atomically, as a ConfigMap volume update would."""
+        tmp = self.members.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"members": [
+            {"node": n, "host": "127.0.0.1", "port": p} for n, p in self.ports.items()]}))
+        os.replace(tmp, self.members)
+
+    def start(self) -> Cluster:
+        for node in self.nodes.values():
+            node.start()
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
