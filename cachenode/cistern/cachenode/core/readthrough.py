@@ -61,6 +61,13 @@ class ReadThrough:
 
     # ------------------------------------------------------------------ listing
 
+    def needs_listing(self, entry: Entry) -> bool:
+        """Cheap check for the namespace's fast paths: never listed, or due again."""
+        return not entry.listed or (
+            self._revalidate_after is not None
+            and time.monotonic() - self._listed_at.get(entry.ino, -1e18)
+            >= self._revalidate_after)
+
     def ensure_listed(self, entry: Entry) -> None:
         """Import the store's view of a directory the first time it is looked at, and again
         ``revalidateAfter`` after the last listing (or on first use after a restart)."""
