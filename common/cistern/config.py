@@ -300,7 +300,10 @@ class CacheConfig(Section):
         "a clean cached file opened this long after it was last checked against the store "
         "(and on its first open after a restart) is checked again (HEAD, ETag compared); if "
         "another writer changed the object, the local copy is dropped and fetched again. "
-        "Dirty files are never replaced", shown="unset")
+        "A directory looked at this long after its last listing (and on its first look after "
+        "a restart) is listed again: objects another writer added appear, files whose object "
+        "was deleted or replaced follow. Dirty files are never replaced or dropped",
+        shown="unset")
 
     def __post_init__(self) -> None:
         if self.low_watermark >= self.high_watermark:

@@ -316,6 +316,8 @@ class NodeStatus:
     """Uploads refused because another writer had replaced the object (HTTP 412)."""
     last_conflict: str | None = None
     """``<key> -> <conflict key>`` of the latest: where this node's version was kept."""
+    last_conflict_time: float | None = None
+    """Unix time of the latest conflict (with ``last_conflict``: what an Event needs)."""
     last_flush_time: float | None = None
     """Unix time of the last completed upload; None: none yet."""
     errors: int = 0
@@ -378,6 +380,7 @@ class NodeStatus:
             uploaded_objects_total=_field(data, "uploaded_objects_total", int, 0, w),
             conflicts_total=_field(data, "conflicts_total", int, 0, w),
             last_conflict=_field(data, "last_conflict", str, None, w),
+            last_conflict_time=_field(data, "last_conflict_time", float, None, w),
             last_flush_time=_field(data, "last_flush_time", float, None, w),
             errors=_field(data, "errors", int, 0, w),
             recent_errors=tuple(StoreErrorReport.from_json(e) for e in recent),

@@ -2,9 +2,12 @@
 
 The proxy listens on 127.0.0.1 in front of an S3 endpoint (normally ``MotoServer``) and
 
-* delays every S3 request by a fixed latency before forwarding it,
+* delays every S3 request by a fixed latency before forwarding it, and can hold the answer
+  of a forwarded request (``response_delay``: the request took effect, its client has not
+  heard yet),
 * answers a configurable fraction of requests (optionally only some kinds) with a real
   S3 error document (``503 SlowDown`` or ``500 InternalError``) without forwarding them,
+* can flip a byte of the next GET answers (``corrupt_gets``),
 * can simulate an outage: every request fails with ``503 ServiceUnavailable`` or the
   connection is reset,
 * counts requests by kind (``PUT``, ``PART``, ``CREATE_MPU``, ``COMPLETE_MPU``,
@@ -96,13 +99,20 @@ class ProxyConfig:
     """``error``: answer ``503 ServiceUnavailable``; ``refuse``: reset the connection."""
     seed: int | None = None
     """Seed of the random choice of failed requests (``None``: unpredictable)."""
+    response_delay: float = 0.0
+    """Seconds the answer of a forwarded request is held after the upstream gave it: the
+    request has taken effect (an object landed) while its client has not heard yet."""
+    corrupt_gets: int = 0
+    """The next this many GET answers (status 200) have one byte of their body flipped: a
+    download corrupted on the way, which only a checksum can catch."""
     opaque_etags: bool = False
     """When true every ``ETag`` response header is replaced by one that is not the MD5 of
     the body, as SSE-KMS, SSE-C and many S3-compatible stores answer."""
 
     def validate(self) -> ProxyConfig:
-        if self.latency < 0:
-            raise ValueError(f"latency must be >= 0, got {self.latency}")
+        for name in ("latency", "response_delay", "corrupt_gets"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("error_rate", "internal_error_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -132,7 +142,7 @@ def _config_changes(changes: dict[str, Any]) -> dict[str, Any]:
     if "error_kinds" in out and out["error_kinds"] is not None:
         kinds = out["error_kinds"]
         out["error_kinds"] = frozenset([kinds] if isinstance(kinds, str) else kinds)
-    for name in ("latency", "error_rate", "internal_error_rate"):
+    for name in ("latency", "response_delay", "error_rate", "internal_error_rate"):
         if name in out:
             out[name] = float(out[name])
     return out
@@ -225,6 +235,7 @@ class _State:
         self.bytes_in = 0
         self.bytes_out = 0
         self.log: collections.deque[LogEntry] = collections.deque(maxlen=log_size)
+        self.corrupt_left = self.config.corrupt_gets
 
     def set(self, **changes: Any) -> ProxyConfig:
         changes = _config_changes(changes)
@@ -232,6 +243,8 @@ class _State:
             new = replace(self.config, **changes).validate()
             if "seed" in changes:
                 self.random = random.Random(new.seed)
+            if "corrupt_gets" in changes:
+                self.corrupt_left = new.corrupt_gets
             self.config = new
             return new
 
@@ -435,6 +448,10 @@ class _Handler(BaseHTTPRequestHandler):
                 upstream.send(chunk)
                 sent += len(chunk)
             response = upstream.getresponse()
+            with state.lock:
+                hold = state.config.response_delay
+            if hold:
+                time.sleep(hold)
         except (OSError, http.client.HTTPException) as exc:
             upstream.close()
             logger.warning("upstream %s failed for %s %s: %s", state.upstream, self.command,
@@ -451,13 +468,19 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(body)
             state.record(request.kind, request.key, 503, sent, 0)
             return
+        corrupt = False
+        if request.kind == "GET" and response.status == 200:
+            with state.lock:
+                corrupt = state.corrupt_left > 0
+                state.corrupt_left -= int(corrupt)
         try:
-            received = self._relay_response(response)
+            received = self._relay_response(response, corrupt)
         finally:
             upstream.close()
             state.record(request.kind, request.key, response.status, sent, received)
 
-    def _relay_response(self, response: http.client.HTTPResponse) -> int:
+    def _relay_response(self, response: http.client.HTTPResponse, corrupt: bool = False
+                        ) -> int:
         self.send_response_only(response.status, response.reason)
         length = response.getheader("Content-Length")
         no_body = self.command == "HEAD" or response.status in (204, 304) or (
@@ -482,6 +505,8 @@ class _Handler(BaseHTTPRequestHandler):
             data = response.read(_CHUNK)
             if not data:
                 break
+            if corrupt:
+                data, corrupt = bytes([data[0] ^ 0xFF]) + data[1:], False
             received += len(data)
             if rechunk:
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))

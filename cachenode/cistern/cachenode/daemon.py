@@ -384,6 +384,7 @@ class NodeDaemon:
             uploaded_objects_total=flusher.uploaded_objects_total,
             conflicts_total=flusher.conflicts_total,
             last_conflict=flusher.last_conflict,
+            last_conflict_time=flusher.last_conflict_time,
             last_flush_time=flusher.last_flush_time,
             errors=flusher.client.errors.total,
             recent_errors=tuple(StoreErrorReport.from_json(e)

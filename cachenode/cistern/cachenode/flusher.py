@@ -14,9 +14,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from cistern.cachenode.core import CacheCore, DeleteWork, MoveWork, UploadWork, Work
+from cistern.cachenode.core.model import WRITER_KEY
 from cistern.cachenode.store import PermanentStoreError, PreconditionFailed, StoreError
 from cistern.cachenode.storeclient import StoreClient
 from cistern.cachenode.streamer import Streamer
@@ -45,6 +47,7 @@ class Flusher:
         self.uploaded_objects_total = 0
         self.conflicts_total = 0
         self.last_conflict: str | None = None
+        self.last_conflict_time: float | None = None
         self.last_flush_time: float | None = None
         self._stop = threading.Event()
         self._files = ThreadPoolExecutor(policy.max_concurrent_uploads,
@@ -143,7 +146,8 @@ class Flusher:
             if not self.core.prepare_upload(work):
                 raise _SourceChanged(work.path)
             if work.size >= self.policy.multipart_threshold:
-                etag = self._multipart(work)
+                etag = self._conditionally(work, lambda key, if_match, if_none_match:
+                                           self._multipart(work, key, if_match, if_none_match))
             else:
                 etag = self._put_snapshot(work)
         except PreconditionFailed as exc:
@@ -183,35 +187,85 @@ class Flusher:
                 copied += sent
             if not self.core.upload_source_current(work):
                 raise _SourceChanged(work.path)
-            try:
-                return self.client.put_file(work.key, snap, work.size, work.metadata,
-                                            if_match=work.if_match,
-                                            if_none_match=work.if_none_match)
-            except PreconditionFailed:
-                self._keep_conflict(work, snap)
-                raise
+            return self._conditionally(work, lambda key, if_match, if_none_match:
+                                       self.client.put_file(key, snap, work.size,
+                                                            work.metadata, if_match=if_match,
+                                                            if_none_match=if_none_match))
         finally:
             os.close(snap)
 
-    def _keep_conflict(self, work: UploadWork, snap: int) -> None:
+    def _conditionally(self, work: UploadWork, send: Callable[[str, str | None, bool], str]
+                       ) -> str:
+        """``send(key, if_match, if_none_match)`` this version to its key, conditional on what
+        the node knows is there (docs/dev/cachenode.md, Coherence); on a failed precondition
+        once more if ``_second_chance`` allows, else it is kept under a conflict name."""
+        try:
+            return send(work.key, work.if_match, work.if_none_match)
+        except PreconditionFailed:
+            again = self._second_chance(work.key, work.metadata)
+            if again is None:
+                self._keep_conflict(work, send)
+                raise
+        try:
+            return send(work.key, again or None, not again)
+        except PreconditionFailed:  # another writer came in since the HEAD
+            self._keep_conflict(work, send)
+            raise
+
+    def _second_chance(self, key: str, metadata: dict[str, str]) -> str | None:
+        """After a 412: what the upload may be conditional on instead, or None (a conflict).
+
+        - The object at ``key`` names this cache as its writer (``WRITER_KEY``, stored with
+          it atomically): it is the result of this cache's own earlier upload or copy (a
+          rename) that a power cut kept out of the journal — this entry's previous version,
+          or the copy of a file since replaced by this one; it is replaced, conditional on
+          its ETag. Another writer's object never names this cache.
+        - There is no object (another writer deleted it): this node's newer version is not
+          thrown away, it is uploaded create-only (``""``: If-None-Match).
+        Anything else is another writer's object (docs/dev/cachenode.md, Power loss and
+        Coherence). A store that keeps no metadata never matches the first case."""
+        try:
+            info = self.client.head(key)
+        except FileNotFoundError:
+            log.warning("%s was deleted from the store by another writer; this node's "
+                        "version is uploaded again (create-only)", key)
+            return ""
+        ours = metadata.get(WRITER_KEY, "").partition(":")[0]
+        theirs = info.metadata.get(WRITER_KEY, "").partition(":")[0]
+        if not ours or theirs != ours or not info.etag:
+            return None
+        log.warning("%s: the object in the store was written by this cache (%s) but the "
+                    "journal lost its result in a crash; it is replaced", key,
+                    info.metadata.get(WRITER_KEY))
+        return info.etag
+
+    def _keep_conflict(self, work: UploadWork, send: Callable[[str, str | None, bool], str]
+                       ) -> None:
         """Another writer replaced the object since this node uploaded or fetched it: its
         object stays, this version is uploaded as ``<key>.cistern-conflict-<UTC time>``
         (docs/dev/cachenode.md, Coherence). If that upload fails, its error propagates: the
         file stays DIRTY and the whole sequence runs again, so no version is ever lost."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         conflict_key = f"{work.key}.cistern-conflict-{stamp}"
-        self.client.put_file(conflict_key, snap, work.size, work.metadata)
+        send(conflict_key, None, False)
         self.metrics.conflicts.inc()
         with self._lock:
             self.conflicts_total += 1
             self.last_conflict = f"{work.key} -> {conflict_key}"
+            self.last_conflict_time = time.time()
         log.error("conflict: another writer replaced %s in the store; its object is kept and "
                   "this node's version was uploaded as %s", work.key, conflict_key)
 
-    def _multipart(self, work: UploadWork) -> str:
+    def _multipart(self, work: UploadWork, key: str, if_match: str | None,
+                   if_none_match: bool) -> str:
+        """A multipart upload of ``work`` to ``key`` (its own, or a conflict name), completed
+        only if the conditions hold: ``If-None-Match: *`` on CompleteMultipartUpload for a new
+        key; for an overwrite ``If-Match`` on it (which moto ignores) after a HEAD of the key
+        just before, a narrowing guard (docs/dev/cachenode.md, Coherence: the race left)."""
         client = self.client
-        upload_id = client.create_multipart(work.key, work.metadata)
-        self.core.set_upload_id(work, upload_id)
+        upload_id = client.create_multipart(key, work.metadata)
+        if key == work.key:  # (a conflict copy's upload id has no intent row to go in)
+            self.core.set_upload_id(work, upload_id)
         part_size = self.policy.part_size
         count = max(1, -(-work.size // part_size))
         if count > 10000:
@@ -222,12 +276,15 @@ class Flusher:
             for number in range(1, count + 1):
                 offset = (number - 1) * part_size
                 length = min(part_size, work.size - offset)
-                futures.append(self._parts.submit(client.upload_part, work.key, upload_id,
+                futures.append(self._parts.submit(client.upload_part, key, upload_id,
                                                   number, work.fd, offset, length))
             parts = [(n + 1, f.result()) for n, f in enumerate(futures)]
             if not self.core.upload_source_current(work):
                 raise _SourceChanged(work.path)  # aborted below: no torn object
-            return client.complete_multipart(work.key, upload_id, parts)
+            if if_match is not None:
+                client.check_etag(key, if_match)
+            return client.complete_multipart(key, upload_id, parts, if_match=if_match,
+                                             if_none_match=if_none_match)
         except BaseException:
             for f in futures:
                 f.cancel()
@@ -236,9 +293,9 @@ class Flusher:
                     with contextlib.suppress(BaseException):  # aborted below either way
                         f.result()
             try:
-                client.abort_multipart(work.key, upload_id)
+                client.abort_multipart(key, upload_id)
             except StoreError as exc:
-                log.warning("could not abort multipart upload of %s: %s", work.key, exc)
+                log.warning("could not abort multipart upload of %s: %s", key, exc)
             raise
 
     def _move(self, work: MoveWork) -> None:

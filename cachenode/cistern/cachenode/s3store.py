@@ -6,7 +6,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from cistern.cachenode.store import (
@@ -32,20 +33,44 @@ CHECKSUM_KEY = "cistern-md5"
 by every download (an ETag is not always an MD5, so it cannot be the reference)."""
 
 
-def _md5_of(fd: int, offset: int, length: int) -> bytes:
-    return _digest_of(hashlib.md5(), fd, offset, length).digest()
+class _Crc32:
+    """zlib's CRC-32 with hashlib's interface (S3's ``x-amz-checksum-crc32``, big-endian)."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self._value = zlib.crc32(data)
+
+    def update(self, data: bytes) -> None:
+        self._value = zlib.crc32(data, self._value)
+
+    def digest(self) -> bytes:
+        return self._value.to_bytes(4, "big")
 
 
-def _digest_of(digest: Any, fd: int, offset: int, length: int) -> Any:
+_COMPOSITE: dict[str, Callable[..., Any]] = {
+    "ChecksumCRC32": _Crc32, "ChecksumSHA1": hashlib.sha1, "ChecksumSHA256": hashlib.sha256}
+"""S3 checksums whose multipart (COMPOSITE: ``<base64 of the checksum of the parts'
+checksums>-<parts>``) form a download can recompute with the standard library."""
+
+
+def _digests_of(fd: int, offset: int, length: int, *digests: Any) -> None:
     remaining = length
     while remaining > 0:
         chunk = os.pread(fd, min(_COPY_CHUNK, remaining), offset)
         if not chunk:
             raise StoreError(f"local file shrank while reading at offset {offset}", "ShortRead")
-        digest.update(chunk)
+        for digest in digests:
+            digest.update(chunk)
         offset += len(chunk)
         remaining -= len(chunk)
+
+
+def _digest_of(digest: Any, fd: int, offset: int, length: int) -> Any:
+    _digests_of(fd, offset, length, digest)
     return digest
+
+
+def _md5_of(fd: int, offset: int, length: int) -> bytes:
+    return _digest_of(hashlib.md5(), fd, offset, length).digest()
 
 
 _SEND_BLOCK = 2**20
@@ -152,7 +177,9 @@ class S3Store:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if code in ("NoSuchKey", "404") and what.startswith(("head", "get", "copy")):
                 return FileNotFoundError(what)
-            if code == "PreconditionFailed" or status == 412:
+            if code == "PreconditionFailed" or status == 412 or (
+                    code in ("NoSuchKey", "404") and what.startswith(("put", "complete"))):
+                # (a PUT with If-Match on a key another writer deleted: NoSuchKey)
                 return PreconditionFailed(f"{what}: another writer changed the object")
             if code in _TEMPORARY_CODES or status >= 500 or status == 429:
                 return TemporaryStoreError(f"{what}: {code} {error.get('Message', '')}".strip(),
@@ -206,6 +233,8 @@ class S3Store:
         return str(response.get("ETag", "")).strip('"')
 
     def create_multipart(self, key: str, metadata: dict[str, str]) -> str:
+        # Parts carry CRC-32 checksums, so the object has a composite checksum that every
+        # download recomputes (``_check_composite``): multipart objects have no cistern-md5.
         response = self._call(f"create-multipart {key}", self._client.create_multipart_upload,
                               Bucket=self.bucket, Key=self._k(key), Metadata=metadata,
                               ChecksumAlgorithm="CRC32")
@@ -221,13 +250,16 @@ class S3Store:
             ChecksumCRC32=checksum.value())
         return part_receipt(str(response["ETag"]), checksum)
 
-    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]],
+                           if_match: str | None = None, if_none_match: bool = False) -> str:
+        condition = {"IfMatch": f'"{if_match}"'} if if_match is not None else \
+            {"IfNoneMatch": "*"} if if_none_match else {}
         response = self._call(
             f"complete-multipart {key}", self._client.complete_multipart_upload,
             Bucket=self.bucket, Key=self._k(key), UploadId=upload_id,
             MultipartUpload={"Parts": [
                 {"PartNumber": n, "ETag": r.split(" ", 1)[0], "ChecksumCRC32": receipt_checksum(r)}
-                for n, r in sorted(parts)]})
+                for n, r in sorted(parts)]}, **condition)
         return str(response.get("ETag", "")).strip('"')
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
@@ -304,7 +336,7 @@ class S3Store:
 
     def download(self, key: str, fd: int) -> ObjectInfo:
         response = self._call(f"get {key}", self._client.get_object, Bucket=self.bucket,
-                              Key=self._k(key))
+                              Key=self._k(key), ChecksumMode="ENABLED")
         body = response["Body"]
         offset = 0
         digest = hashlib.md5()
@@ -327,9 +359,40 @@ class S3Store:
             raise TemporaryStoreError(f"get {key}: MD5 {digest.hexdigest()} is not the stored "
                                       f"checksum {stored}", "BadDigest")
         os.ftruncate(fd, offset)
+        self._check_composite(key, response, fd, offset)
         return ObjectInfo(key=key, size=offset, mtime=response["LastModified"].timestamp(),
                           etag=str(response.get("ETag", "")).strip('"'),
                           metadata=dict(response.get("Metadata", {})))
+
+
+    def _check_composite(self, key: str, response: dict[str, Any], fd: int, size: int) -> None:
+        """A multipart object's composite checksum (``ChecksumMode=ENABLED``), recomputed
+        from the downloaded data; the parts' size comes from a HEAD of part 1. A full-object
+        checksum is checked by botocore itself as the body is read; an object without
+        checksums (older tools, other writers) is checked by its length only: its ETag is
+        not compared, since it is not always an MD5 (docs/dev/cachenode.md, Coherence)."""
+        found = [(name, str(response[name])) for name in _COMPOSITE
+                 if str(response.get(name) or "").rpartition("-")[2].isdigit()]
+        if not found:
+            return
+        name, value = found[0]
+        algorithm = _COMPOSITE[name]
+        encoded, _, count = value.rpartition("-")
+        head = self._call(f"head {key}#1", self._client.head_object, Bucket=self.bucket,
+                          Key=self._k(key), PartNumber=1)
+        part = int(head["ContentLength"])
+        if part <= 0 or -(-size // part) != int(count):
+            raise TemporaryStoreError(f"get {key}: {size} bytes are not {count} parts of "
+                                      f"{part}", "BadDigest")
+        digests = []
+        for offset in range(0, size, part):
+            digest = algorithm()
+            _digests_of(fd, offset, min(part, size - offset), digest)
+            digests.append(digest.digest())
+        got = base64.b64encode(algorithm(b"".join(digests)).digest()).decode()
+        if got != encoded:
+            raise TemporaryStoreError(f"get {key}: {name} {got}-{count} is not the stored "
+                                      f"{value}", "BadDigest")
 
 
 def open_store(config: StoreConfig, max_pool: int = 16) -> ObjectStore:

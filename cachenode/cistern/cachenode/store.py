@@ -111,8 +111,10 @@ class ObjectStore(Protocol):
                     length: int) -> str:
         """Upload one part from ``fd``; return its ``part_receipt`` (ETag and checksum)."""
 
-    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
-        """Assemble the parts; return the object's ETag."""
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]],
+                           if_match: str | None = None, if_none_match: bool = False) -> str:
+        """Assemble the parts; return the object's ETag. Conditions as for ``put_file``
+        (a store may ignore ``if_match`` here: moto does; see docs/dev/cachenode.md)."""
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         """Abort an upload; not an error if it is already gone."""
@@ -273,8 +275,12 @@ class LocalDirStore:
             return self._write_atomically(
                 key, lambda out, digest: _copy_range(key, fd, 0, size, out, digest), metadata)
 
+        return self._conditionally(f"put {key}", key, write, if_match, if_none_match)
+
+    def _conditionally(self, what: str, key: str, write: Any, if_match: str | None,
+                       if_none_match: bool) -> str:
         if if_match is None and not if_none_match:
-            return write()
+            return str(write())
         # The check and the write are atomic against this process's writers only; another
         # process writing the directory between them is not seen (a limit of this store).
         with self._conditional:
@@ -282,9 +288,9 @@ class LocalDirStore:
             # This store's multipart ETag is the MD5 of the whole object plus "-<parts>".
             if (current is not None) if if_match is None \
                     else (current is None or if_match.split("-", 1)[0] != current):
-                raise PreconditionFailed(f"put {key}: the object is {current or 'absent'}, "
+                raise PreconditionFailed(f"{what}: the object is {current or 'absent'}, "
                                          f"not {if_match}")
-            return write()
+            return str(write())
 
     def _etag_of(self, key: str) -> str | None:
         digest = hashlib.md5()
@@ -323,7 +329,8 @@ class LocalDirStore:
         os.replace(tmp, folder / str(number))
         return part_receipt(digest.hexdigest(), checksum)
 
-    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]],
+                           if_match: str | None = None, if_none_match: bool = False) -> str:
         folder = self._mpu_dir(upload_id)
         if not folder.is_dir():
             raise PermanentStoreError(f"{key}: no such upload {upload_id}", "NoSuchUpload")
@@ -337,7 +344,9 @@ class LocalDirStore:
                         out.write(chunk)
                         digest.update(chunk)
 
-        etag = self._write_atomically(key, writer, meta)
+        etag = self._conditionally(f"complete-multipart {key}", key,
+                                   lambda: self._write_atomically(key, writer, meta),
+                                   if_match, if_none_match)
         shutil.rmtree(folder, ignore_errors=True)
         return f"{etag}-{len(parts)}"
 

@@ -19,7 +19,7 @@ from typing import TypeVar
 from cistern.cachenode.metrics import Metrics
 from cistern.cachenode.ratelimit import AdaptiveRate, TokenBucket
 from cistern.cachenode.retry import RetryPolicy
-from cistern.cachenode.store import ObjectInfo, ObjectStore, StoreError
+from cistern.cachenode.store import ObjectInfo, ObjectStore, PreconditionFailed, StoreError
 from cistern.config import FlushPolicy
 
 __all__ = ["StoreClient", "StoreErrors"]
@@ -147,9 +147,10 @@ class StoreClient:
         return self.request("upload-part", lambda: self.store.upload_part(
             key, upload_id, number, fd, offset, length), nbytes=length)
 
-    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
-        return self.request("complete-multipart",
-                            lambda: self.store.complete_multipart(key, upload_id, parts))
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]],
+                           if_match: str | None = None, if_none_match: bool = False) -> str:
+        return self.request("complete-multipart", lambda: self.store.complete_multipart(
+            key, upload_id, parts, if_match=if_match, if_none_match=if_none_match))
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         self.request("abort-multipart", lambda: self.store.abort_multipart(key, upload_id))
@@ -176,6 +177,18 @@ class StoreClient:
     def head(self, key: str) -> ObjectInfo:
         return self.request("head", lambda: self.store.head(key), retry=LIST_RETRY,
                             what=f"head {key}")
+
+    def check_etag(self, key: str, etag: str) -> None:
+        """``PreconditionFailed`` unless the object at ``key`` is still the one of ``etag``: the
+        guard before a CompleteMultipartUpload whose ``If-Match`` the store may ignore
+        (docs/dev/cachenode.md, Coherence). (pc, issue 15)"""
+        try:
+            current: str | None = self.head(key).etag
+        except FileNotFoundError:
+            current = None
+        if current != etag:
+            raise PreconditionFailed(f"complete-multipart {key}: the object is "
+                                     f"{current or 'absent'}, not {etag}")
 
     def check(self) -> None:
         """Reachable and writable with these credentials (retried briefly)."""

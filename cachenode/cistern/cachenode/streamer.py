@@ -33,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from cistern.cachenode.core import CacheCore, StreamWork, UploadWork
 from cistern.cachenode.store import (
     PermanentStoreError,
+    PreconditionFailed,
     StoreError,
     part_fingerprint,
     receipt_fingerprint,
@@ -246,7 +247,17 @@ class Streamer:
         if state.gone or state.gen != gen or not state.closed or state.size != size \
                 or not self.core.upload_source_current(final):
             raise StreamAbandoned("written again while its parts were checked")
-        return self.client.complete_multipart(work.key, upload_id, sorted(etags.items()))
+        # Coherence (pc, issue 15): conditional like any upload. On a failed precondition
+        # the stream is abandoned; the file, closed by now, is uploaded again by the flusher,
+        # whose conditional upload keeps this version as a conflict copy.
+        try:
+            if work.if_match is not None:
+                self.client.check_etag(work.key, work.if_match)
+            return self.client.complete_multipart(work.key, upload_id, sorted(etags.items()),
+                                                  if_match=work.if_match,
+                                                  if_none_match=work.if_none_match)
+        except PreconditionFailed as exc:
+            raise StreamAbandoned(f"{exc}; uploaded again, conditionally") from exc
 
     def _abort(self, work: StreamWork, upload_id: str, sent: dict[int, Future[str]]) -> None:
         for f in sent.values():

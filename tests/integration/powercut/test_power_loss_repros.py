@@ -5,6 +5,14 @@
     truncated local file must never be uploaded over the good object.
 (b) A CLEAN file is changed in place and the power goes before anything syncs the journal:
     the local copy must not silently differ from the store.
+(c) The power goes while this node's own conditional PUT is landing, after a newer version
+    was fsync'd: the journal still holds the ETag the PUT was conditional on, so the
+    recovered upload meets a 412 from the node's own object. It must overwrite it (If-Match
+    on that object), not take it for another writer's and keep it (the power-cut harness's
+    "wrong in S3").
+(d) The same with a rename: the copy of a renamed file lands at its new key, a file renamed
+    over it is fsync'd (and the rename made durable) before the node hears of the copy; the
+    recovered upload of that file meets this cache's own copy.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ from typing import Any
 import pytest
 
 from support.powercut.blockdev import CacheDevice, missing_capability
-from support.powercut.cut import node_on, power_cut
-from support.s3server import read_object
+from support.powercut.cut import Cut, node_on, power_cut
+from support.s3server import list_keys, read_object
+from support.wait import wait_until
 
 _reason = missing_capability()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"power-cut harness: {_reason}")
@@ -135,3 +144,77 @@ def test_in_place_change_without_fsync_is_never_silently_dropped(
         assert kept == 1 and v2 in aside, \
             f"the in-place change was dropped without a word (kept={kept})\n{log}"
     cut.discard(s3)
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _recovers_without_conflict(tmp_path: Path, moto: Any, s3: Any, cut: Cut, key: str,
+                               fsynced: bytes) -> None:
+    """The crash state recovered: ``key`` reads back and reaches the store as ``fsynced``,
+    with no conflict: the object the node met at the key is this cache's own."""
+    with cut.recovered(tmp_path / "r", moto.endpoint, CONFIG) as again:
+        assert (again.mount / key).read_bytes() == fsynced
+        status = again.flush()
+        log = again.log()
+    assert read_object(s3, cut.bucket, key) == fsynced, f"the fsync'd {key} is not in the " \
+        f"store\n{log}"
+    assert not [k for k in list_keys(s3, cut.bucket) if "cistern-conflict" in k], log
+    assert status.conflicts_total == 0, log
+    cut.discard(s3)
+
+
+def test_own_upload_that_landed_before_the_cut_is_not_a_conflict(
+        tmp_path: Path, moto: Any, s3: Any, bucket: str, proxy: Any) -> None:
+    v1, v2, v3 = (os.urandom(300_000) for _ in range(3))
+    with CacheDevice(tmp_path / "dev") as device:
+        node = node_on(tmp_path / "live", bucket, proxy.endpoint, device.mountpoint / "cache",
+                       tmp_path / "live-mnt", 0.2, CONFIG).start()
+        try:
+            _write(node.mount / "x", v1, sync=True)
+            node.flush()
+            _sync_dir(node.mount)  # x's CLEAN row and its ETag are durable
+            # The PUT of v2 (If-Match: v1's ETag) lands, its answer is held on the way back...
+            proxy.set(response_delay=15.0)
+            _write(node.mount / "x", v2, sync=False)
+            wait_until(lambda: read_object(s3, bucket, "x") == v2, timeout=30,
+                       what="v2 in the store")
+            # ... while v3 is written and fsync'd; the power goes before the node hears.
+            _write(node.mount / "x", v3, sync=True)
+            cut = power_cut(node, device, s3, bucket, "c")
+            proxy.set(response_delay=0.0)
+        finally:
+            node.stop()
+        assert read_object(s3, cut.bucket, "x") == v2
+        _recovers_without_conflict(tmp_path, moto, s3, cut, "x", v3)
+
+
+def test_own_copy_that_landed_before_the_cut_is_not_a_conflict(
+        tmp_path: Path, moto: Any, s3: Any, bucket: str, proxy: Any) -> None:
+    v1, v2 = os.urandom(200_000), os.urandom(300_000)
+    with CacheDevice(tmp_path / "dev") as device:
+        node = node_on(tmp_path / "live", bucket, proxy.endpoint, device.mountpoint / "cache",
+                       tmp_path / "live-mnt", 2.0, CONFIG).start()
+        try:
+            _write(node.mount / "a", v1, sync=True)
+            node.flush()
+            _sync_dir(node.mount)
+            # The copy a -> b (the rename's move) lands, its answer is held...
+            proxy.set(response_delay=10.0)
+            os.rename(node.mount / "a", node.mount / "b")
+            wait_until(lambda: "b" in list_keys(s3, bucket), timeout=60, what="the copy to b")
+            # ... while another file replaces b, fsync'd, the rename made durable.
+            _write(node.mount / "tmp", v2, sync=True)
+            os.rename(node.mount / "tmp", node.mount / "b")
+            _sync_dir(node.mount)
+            cut = power_cut(node, device, s3, bucket, "d")
+            proxy.set(response_delay=0.0)
+        finally:
+            node.stop()
+        assert read_object(s3, cut.bucket, "b") == v1
+        _recovers_without_conflict(tmp_path, moto, s3, cut, "b", v2)

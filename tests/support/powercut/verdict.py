@@ -29,6 +29,9 @@ class CutFigures:
     regressed: list[str] = field(default_factory=list)
     torn: list[str] = field(default_factory=list)
     open_uploads: list[str] = field(default_factory=list)
+    #: conflicts a recovered node reported: there is no other writer, so each one is the node
+    #: taking its own object for another writer's (its ETag lost with the power)
+    conflicts: list[str] = field(default_factory=list)
     unsynced_new: int = 0
 
     def summary(self) -> str:
@@ -36,6 +39,7 @@ class CutFigures:
                 f"lost: {len(self.lost)}, wrong in S3: {len(self.wrong_in_store)}, "
                 f"objects regressed: {len(self.regressed)}, torn: {len(self.torn)}, "
                 f"multipart uploads left open: {len(self.open_uploads)}, "
+                f"conflicts after recovery: {len(self.conflicts)}, "
                 f"never-fsync'd new objects uploaded as found: {self.unsynced_new}")
 
 
@@ -52,8 +56,13 @@ def copy_bucket(s3: Any, source: str, target: str) -> dict[str, str]:
     source had (multipart ETags stay recognisable that way)."""
     s3.create_bucket(Bucket=target)
     etags = object_etags(s3, source)
-    for key in etags:
-        s3.copy_object(Bucket=target, Key=key, CopySource={"Bucket": source, "Key": key})
+    for key in list(etags):
+        try:
+            s3.copy_object(Bucket=target, Key=key, CopySource={"Bucket": source, "Key": key})
+        except s3.exceptions.NoSuchKey:
+            # A DeleteObject that was on the wire when the node froze landed after the
+            # listing: the key is gone at the cut (requests on the wire may land).
+            del etags[key]
     for upload in s3.list_multipart_uploads(Bucket=source).get("Uploads", []):
         s3.create_multipart_upload(Bucket=target, Key=upload["Key"])
     return etags

@@ -46,9 +46,11 @@ class FaultyStore(LocalDirStore):
         self._enter("upload_part")
         return super().upload_part(key, upload_id, number, fd, offset, length)
 
-    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]],
+                           if_match: str | None = None, if_none_match: bool = False) -> str:
         self._enter("complete_multipart")
-        return super().complete_multipart(key, upload_id, parts)
+        return super().complete_multipart(key, upload_id, parts, if_match=if_match,
+                                          if_none_match=if_none_match)
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         self._enter("abort_multipart")

@@ -20,7 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from cistern.cachenode.core import ROOT_INO, CacheCore, MoveWork, UploadWork, Work
 from cistern.cachenode.store import LocalDirStore
-from cistern.config import FlushPolicy
+from cistern.config import CacheConfig, FlushPolicy
 
 NAMES = st.sampled_from(["a", "b", "c", "d"])
 DATA = st.binary(min_size=0, max_size=64)
@@ -38,8 +38,12 @@ class CoreModel(RuleBasedStateMachine):
         self.abandoned: list[CacheCore] = []
 
     def _open(self) -> CacheCore:
+        # revalidateAfter ~0: every look at the directory lists the store again and merges it
+        # (readthrough._merge), so every step checks that a listing never drops or changes a
+        # file whose object this node itself is changing (no other writer here).
         return CacheCore(self.root / "cache", LocalDirStore(self.objects),
-                         flush=FlushPolicy(upload_delay=0.0))
+                         flush=FlushPolicy(upload_delay=0.0),
+                         cache=CacheConfig(revalidate_after=1e-9))
 
     def teardown(self) -> None:
         for work in self.held:

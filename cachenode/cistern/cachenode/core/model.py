@@ -12,6 +12,7 @@ __all__ = [
     "RENAME_NOREPLACE",
     "ROOT_INO",
     "StreamWork",
+    "WRITER_KEY",
     "Attr",
     "DeleteWork",
     "Handle",
@@ -26,6 +27,10 @@ ROOT_INO = 1
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 NAME_MAX = 255
+WRITER_KEY = "cistern-writer"
+"""Object metadata naming the cache and entry that wrote the object (``<cache id>:<ino>``):
+a 412 answered by this entry's own earlier upload, whose result a power cut kept out of the
+journal, is then told from another writer's object (docs/dev/cachenode.md, Power loss)."""
 
 
 def err(code: int, detail: str = "") -> OSError:
@@ -99,6 +104,9 @@ class StreamWork:
     temp_key: str | None = None
     """Streamed under a predicted final ``key`` while the file still has this temporary key
     (``flush.streamTempSuffixes``): completed only once it is renamed to ``key``."""
+    #: Coherence, as for ``UploadWork``: checked at CompleteMultipartUpload.
+    if_match: str | None = None
+    if_none_match: bool = False
 
 
 @dataclass(frozen=True, slots=True)

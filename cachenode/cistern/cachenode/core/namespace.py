@@ -47,7 +47,7 @@ class Namespace:
     def _listed_dir(self, ino: int) -> Entry:
         with self._tree.lock:
             directory = self._tree.dir(ino)
-        if not directory.listed:
+        if self._readthrough.needs_listing(directory):  # (pc: or due for revalidation)
             self._readthrough.ensure_listed(directory)
         return directory
 
@@ -58,7 +58,8 @@ class Namespace:
         tree = self._tree
         with tree.lock:  # the usual case: a listed directory, one pass under the lock
             directory = tree.entries.get(parent)
-            if directory is not None and directory.listed and directory.is_dir \
+            if directory is not None and directory.is_dir \
+                    and not self._readthrough.needs_listing(directory) \
                     and name not in (".", ".."):
                 ino = tree.child(parent, name)
                 return None if ino is None else tree.attr(tree.entries[ino])

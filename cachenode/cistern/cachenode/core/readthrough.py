@@ -55,15 +55,36 @@ class ReadThrough:
         self._files = datafiles
         self.store = store
         self._list_retry_at: dict[int, float] = {}
+        self._listed_at: dict[int, float] = {}
+        """When this process last listed each directory (runtime only: after a restart the
+        first look lists again, when ``revalidateAfter`` is set)."""
 
     # ------------------------------------------------------------------ listing
 
+    def needs_listing(self, entry: Entry) -> bool:
+        """Cheap check for the namespace's fast paths: never listed, or due again."""
+        return not entry.listed or (
+            self._revalidate_after is not None
+            and time.monotonic() - self._listed_at.get(entry.ino, -1e18)
+            >= self._revalidate_after)
+
     def ensure_listed(self, entry: Entry) -> None:
-        """Import the store's view of a directory the first time it is looked at."""
-        if entry.listed or time.monotonic() < self._list_retry_at.get(entry.ino, 0.0):
+        """Import the store's view of a directory the first time it is looked at, and again
+        ``revalidateAfter`` after the last listing (or on first use after a restart)."""
+        now = time.monotonic()
+        if now < self._list_retry_at.get(entry.ino, 0.0):
+            return
+        if entry.listed and (self._revalidate_after is None
+                             or now - self._listed_at.get(entry.ino, -1e18)
+                             < self._revalidate_after):
             return
         tree = self._tree
-        prefix = tree.key_of(entry)
+        with tree.lock:
+            relist = entry.listed
+            prefix = tree.key_of(entry)
+            # What may be merged with the listing: taken before it, so that an entry whose
+            # object this node changes meanwhile (upload, move, delete) is left alone.
+            known = self._mergeable(entry) if relist else {}
         prefix = f"{prefix}/" if prefix else ""
         try:
             files, dirs = self.store.list_dir(prefix)
@@ -76,9 +97,13 @@ class ReadThrough:
             return
         self._list_retry_at.pop(entry.ino, None)
         with tree.lock, tree.journal.transaction():
-            if entry.listed:
-                return
+            if entry.listed != relist or entry.ino not in tree.entries:
+                return  # listed by another thread meanwhile, or gone
+            self._listed_at[entry.ino] = now
             children = tree.children.setdefault(entry.ino, {})
+            if relist:
+                self._merge(entry, known, {info.key: info for info in files},
+                            {d[len(prefix):].rstrip("/") for d in dirs})
             for sub in dirs:
                 name = sub[len(prefix):].rstrip("/")
                 if name and "/" not in name and name not in children:
@@ -88,8 +113,76 @@ class ReadThrough:
                 if name and "/" not in name and name not in children \
                         and not self._keys.known(info.key):
                     self._import(entry, name, info)
-            entry.listed = True
-            tree.journal.update(entry)
+            if not relist:
+                entry.listed = True
+                tree.journal.update(entry)
+
+    # ------------------------------------------------------------------ listing again
+
+    def _mergeable(self, directory: Entry) -> dict[int, tuple[str | None, str | None]]:
+        """Children a new listing may change: files with an object and no work, nobody's
+        open, and directories imported from the store and never listed; by ino, with the
+        key and ETag they have now."""
+        tree = self._tree
+        out: dict[int, tuple[str | None, str | None]] = {}
+        for ino in tree.children.get(directory.ino, {}).values():
+            child = tree.entries[ino]
+            if self._settled(child):
+                out[ino] = (child.remote_key, child.etag)
+        return out
+
+    def _settled(self, entry: Entry) -> bool:
+        if entry.is_dir:
+            return not entry.local and not entry.listed \
+                and not self._tree.children.get(entry.ino)
+        return entry.state in (CLEAN, REMOTE) and entry.remote_key is not None \
+            and entry.remote_key == self._tree.key_of(entry) and not entry.opens \
+            and not entry.in_flight and entry.ino not in self._queue.pending
+
+    def _merge(self, directory: Entry, known: dict[int, tuple[str | None, str | None]],
+               objects: dict[str, ObjectInfo], subdirs: set[str]) -> None:
+        """Coherence: what another writer removed or replaced since the last listing. Only
+        entries that were settled before the listing and still are, unchanged, are touched:
+        dirty data (and anything in flight, pending, open) is never dropped."""
+        tree = self._tree
+        for name, ino in list(tree.children.get(directory.ino, {}).items()):
+            child = tree.entries[ino]
+            if known.get(ino, (0, 0)) != (child.remote_key, child.etag) \
+                    or not self._settled(child):
+                continue
+            if child.is_dir:
+                if name not in subdirs:
+                    tree.remove_dir(child)
+                continue
+            assert child.remote_key is not None
+            info = objects.get(child.remote_key)
+            if info is None:
+                log.info("%s was removed from the store by another writer", child.remote_key)
+                self._forget(child)
+            elif info.etag and info.etag != child.etag:
+                log.info("%s changed in the store (ETag %s, was %s)", child.remote_key,
+                         info.etag, child.etag)
+                if child.local:
+                    self._files.drop_local(child, "changed")
+                child.size = child.remote_size = info.size
+                child.mtime_ns = int(info.mtime * 1e9)
+                child.etag = info.etag
+                tree.journal.update(child)
+
+    def _forget(self, entry: Entry) -> None:
+        """A settled file whose object is gone: it leaves the namespace (nothing to delete)."""
+        tree = self._tree
+        tree.unlink_name(entry)
+        self._queue.discard(entry)
+        if entry.state == CLEAN:
+            tree.clean_bytes -= entry.size
+        if entry.remote_key is not None:
+            self._keys.disown(entry.remote_key, entry.ino)
+        entry.unlinked = True
+        tree.journal.delete(entry.ino)
+        if entry.local:
+            self._files.path(entry.ino).unlink(missing_ok=True)
+        tree.entries.pop(entry.ino, None)
 
     def _import(self, parent: Entry, name: str, info: ObjectInfo | None) -> Entry:
         if info is None:

@@ -44,6 +44,10 @@ def recover(tree: Tree, keys: Keys, queue: WorkQueue, datafiles: DataFiles) -> N
     # data files are exactly what was written; after a power loss, only what was fsync'd is
     # known to be whole (see docs/dev/cachenode.md, "Power loss").
     page_cache_survived = journal.get_meta("incarnation") == current
+    # Power-loss rule: the identity objects name their writer by is durable before any
+    # upload (the sync at the end of recovery precedes the flusher's start).
+    queue.cache_id = journal.get_meta("cache-id") or uuid.uuid4().hex
+    journal.set_meta("cache-id", queue.cache_id)
     entries = journal.load()
     if not any(e.ino == ROOT_INO for e in entries):
         root = Entry(ino=ROOT_INO, parent=ROOT_INO, name="", is_dir=True,

@@ -134,15 +134,16 @@ class Streams:
             fd = os.open(self._files.path(entry.ino), os.O_RDONLY)
         except FileNotFoundError:
             return None
-        metadata = {"mode": oct(entry.mode & 0o7777), "uid": str(entry.uid),
-                    "gid": str(entry.gid), "mtime-ns": str(entry.mtime_ns)}
+        metadata = self._queue.object_metadata(entry)  # (pc, issue 15: names the writer)
         self._tree.journal.add_upload(entry.ino, key)
         entry.in_flight = True
         entry.streamed = 0
         self._queue.recount(entry)
         self._keys.own(key, entry.ino)
+        if_match, absent = self._queue.conditions(entry, key, owner)  # (pc, issue 15)
         return StreamWork(ino=entry.ino, key=key, fd=fd, metadata=metadata,
-                          path=self._tree.path_of(entry), temp_key=temp_key)
+                          path=self._tree.path_of(entry), temp_key=temp_key,
+                          if_match=if_match, if_none_match=absent)
 
     def state(self, work: StreamWork, streamed: int) -> StreamState:
         """How far the file has got; records ``streamed`` bytes sent for /status."""

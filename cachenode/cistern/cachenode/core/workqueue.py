@@ -18,6 +18,7 @@ from cistern.cachenode.core.datafiles import DataFiles
 from cistern.cachenode.core.keys import DELETE_RESERVATION, Keys
 from cistern.cachenode.core.model import (
     ROOT_INO,
+    WRITER_KEY,
     DeleteWork,
     MoveWork,
     StreamWork,
@@ -54,6 +55,9 @@ class WorkQueue:
         self._counted: dict[int, _Counts] = {}
         self.journal_errors = 0
         """Journal writes that failed in the flusher's reports (e.g. disk full)."""
+        self.cache_id = ""
+        """This cache's identity (journaled at its first start, see ``recovery``); every
+        object it writes names it with the entry (``WRITER_KEY``)."""
 
     def next_seq(self) -> int:
         return next(self._seq)
@@ -252,6 +256,20 @@ class WorkQueue:
                     out.append(work)
         return out
 
+    def object_metadata(self, entry: Entry) -> dict[str, str]:
+        """What an object of ``entry`` carries: its attributes and its writer."""
+        return {"mode": oct(entry.mode & 0o7777), "uid": str(entry.uid),
+                "gid": str(entry.gid), "mtime-ns": str(entry.mtime_ns),
+                WRITER_KEY: f"{self.cache_id}:{entry.ino}"}
+
+    @staticmethod
+    def conditions(entry: Entry, key: str, owner: int | None) -> tuple[str | None, bool]:
+        """Coherence: an upload of ``entry`` to ``key`` (whose owner was ``owner`` before it
+        was reserved) overwrites only the version this node uploaded or saw (If-Match), and
+        creates a key nobody here owns only if it is absent (If-None-Match)."""
+        if_match = entry.etag if entry.remote_key == key else None
+        return if_match, owner is None and entry.remote_key is None
+
     def _start(self, entry: Entry) -> Work | None:
         key = self._tree.key_of(entry)
         owner = self._keys.owner(key)
@@ -261,8 +279,7 @@ class WorkQueue:
             return None
         if self._marker_blocked(entry):
             return None
-        metadata = {"mode": oct(entry.mode & 0o7777), "uid": str(entry.uid),
-                    "gid": str(entry.gid), "mtime-ns": str(entry.mtime_ns)}
+        metadata = self.object_metadata(entry)
         if entry.state == DIRTY:
             try:
                 fd = os.open(self._files.path(entry.ino), os.O_RDONLY)
@@ -275,9 +292,7 @@ class WorkQueue:
             entry.in_flight = True
             self.recount(entry)
             self._keys.own(key, entry.ino)
-            # Coherence: overwrite only the version this node uploaded or saw (If-Match).
-            if_match = entry.etag if entry.remote_key == key else None
-            absent = owner is None and entry.remote_key is None  # create only: If-None-Match
+            if_match, absent = self.conditions(entry, key, owner)
             return UploadWork(ino=entry.ino, key=key, gen=entry.gen, fd=fd, size=size,
                               metadata=metadata, path=self._tree.path_of(entry),
                               if_match=if_match, if_none_match=absent)
