@@ -210,11 +210,17 @@ def configmap(body: Mapping[str, Any], config: NodeConfig,
 
 def control_secret(body: Mapping[str, Any], token: str,
                    settings: OperatorSettings) -> dict[str, Any]:
+    return token_secret(body, names_of(body).secret, "cache-node", token, settings)
+
+
+def token_secret(body: Mapping[str, Any], name: str, role: str, token: str,
+                 settings: OperatorSettings) -> dict[str, Any]:
+    """A Secret in the workload namespace whose key ``token`` is ``token``."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": _workload_meta(body, names_of(body).secret, "cache-node", settings),
+        "metadata": _workload_meta(body, name, role, settings),
         "stringData": {"token": token},
     }
 

@@ -29,7 +29,7 @@ from cistern.operator import manifests
 from cistern.operator.daemons import DaemonEndpoint
 from cistern.operator.kubeapi import CONFIGMAPS, SECRETS, KubeApi, Resource
 from cistern.operator.settings import OperatorSettings
-from cistern.writecache import PEER_MEMBERS_KEY, PEER_TOKEN_KEY, WriteCacheSpec
+from cistern.writecache import PEER_MEMBERS_KEY, WriteCacheSpec
 
 __all__ = ["PeerNetwork", "members_configmap", "members_json", "port_problem", "token_secret"]
 
@@ -70,14 +70,8 @@ def members_configmap(body: Mapping[str, Any], endpoints: Iterable[DaemonEndpoin
 
 def token_secret(body: Mapping[str, Any], token: str,
                  settings: OperatorSettings) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": manifests._workload_meta(body, manifests.names_of(body).peer_token,
-                                             "peer-token", settings),
-        "stringData": {PEER_TOKEN_KEY: token},
-    }
+    return manifests.token_secret(body, manifests.names_of(body).peer_token, "peer-token",
+                                  token, settings)
 
 
 class PeerNetwork:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import kmock as kmock_lib
-import pytest
 import pytest_asyncio
 import yaml
 
@@ -41,17 +40,10 @@ from .test_pod_runner_e2e import (
     until,
     write_synced,
 )
+from .test_pod_runner_e2e import pytestmark as e2e_marks
 
-pytestmark = [
-    pytest.mark.asyncio,
-    pytest.mark.e2e_local,
-    pytest.mark.timeout(240),
-    pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
-                       reason="the cache daemon needs root and /dev/fuse to mount"),
-    pytest.mark.skipif(shutil.which("cistern-node") is None
-                       or shutil.which("cistern-operator") is None,
-                       reason="the cistern entry points are not installed"),
-]
+# The journey's marks: e2e_local, a time limit, root and /dev/fuse, the entry points.
+pytestmark = e2e_marks
 
 NODES = ("node-1", "node-2")
 
