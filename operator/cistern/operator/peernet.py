@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from cistern.operator import manifests
+from cistern.operator.bodies import valid_spec
 from cistern.operator.daemons import DaemonEndpoint
 from cistern.operator.kubeapi import CONFIGMAPS, SECRETS, KubeApi, Resource
 from cistern.operator.settings import OperatorSettings
@@ -99,13 +100,18 @@ class PeerNetwork:
             body, endpoints, spec.peers.port, self.settings))
         return results
 
-    async def follow_pods(self, body: Mapping[str, Any], spec: WriteCacheSpec | None,
+    async def follow_pods(self, body: Mapping[str, Any],
                           endpoints: Iterable[DaemonEndpoint]) -> str:
         """Keep an existing members list in step with the daemon pods. Creates nothing: what
-        a spec rolls out is ``sync``'s (a refused spec keeps the running daemons' list)."""
+        a spec rolls out is ``sync``'s; a spec that was refused (``status.specProblem``) keeps
+        the list the running daemons got (its port may not be theirs)."""
+        spec = valid_spec(body)
+        if spec is None or not spec.durability.uses_peers or \
+                (body.get("status") or {}).get("specProblem"):
+            return "unchanged"
         n = manifests.names_of(body)
-        live = await self.api.get(CONFIGMAPS, n.peer_members, self.settings.workload_namespace)
-        if live is None or spec is None or not spec.durability.uses_peers:
+        if await self.api.get(CONFIGMAPS, n.peer_members,
+                              self.settings.workload_namespace) is None:
             return "unchanged"
         return await self.api.apply(CONFIGMAPS, members_configmap(
             body, endpoints, spec.peers.port, self.settings))

@@ -182,7 +182,7 @@ class Reconciler:
         status = fresh.get("status") or {}
         previous_nodes = {n.get("node"): n for n in status.get("nodes") or []}
         observed = await self.fleet.observe(namespace, name)
-        await self.peers.follow_pods(fresh, valid_spec(fresh), observed.endpoints)
+        await self.peers.follow_pods(fresh, observed.endpoints)
         timeout = min(drain_timeout(fresh), self.settings.max_drain_timeout)
         node_objects = {n["metadata"]["name"]: n for n in await self.api.list(NODES)}
         summaries = []

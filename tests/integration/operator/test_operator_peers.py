@@ -90,6 +90,18 @@ async def test_peer_network_objects_follow_the_spec_and_the_pods(
         await cluster.api.delete(PODS, "cistern-ckpt-node-b", WORKLOAD)
         await wait_for(lambda: _equal(members(cluster), want[:1]), what="node-b left")
 
+        # A refused spec (the peer port on the control port) leaves the running daemons' list.
+        await cluster.api.patch(WRITECACHES, "ckpt", {"spec": {"peers": {
+            "port": cluster.control_port}}}, NAMESPACE)
+        await wait_for(lambda: (cluster.condition("ckpt", "Degraded") or {}).get("reason")
+                       == "InvalidSpec", what="the port refused")
+        await a.polled(3)
+        assert await members(cluster) == want[:1]
+        await cluster.api.patch(WRITECACHES, "ckpt", {"spec": {"peers": {"port": 9471}}},
+                                NAMESPACE)
+        await wait_for(lambda: (cluster.condition("ckpt", "Degraded") or {}).get("status")
+                       == "False", what="the port accepted again")
+
         # The token is never in the status, an Event or a log line.
         assert token not in json.dumps(cluster.writecache("ckpt"))
         events = [dict(obj.raw) for (res, _, _), obj in cluster.kmock.objects.items()
