@@ -51,11 +51,13 @@ def port_problem(spec: WriteCacheSpec, settings: OperatorSettings) -> str | None
 
 
 def members_json(endpoints: Iterable[DaemonEndpoint], port: int) -> str:
-    """The members file: one entry per daemon pod, sorted by node (stable text, so an
-    unchanged membership never rewrites the ConfigMap)."""
-    members = sorted({(e.node, e.host) for e in endpoints})
-    return json.dumps({"members": [{"node": node, "host": host, "port": port}
-                                   for node, host in members]}, indent=1, sort_keys=True)
+    """The members file: one entry per node (its ready pod when a replaced one lingers with an
+    IP), sorted by node: stable text, so an unchanged membership never rewrites the ConfigMap."""
+    chosen: dict[str, DaemonEndpoint] = {}
+    for e in sorted(endpoints, key=lambda e: (e.node, not e.ready, e.host)):
+        chosen.setdefault(e.node, e)
+    return json.dumps({"members": [{"node": e.node, "host": e.host, "port": port}
+                                   for e in chosen.values()]}, indent=1, sort_keys=True)
 
 
 def members_configmap(body: Mapping[str, Any], endpoints: Iterable[DaemonEndpoint], port: int,

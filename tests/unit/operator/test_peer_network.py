@@ -121,7 +121,10 @@ def test_peer_port_must_not_collide() -> None:
 
 def test_members_configmap_is_what_the_node_parses() -> None:
     endpoints = [DaemonEndpoint(node="node-b", pod="p2", host="10.0.0.7", port=9464, ready=False),
-                 DaemonEndpoint(node="node-a", pod="p1", host="10.0.0.5", port=9464)]
+                 DaemonEndpoint(node="node-a", pod="p1", host="10.0.0.5", port=9464),
+                 # a replaced pod that still has an IP: the node's ready pod is the member
+                 DaemonEndpoint(node="node-a", pod="p0", host="10.0.0.4", port=9464,
+                                ready=False)]
     cm = members_configmap(BODY, endpoints, 7070, SETTINGS)
     kubernetes_validate.validate(cm, "1.32.0", strict=True)
     assert cm["metadata"]["namespace"] == "cistern-system"
