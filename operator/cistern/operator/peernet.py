@@ -8,9 +8,9 @@ workload namespace next to the privileged daemons, never in the tenant's:
 - Secret ``cistern-KEY-peer-token``: the shared token the daemons authenticate each other with
   (32 random bytes, URL-safe; made once, never logged, never in the status or an Event);
 - ConfigMap ``cistern-KEY-peers``: ``members.json`` = ``{"members": [{node, host, port}]}``,
-  one entry per daemon pod that has an IP and is not being deleted (ready or not: a member
-  that does not answer is skipped by the nodes themselves, while one that vanished from the
-  list for ``peers.deadAfter`` is taken for dead and its copies uploaded by its peers). Kept
+  one entry per node: its daemon pod that has an IP and is not being deleted (ready or not: a
+  member that does not answer is skipped by the nodes themselves, while one that vanished from
+  the list for ``peers.deadAfter`` is taken for dead and its copies uploaded by its peers). Kept
   current from the pods on every status refresh; a ConfigMap volume is updated in place and
   the daemons re-read the file when it changes.
 
