@@ -25,7 +25,15 @@ from cistern.config import (
     S3EndpointConfig,
     StoreConfig,
 )
-from cistern.configschema import boolean, check_bucket_name, duration, name_glob, positive_int
+from cistern.configschema import (
+    boolean,
+    check_bucket_name,
+    choice,
+    duration,
+    name_glob,
+    positive_int,
+)
+from cistern.peerconfig import DurabilityPolicy, PeersConfig, Transport
 
 __all__ = [
     "CSI_DRIVER_NAME",
@@ -36,7 +44,11 @@ __all__ = [
     "ObjectStoreSpec",
     "RetentionSpec",
     "AccessSpec",
+    "DEFAULT_PEER_PORT",
     "DEFAULT_S3_ENDPOINT_PORT",
+    "PEER_MEMBERS_KEY",
+    "PEER_TOKEN_KEY",
+    "PeerNetworkSpec",
     "S3EndpointSpec",
     "WriteCacheSpec",
     "cache_key",
@@ -48,6 +60,10 @@ CSI_DRIVER_NAME = "csi.cistern.dev"
 DEFAULT_MOUNT_ROOT = "/var/lib/cistern/mounts"
 DEFAULT_CACHE_HOST_PATH = "/var/lib/cistern/cache"
 DEFAULT_S3_ENDPOINT_PORT = 9470
+DEFAULT_PEER_PORT = 9471
+#: File names (ConfigMap / Secret keys) of the peer members list and the peer token.
+PEER_MEMBERS_KEY = "members.json"
+PEER_TOKEN_KEY = "token"
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
@@ -260,10 +276,7 @@ class S3EndpointSpec:
         where = "spec.s3Endpoint"
         _known(data, {"enabled", "port", "credentialsSecretRef"}, where)
         enabled = boolean(data.get("enabled", False), f"{where}.enabled")
-        port = data.get("port", DEFAULT_S3_ENDPOINT_PORT)
-        if isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535:
-            raise ConfigError(f"{where}.port: expected a port number from 1024 to 65535, "
-                              f"got {port!r}")
+        port = _port(data.get("port", DEFAULT_S3_ENDPOINT_PORT), f"{where}.port")
         ref = _mapping(data, "credentialsSecretRef", where)
         secret = ref.get("name") if ref else None
         if ref and (not isinstance(secret, str) or len(secret) > 253
@@ -275,6 +288,31 @@ class S3EndpointSpec:
                               "enabled (requests are authenticated with AWS SigV4 against the "
                               "keys accessKeyId and secretAccessKey of that Secret)")
         return cls(enabled=enabled, port=port, credentials_secret=secret)
+
+
+def _port(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1024 <= value <= 65535:
+        raise ConfigError(f"{where}: expected a port number from 1024 to 65535, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class PeerNetworkSpec:
+    """``spec.peers``: how the daemons of this WriteCache reach each other (issue 17; used only
+    when ``spec.durability`` asks for peer copies)."""
+
+    port: int = DEFAULT_PEER_PORT
+    """TCP port of the peer server on each daemon pod's IP."""
+    transport: Transport = "auto"
+    """``auto``, ``tcp`` or ``rdma`` (falls back to TCP with the reason in the status)."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PeerNetworkSpec:
+        where = "spec.peers"
+        _known(data, {"port", "transport"}, where)
+        return cls(port=_port(data.get("port", DEFAULT_PEER_PORT), f"{where}.port"),
+                   transport=choice(Transport)(data.get("transport", "auto"),
+                                               f"{where}.transport"))
 
 
 @dataclass(frozen=True)
@@ -295,13 +333,17 @@ class WriteCacheSpec:
     """Daemon container resources (requests/limits); empty: the operator's defaults."""
     access: AccessSpec = field(default_factory=AccessSpec)
     s3_endpoint: S3EndpointSpec = field(default_factory=S3EndpointSpec)
+    durability: DurabilityPolicy = field(default_factory=DurabilityPolicy)
+    """What an ``fsync`` waits for: ``local``, ``peers`` (N copies on other nodes) or ``s3``."""
+    peers: PeerNetworkSpec = field(default_factory=PeerNetworkSpec)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WriteCacheSpec:
         if not isinstance(data, Mapping):
             raise ConfigError(f"spec: expected a mapping, got {type(data).__name__}")
         _known(data, {"objectStore", "nodeSelector", "tolerations", "cache", "flush",
-                      "retention", "drain", "csi", "resources", "access", "s3Endpoint"}, "spec")
+                      "retention", "drain", "csi", "resources", "access", "s3Endpoint",
+                      "durability", "peers"}, "spec")
         if not data.get("objectStore"):
             raise ConfigError("spec.objectStore: required (at least objectStore.bucket)")
         selector = _mapping(data, "nodeSelector", "spec")
@@ -314,6 +356,7 @@ class WriteCacheSpec:
         try:
             flush = FlushPolicy.from_dict(_mapping(data, "flush", "spec"))
             drain = DrainPolicy.from_dict(_mapping(data, "drain", "spec"))
+            durability = DurabilityPolicy.from_dict(_mapping(data, "durability", "spec"))
         except ConfigError as exc:
             raise ConfigError(f"spec.{exc}") from exc
         return cls(
@@ -328,6 +371,8 @@ class WriteCacheSpec:
             resources=dict(_mapping(data, "resources", "spec")),
             access=AccessSpec.from_dict(_mapping(data, "access", "spec")),
             s3_endpoint=S3EndpointSpec.from_dict(_mapping(data, "s3Endpoint", "spec")),
+            durability=durability,
+            peers=PeerNetworkSpec.from_dict(_mapping(data, "peers", "spec")),
         )
 
 
@@ -346,6 +391,8 @@ def render_node_config(
     control: str = "127.0.0.1:9464",
     control_token_file: str | None = None,
     s3_credentials_dir: str = "/etc/cistern-s3",
+    peer_members_dir: str = "/etc/cistern-peers",
+    peer_token_dir: str = "/etc/cistern-peer-token",
 ) -> NodeConfig:
     """The configuration the daemon of WriteCache ``name`` runs with on every selected node.
 
@@ -354,6 +401,11 @@ def render_node_config(
     ``<mount_root>/<cache_key(namespace, name)>``, where the CSI driver looks for it.
     With ``spec.s3Endpoint.enabled`` the daemon serves S3 on ``0.0.0.0:<port>`` of its own
     network namespace (the pod's IP), checking signatures against ``s3_credentials_dir``.
+    When ``spec.durability`` uses peer copies, the peer server listens on
+    ``0.0.0.0:<spec.peers.port>`` (the pod's IP) and reads the members list from
+    ``peer_members_dir`` and the shared token from ``peer_token_dir`` (a ConfigMap and a Secret
+    the operator keeps); the node's name
+    among the members is given on the command line (``--peer-node-name``), per pod.
     """
     if not _DNS_LABEL.fullmatch(name) or len(name) > 63:
         raise ConfigError(f"metadata.name: {name!r} must be a DNS label (a-z, 0-9, '-')")
@@ -383,5 +435,11 @@ def render_node_config(
         s3_endpoint=S3EndpointConfig(listen=f"0.0.0.0:{spec.s3_endpoint.port}",
                                      credentials_dir=s3_credentials_dir)
         if spec.s3_endpoint.enabled else S3EndpointConfig(),
+        durability=spec.durability,
+        peers=PeersConfig(listen=f"0.0.0.0:{spec.peers.port}",
+                          members_file=f"{peer_members_dir.rstrip('/')}/{PEER_MEMBERS_KEY}",
+                          token_file=f"{peer_token_dir.rstrip('/')}/{PEER_TOKEN_KEY}",
+                          transport=spec.peers.transport)
+        if spec.durability.uses_peers else PeersConfig(),
     )
 

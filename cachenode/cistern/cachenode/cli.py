@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fuse-holder", metavar="SOCKET",
                      help="unix socket of a FUSE holder (cistern-node holder): the mount "
                      "then survives a crash, restart or upgrade of this daemon")
+    run.add_argument("--peer-node-name", metavar="NAME",  # issue 17: one ConfigMap, many pods
+                     help="this node's name among the peers (peers.nodeName; the operator "
+                     "passes the Kubernetes node name)")
     run.add_argument("--config", metavar="FILE", help="YAML node config (flags override it); "
                      "see docs/configuration.md")
     run.add_argument("--log-level", default="info",
@@ -130,6 +133,8 @@ def _build_config(args: argparse.Namespace) -> NodeConfig:
         data["fuseFrontend"] = args.fuse_frontend
     if args.fuse_holder:
         data["fuseHolder"] = args.fuse_holder
+    if args.peer_node_name:
+        data["peers"] = {**(data.get("peers") or {}), "nodeName": args.peer_node_name}
     config = NodeConfig.from_dict(data)
     if args.config and not args.mount:
         _create_configured_mount(config.mount)

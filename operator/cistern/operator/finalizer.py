@@ -121,6 +121,8 @@ class Finalizer:
         await self.api.delete(CONFIGMAPS, n.configmap, workload)
         await self.api.delete(SECRETS, n.secret, workload)
         await self.api.delete(SECRETS, n.credentials, workload)
+        await self.api.delete(SECRETS, n.peer_token, workload)  # issue 17 (peernet)
+        await self.api.delete(CONFIGMAPS, n.peer_members, workload)
         await self.s3_endpoint.remove(body)
         await self.mirrors.remove_access(n.key)
         await self.storage_classes.delete(body, keep=None)

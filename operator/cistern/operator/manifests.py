@@ -16,6 +16,10 @@ Per WriteCache ``NAME`` in namespace ``NS``, with ``KEY`` = ``cache_key(NS, NAME
     ``cistern-KEY-s3-credentials`` (a copy of the tenant's endpoint keys, mounted at
     ``S3_CREDENTIALS_DIR``) and Service ``Names.s3_service`` (``internalTrafficPolicy:
     Local``: a pod reaches the endpoint of its own node only);
+  - when ``spec.durability`` uses peer copies (built in ``peernet``): Secret
+    ``cistern-KEY-peer-token`` (the daemons' shared peer token) and ConfigMap
+    ``cistern-KEY-peers`` (``members.json``: the daemon pods' node names, IPs and peer port),
+    mounted at ``PEER_TOKEN_DIR`` and ``PEERS_DIR``;
   - the entry ``KEY.json`` of the ConfigMap ``cistern-access``: the namespaces that may use the
     cache, read by the CSI driver;
 
@@ -59,6 +63,8 @@ __all__ = [
     "LABEL_NODE",
     "LABEL_ROLE",
     "LABEL_WRITECACHE",
+    "PEERS_DIR",
+    "PEER_TOKEN_DIR",
     "S3_CREDENTIALS_DIR",
     "TOKEN_DIR",
     "access_policy",
@@ -86,6 +92,8 @@ CONFIG_HASH = "cistern.dev/config-hash"
 CONFIG_DIR = "/etc/cistern"
 TOKEN_DIR = "/etc/cistern-control"
 S3_CREDENTIALS_DIR = "/etc/cistern-s3"
+PEERS_DIR = "/etc/cistern-peers"
+PEER_TOKEN_DIR = "/etc/cistern-peer-token"
 CACHE_DIR_IN_POD = "/var/lib/cistern/cache"
 CONFIG_KEY = "node.yaml"
 HOLDER_SOCKET = "holder.sock"
@@ -104,6 +112,8 @@ class Names:
         self.secret = f"cistern-{self.key}-control"
         self.credentials = f"cistern-{self.key}-credentials"
         self.s3_credentials = f"cistern-{self.key}-s3-credentials"
+        self.peer_token = f"cistern-{self.key}-peer-token"
+        self.peer_members = f"cistern-{self.key}-peers"
         # A Service name is a DNS-1035 label (no dots, 63 characters): a readable prefix and a
         # hash of namespace/name, so two WriteCaches never share one.
         digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:10]
@@ -175,7 +185,8 @@ def node_config(name: str, namespace: str, spec: WriteCacheSpec,
     config = render_node_config(
         name, spec, namespace=namespace, mount_root=settings.mount_root,
         cache_dir=CACHE_DIR_IN_POD, control=f"0.0.0.0:{settings.control_port}",
-        control_token_file=f"{TOKEN_DIR}/token", s3_credentials_dir=S3_CREDENTIALS_DIR)
+        control_token_file=f"{TOKEN_DIR}/token", s3_credentials_dir=S3_CREDENTIALS_DIR,
+        peer_members_dir=PEERS_DIR, peer_token_dir=PEER_TOKEN_DIR)
     if settings.fuse_holder_dir:
         # One holder per node keeps every cache's connection, keyed by the mount point
         # <mount_root>/<cache_key>, which cannot collide across namespaces.
@@ -199,11 +210,17 @@ def configmap(body: Mapping[str, Any], config: NodeConfig,
 
 def control_secret(body: Mapping[str, Any], token: str,
                    settings: OperatorSettings) -> dict[str, Any]:
+    return token_secret(body, names_of(body).secret, "cache-node", token, settings)
+
+
+def token_secret(body: Mapping[str, Any], name: str, role: str, token: str,
+                 settings: OperatorSettings) -> dict[str, Any]:
+    """A Secret in the workload namespace whose key ``token`` is ``token``."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": _workload_meta(body, names_of(body).secret, "cache-node", settings),
+        "metadata": _workload_meta(body, name, role, settings),
         "stringData": {"token": token},
     }
 
@@ -317,6 +334,8 @@ def daemonset(body: Mapping[str, Any], spec: WriteCacheSpec, config: NodeConfig,
             "path": settings.fuse_holder_dir, "type": "DirectoryOrCreate"}})
     if spec.s3_endpoint.enabled:
         _add_s3_endpoint(pod_spec, spec, n)
+    if spec.durability.uses_peers:
+        _add_peer_network(pod_spec, spec, n)
     if settings.priority_class_name:
         pod_spec["priorityClassName"] = settings.priority_class_name
     return {
@@ -345,6 +364,22 @@ def _add_s3_endpoint(pod_spec: dict[str, Any], spec: WriteCacheSpec, n: Names) -
                                       "mountPath": S3_CREDENTIALS_DIR, "readOnly": True})
     pod_spec["volumes"].append({"name": "s3-credentials", "secret": {
         "secretName": n.s3_credentials, "defaultMode": 0o400}})
+
+
+def _add_peer_network(pod_spec: dict[str, Any], spec: WriteCacheSpec, n: Names) -> None:
+    """The peer server's port, the node's name among the members (the Kubernetes node name,
+    stable across pod replacements: copies are held per origin node), the token Secret and the
+    members ConfigMap (a plain ConfigMap volume: updated in place, the daemon re-reads it)."""
+    container = pod_spec["containers"][0]
+    container["command"] = [*container["command"], "--peer-node-name", "$(NODE_NAME)"]
+    container["ports"].append({"name": "peers", "containerPort": spec.peers.port,
+                               "protocol": "TCP"})
+    container["volumeMounts"] += [
+        {"name": "peer-token", "mountPath": PEER_TOKEN_DIR, "readOnly": True},
+        {"name": "peer-members", "mountPath": PEERS_DIR, "readOnly": True}]
+    pod_spec["volumes"] += [
+        {"name": "peer-token", "secret": {"secretName": n.peer_token, "defaultMode": 0o400}},
+        {"name": "peer-members", "configMap": {"name": n.peer_members}}]
 
 
 def storage_class(body: Mapping[str, Any], spec: WriteCacheSpec) -> dict[str, Any]:

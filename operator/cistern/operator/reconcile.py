@@ -26,6 +26,7 @@ from cistern.operator.fleet import Fleet
 from cistern.operator.kubeapi import CONFIGMAPS, DAEMONSETS, NODES, SECRETS, KubeApi
 from cistern.operator.mirrors import Mirrors
 from cistern.operator.nodelabels import NodeLabels
+from cistern.operator.peernet import PeerNetwork, port_problem
 from cistern.operator.problems import EventSink, Problem
 from cistern.operator.s3endpoint import S3EndpointObjects, missing_keys
 from cistern.operator.settings import OperatorSettings
@@ -58,6 +59,7 @@ class Reconciler:
         self.s3_endpoint = S3EndpointObjects(api, settings)
         self.status = StatusWriter(api, settings, post_event)
         self.fleet = Fleet(api, daemons, settings)
+        self.peers = PeerNetwork(api, settings)  # issue 17: token Secret, members ConfigMap
         self.drains = Drains(api, daemons, self.fleet, settings, post_event)
         self.node_labels = NodeLabels(api)
         self.storage_classes = StorageClasses(api, settings)
@@ -107,6 +109,8 @@ class Reconciler:
                     raise Problem(exc.reason, exc.message, temporary=True,
                                   delay=self.settings.retry_delay) from None
         await self._validate_s3_endpoint(meta["namespace"], spec)
+        if (peer_port := port_problem(spec, self.settings)) is not None:
+            raise Problem("InvalidSpec", peer_port, temporary=False)
         return spec
 
     async def _validate_s3_endpoint(self, namespace: str, spec: WriteCacheSpec) -> None:
@@ -147,6 +151,8 @@ class Reconciler:
             results["AccessPolicy"] = access
         results["ConfigMap"] = await self.api.apply(
             CONFIGMAPS, manifests.configmap(body, config, self.settings))
+        results.update({k: v for k, v in (await self.peers.sync(
+            body, spec, await self.fleet.endpoints(namespace, name))).items() if v != "unchanged"})
         results["DaemonSet"] = await self.api.apply(
             DAEMONSETS, manifests.daemonset(body, spec, config, self.settings))
         results["StorageClass"] = await self.storage_classes.apply(body, spec)
@@ -176,6 +182,7 @@ class Reconciler:
         status = fresh.get("status") or {}
         previous_nodes = {n.get("node"): n for n in status.get("nodes") or []}
         observed = await self.fleet.observe(namespace, name)
+        await self.peers.follow_pods(fresh, observed.endpoints)
         timeout = min(drain_timeout(fresh), self.settings.max_drain_timeout)
         node_objects = {n["metadata"]["name"]: n for n in await self.api.list(NODES)}
         summaries = []

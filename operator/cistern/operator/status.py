@@ -125,9 +125,31 @@ def _condition(kind: str, on: bool, reason: str, message: str,
             "message": message, "observedGeneration": generation}
 
 
+def _peer_copies(nodes: Sequence[Mapping[str, Any]], generation: int) -> dict[str, Any]:
+    """``PeerCopies``: False while a node counts fsyncs that got fewer peer copies than asked
+    (``peerCopiesMissing``, since its daemon started); the message also names the nodes whose
+    peer transport fell back (e.g. no RDMA device) and why."""
+    peered = [n for n in nodes if "peerTransport" in n]
+    missing = [n for n in peered if _int(n.get("peerCopiesMissing")) > 0]
+    reasons: dict[str, list[str]] = {}
+    for n in peered:
+        if "fallback" in str(n.get("peerTransportReason") or ""):
+            reasons.setdefault(str(n["peerTransportReason"]), []).append(str(n["node"]))
+    tail = "".join(f"; {', '.join(on)}: {reason}" for reason, on in reasons.items())
+    if missing:
+        return _condition("PeerCopies", False, "CopiesMissing", "; ".join(
+            f"{n['node']}: {_int(n['peerCopiesMissing'])} fsync(s) with fewer peer copies "
+            "than asked since the daemon started" for n in missing) + tail, generation)
+    held = sum(_int(n.get("bytesHeldForPeers")) for n in peered)
+    return _condition("PeerCopies", True, "CopiesMade",
+                      f"no copy missing on {len(peered)} node(s); {human_bytes(held)} held for "
+                      f"peers{tail}", generation)
+
+
 def build_conditions(view: ClusterView, previous: Sequence[Mapping[str, Any]] = (),
                      now: str = "") -> list[dict[str, Any]]:
-    """Ready, Progressing, Degraded, FlushBacklog and Draining, in that order.
+    """Ready, Progressing, Degraded, FlushBacklog and Draining, in that order; then
+    PeerCopies when a node runs the peer network (issue 17).
 
     ``lastTransitionTime`` is kept from ``previous`` unless the condition's status changed.
     """
@@ -207,9 +229,12 @@ def build_conditions(view: ClusterView, previous: Sequence[Mapping[str, Any]] = 
                            "no node is draining" if not done else "; ".join(
                                f"{n['node']}: {n['drainOutcome']}" for n in done), g)
 
+    conditions = [ready_c, progressing, degraded, flush, drain]
+    if any("peerTransport" in n for n in nodes):
+        conditions.append(_peer_copies(nodes, g))
     old = {c.get("type"): c for c in previous}
     result = []
-    for cond in (ready_c, progressing, degraded, flush, drain):
+    for cond in conditions:
         before = old.get(cond["type"])
         if before and before.get("status") == cond["status"] and before.get("lastTransitionTime"):
             cond["lastTransitionTime"] = before["lastTransitionTime"]
