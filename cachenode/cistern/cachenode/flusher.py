@@ -10,6 +10,7 @@ own counters are guarded by its own lock; it never holds the core's.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -19,7 +20,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from cistern.cachenode.core import CacheCore, DeleteWork, MoveWork, UploadWork, Work
 from cistern.cachenode.core.model import WRITER_KEY
-from cistern.cachenode.store import PermanentStoreError, PreconditionFailed, StoreError
+from cistern.cachenode.store import (
+    _COPY_CHUNK,
+    CHECKSUM_KEY,
+    PermanentStoreError,
+    PreconditionFailed,
+    StoreError,
+)
 from cistern.cachenode.storeclient import StoreClient
 from cistern.cachenode.streamer import Streamer
 from cistern.config import FlushPolicy
@@ -204,6 +211,9 @@ class Flusher:
         except PreconditionFailed:
             again = self._second_chance(work.key, work.metadata)
             if again is None:
+                same = self._same_content(work)
+                if same is not None:
+                    return same
                 self._keep_conflict(work, send)
                 raise
         try:
@@ -237,6 +247,33 @@ class Flusher:
         log.warning("%s: the object in the store was written by this cache (%s) but the "
                     "journal lost its result in a crash; it is replaced", key,
                     info.metadata.get(WRITER_KEY))
+        return info.etag
+
+    def _same_content(self, work: UploadWork) -> str | None:
+        """After a 412 that ``_second_chance`` does not explain: the ETag of the object at the
+        key if it holds exactly this version (same size, and its ``CHECKSUM_KEY`` is the MD5
+        of this file), else None. Such an object is this version, whoever wrote it — e.g. a
+        peer that held a copy of it uploaded it while this node was down (docs/dev/peers.md):
+        the entry becomes CLEAN at that ETag, with no second object and no conflict copy.
+        Only on this rare path is the local file hashed."""
+        try:
+            info = self.client.head(work.key)
+        except (FileNotFoundError, StoreError):
+            return None
+        stored = info.metadata.get(CHECKSUM_KEY)
+        if stored is None or info.size != work.size or not info.etag:
+            return None
+        digest, offset = hashlib.md5(), 0
+        while offset < work.size:
+            chunk = os.pread(work.fd, min(_COPY_CHUNK, work.size - offset), offset)
+            if not chunk:
+                return None
+            digest.update(chunk)
+            offset += len(chunk)
+        if digest.hexdigest() != stored or not self.core.upload_source_current(work):
+            return None
+        log.info("%s: the object in the store already holds this version (same MD5); "
+                 "nothing to upload", work.key)
         return info.etag
 
     def _keep_conflict(self, work: UploadWork, send: Callable[[str, str | None, bool], str]

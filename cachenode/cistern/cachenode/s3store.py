@@ -12,6 +12,7 @@ from typing import Any
 
 from cistern.cachenode.store import (
     _COPY_CHUNK,
+    CHECKSUM_KEY,
     LocalDirStore,
     ObjectInfo,
     ObjectStore,
@@ -27,10 +28,6 @@ from cistern.cachenode.store import (
 from cistern.config import StoreConfig
 
 __all__ = ["CHECKSUM_KEY", "S3Store", "open_store"]
-
-CHECKSUM_KEY = "cistern-md5"
-"""Metadata holding the MD5 of a single-PUT object's body, written by this node and checked
-by every download (an ETag is not always an MD5, so it cannot be the reference)."""
 
 
 class _Crc32:

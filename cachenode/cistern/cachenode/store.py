@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 __all__ = [
+    "CHECKSUM_KEY",
     "ObjectInfo",
     "ObjectStore",
     "PermanentStoreError",
@@ -81,6 +82,12 @@ class ObjectInfo:
     mtime: float
     etag: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+CHECKSUM_KEY = "cistern-md5"
+"""Metadata holding the MD5 (hex) of a single-PUT object's body, written with the object by
+this node (S3Store) or by a peer's rescue, and checked by every download (an ETag is not
+always an MD5, so it cannot be the reference)."""
 
 
 def validate_key(key: str) -> str:

@@ -107,6 +107,25 @@ def test_new_file_does_not_replace_an_object_created_meanwhile(make_node: Any, b
     assert (node.mount / "d" / "new.bin").read_bytes() == b"other writer"
 
 
+def test_an_object_holding_this_version_already_is_not_a_conflict(make_node: Any, bucket: str,
+                                                                  s3: Any) -> None:
+    """While the node held its upload back, someone else put exactly its version at the key
+    with its MD5 in the metadata (what a peer rescuing a copy writes, docs/dev/peers.md): the
+    node's create-only upload gets 412, finds its own content there, and takes the object as
+    its upload: no conflict copy, no second object."""
+    node = make_node(bucket, upload_delay=3600)
+    (node.mount / "d").mkdir()
+    assert os.listdir(node.mount / "d") == []
+    data = os.urandom(70_000)
+    (node.mount / "d" / "rescued.bin").write_bytes(data)
+    s3.put_object(Bucket=bucket, Key="d/rescued.bin", Body=data,
+                  Metadata={"cistern-md5": hashlib.md5(data).hexdigest()})
+    status = node.flush(timeout=60)
+    assert status.conflicts_total == 0 and status.last_conflict is None
+    assert list_keys(s3, bucket) == {"d/rescued.bin": len(data)}
+    assert read_object(s3, bucket, "d/rescued.bin") == data
+
+
 def test_listings_follow_another_writer_and_keep_dirty_files(make_node: Any, bucket: str,
                                                               s3: Any) -> None:
     """A second writer adds, replaces and deletes objects under a running node: after

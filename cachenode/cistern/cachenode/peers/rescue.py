@@ -32,14 +32,13 @@ from cistern.cachenode.peers.copies import CopyRow, CopyStore
 from cistern.cachenode.peers.index import PeerIndex
 from cistern.cachenode.peers.membership import Membership
 from cistern.cachenode.peers.protocol import Op, PeerError
-from cistern.cachenode.store import ObjectInfo, PreconditionFailed, StoreError
+from cistern.cachenode.store import CHECKSUM_KEY, ObjectInfo, PreconditionFailed, StoreError
 
 __all__ = ["Rescuer"]
 
 log = logging.getLogger(__name__)
 
 CHECK_EVERY = 1.0
-CHECKSUM_KEY = "cistern-md5"
 
 
 class RescueStore(Protocol):
