@@ -21,11 +21,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from cistern.cachenode.core import CacheCore, DeleteWork, MoveWork, UploadWork, Work
 from cistern.cachenode.core.model import WRITER_KEY
 from cistern.cachenode.store import (
-    _COPY_CHUNK,
     CHECKSUM_KEY,
     PermanentStoreError,
     PreconditionFailed,
     StoreError,
+    hash_range,
 )
 from cistern.cachenode.storeclient import StoreClient
 from cistern.cachenode.streamer import Streamer
@@ -263,14 +263,9 @@ class Flusher:
         stored = info.metadata.get(CHECKSUM_KEY)
         if stored is None or info.size != work.size or not info.etag:
             return None
-        digest, offset = hashlib.md5(), 0
-        while offset < work.size:
-            chunk = os.pread(work.fd, min(_COPY_CHUNK, work.size - offset), offset)
-            if not chunk:
-                return None
-            digest.update(chunk)
-            offset += len(chunk)
-        if digest.hexdigest() != stored or not self.core.upload_source_current(work):
+        digest = hashlib.md5()
+        if hash_range(work.fd, 0, work.size, digest) < work.size or \
+                digest.hexdigest() != stored or not self.core.upload_source_current(work):
             return None
         log.info("%s: the object in the store already holds this version (same MD5); "
                  "nothing to upload", work.key)

@@ -21,6 +21,7 @@ from cistern.cachenode.store import (
     PreconditionFailed,
     StoreError,
     TemporaryStoreError,
+    hash_range,
     part_receipt,
     receipt_checksum,
     validate_key,
@@ -50,15 +51,8 @@ checksums>-<parts>``) form a download can recompute with the standard library.""
 
 
 def _digests_of(fd: int, offset: int, length: int, *digests: Any) -> None:
-    remaining = length
-    while remaining > 0:
-        chunk = os.pread(fd, min(_COPY_CHUNK, remaining), offset)
-        if not chunk:
-            raise StoreError(f"local file shrank while reading at offset {offset}", "ShortRead")
-        for digest in digests:
-            digest.update(chunk)
-        offset += len(chunk)
-        remaining -= len(chunk)
+    if hash_range(fd, offset, length, *digests) < length:
+        raise StoreError(f"local file shrank while reading at offset {offset}", "ShortRead")
 
 
 def _digest_of(digest: Any, fd: int, offset: int, length: int) -> Any:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "CHECKSUM_KEY",
+    "hash_range",
     "ObjectInfo",
     "ObjectStore",
     "PermanentStoreError",
@@ -175,17 +176,25 @@ class PartChecksum:
         return f"{self.value()}:{self._adler:08x}"
 
 
+def hash_range(fd: int, offset: int, length: int, *digests: Any) -> int:
+    """Feed ``fd[offset:offset+length]`` to every digest (hashlib's ``update`` interface) in
+    one pass of ``pread``s; return how many bytes were read (fewer if the file is shorter)."""
+    done = 0
+    while done < length:
+        chunk = os.pread(fd, min(_COPY_CHUNK, length - done), offset + done)
+        if not chunk:
+            break
+        for digest in digests:
+            digest.update(chunk)
+        done += len(chunk)
+    return done
+
+
 def part_fingerprint(fd: int, offset: int, length: int) -> str:
     """``PartChecksum.fingerprint`` of ``fd[offset:offset+length]`` (fewer bytes if the file
     is shorter)."""
     checksum = PartChecksum()
-    end = offset + length
-    while offset < end:
-        chunk = os.pread(fd, min(_COPY_CHUNK, end - offset), offset)
-        if not chunk:
-            break
-        checksum.update(chunk)
-        offset += len(chunk)
+    hash_range(fd, offset, length, checksum)
     return checksum.fingerprint()
 
 

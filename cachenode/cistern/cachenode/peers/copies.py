@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cistern.cachenode.peers.index import moved_key
+from cistern.cachenode.store import hash_range
 
 __all__ = ["CopyRow", "CopyStore", "check_node_name"]
 
@@ -218,12 +219,5 @@ class CopyStore:
 
 def _md5_of(fd: int, size: int) -> str:
     digest = hashlib.md5()
-    offset = 0
-    while offset < size:
-        chunk = os.pread(fd, min(8 * 2**20, size - offset), offset)
-        if not chunk:
-            break
-        digest.update(chunk)
-        offset += len(chunk)
+    hash_range(fd, 0, size, digest)
     return digest.hexdigest()
-
