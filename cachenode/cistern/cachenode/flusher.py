@@ -22,6 +22,7 @@ from cistern.cachenode.core import CacheCore, DeleteWork, MoveWork, UploadWork, 
 from cistern.cachenode.core.model import WRITER_KEY
 from cistern.cachenode.store import (
     CHECKSUM_KEY,
+    ObjectInfo,
     PermanentStoreError,
     PreconditionFailed,
     StoreError,
@@ -209,11 +210,14 @@ class Flusher:
         try:
             return send(work.key, work.if_match, work.if_none_match)
         except PreconditionFailed:
-            again = self._second_chance(work.key, work.metadata)
+            try:
+                info: ObjectInfo | None = self.client.head(work.key)
+            except FileNotFoundError:
+                info = None
+            again = self._second_chance(work.key, work.metadata, info)
             if again is None:
-                same = self._same_content(work)
-                if same is not None:
-                    return same
+                if info is not None and self._holds_this_version(work, info):
+                    return str(info.etag)
                 self._keep_conflict(work, send)
                 raise
         try:
@@ -222,7 +226,8 @@ class Flusher:
             self._keep_conflict(work, send)
             raise
 
-    def _second_chance(self, key: str, metadata: dict[str, str]) -> str | None:
+    def _second_chance(self, key: str, metadata: dict[str, str], info: ObjectInfo | None
+                       ) -> str | None:
         """After a 412: what the upload may be conditional on instead, or None (a conflict).
 
         - The object at ``key`` names this cache as its writer (``WRITER_KEY``, stored with
@@ -234,9 +239,7 @@ class Flusher:
           thrown away, it is uploaded create-only (``""``: If-None-Match).
         Anything else is another writer's object (docs/dev/cachenode.md, Power loss and
         Coherence). A store that keeps no metadata never matches the first case."""
-        try:
-            info = self.client.head(key)
-        except FileNotFoundError:
+        if info is None:
             log.warning("%s was deleted from the store by another writer; this node's "
                         "version is uploaded again (create-only)", key)
             return ""
@@ -249,27 +252,23 @@ class Flusher:
                     info.metadata.get(WRITER_KEY))
         return info.etag
 
-    def _same_content(self, work: UploadWork) -> str | None:
-        """After a 412 that ``_second_chance`` does not explain: the ETag of the object at the
-        key if it holds exactly this version (same size, and its ``CHECKSUM_KEY`` is the MD5
-        of this file), else None. Such an object is this version, whoever wrote it — e.g. a
-        peer that held a copy of it uploaded it while this node was down (docs/dev/peers.md):
-        the entry becomes CLEAN at that ETag, with no second object and no conflict copy.
-        Only on this rare path is the local file hashed."""
-        try:
-            info = self.client.head(work.key)
-        except (FileNotFoundError, StoreError):
-            return None
+    def _holds_this_version(self, work: UploadWork, info: ObjectInfo) -> bool:
+        """After a 412 that ``_second_chance`` does not explain: the object ``info`` (from the
+        same HEAD) holds exactly this version (same size, and its ``CHECKSUM_KEY`` is the MD5
+        of this file). Such an object is this version, whoever wrote it — e.g. a peer that
+        held a copy of it uploaded it while this node was down (docs/dev/peers.md): the entry
+        becomes CLEAN at its ETag, with no second object and no conflict copy. Only on this
+        rare path is the local file hashed."""
         stored = info.metadata.get(CHECKSUM_KEY)
         if stored is None or info.size != work.size or not info.etag:
-            return None
+            return False
         digest = hashlib.md5()
         if hash_range(work.fd, 0, work.size, digest) < work.size or \
                 digest.hexdigest() != stored or not self.core.upload_source_current(work):
-            return None
+            return False
         log.info("%s: the object in the store already holds this version (same MD5); "
                  "nothing to upload", work.key)
-        return info.etag
+        return True
 
     def _keep_conflict(self, work: UploadWork, send: Callable[[str, str | None, bool], str]
                        ) -> None:
