@@ -18,6 +18,7 @@ from typing import Any
 
 from bench.s3env import S3Env
 from bench.targets import Mounted
+from tests.support.faultproxy import LogEntry
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,24 @@ class SaveResult:
     files: dict[str, int]
     requests: dict[str, int]
     note: str = ""
+    acked_s: float | None = None
+    """Until the store acknowledged the last data request (PART or PUT) before the last
+    CompleteMultipartUpload returned: everything but the Complete (and what follows it)."""
+    completed_s: float | None = None
+    """Until the last CompleteMultipartUpload returned (None: no multipart upload)."""
+
+
+def upload_timeline(log: list[LogEntry], since: float) -> tuple[float | None, float | None]:
+    """(last data request acknowledged before the last Complete, last Complete returned),
+    seconds from ``since``, from the proxy's log (completion times, wall clock). The gap
+    between them is the Complete: our wait before sending it, 35 ms of latency, and the
+    server's work (moto concatenates the parts: ``python -m bench.upload_path``)."""
+    completes = [e.time for e in log if e.kind == "COMPLETE_MPU" and e.status == 200]
+    end = max(completes) if completes else None
+    data = [e.time for e in log if e.kind in ("PART", "PUT") and e.status == 200
+            and (end is None or e.time <= end)]
+    acked = max(data) - since if data else None
+    return acked, (end - since if end is not None else None)
 
 
 def _child_env() -> dict[str, str]:
@@ -149,10 +168,15 @@ def checkpoint_saves(env: S3Env, mounted: Mounted, kinds: list[str], size: int, 
             uploader.join()
             poller.join()
             durable_s, note = durable.get("r", (None, "no durability result"))
+            # Once quiet: the proxy logs a request after relaying its answer, so a Complete
+            # is logged a little after its object shows in the (direct) listing.
+            requests = env.wait_quiet(settle=settle)
+            acked_s, completed_s = upload_timeline(env.proxy.log(), since)
             results[kind] = SaveResult(
                 stall_s=float(saved["stall_s"]), read_after_write_s=float(loaded["read_s"]),
                 durable_s=durable_s, files=dict(saved["files"]),
-                requests=env.wait_quiet(settle=settle), note=note)
+                requests=requests, note=note, acked_s=acked_s,
+                completed_s=completed_s)
         proc.stdin.close()
         proc.wait(timeout=durable_timeout)
     except (StopIteration, RuntimeError, subprocess.TimeoutExpired) as exc:
