@@ -25,6 +25,8 @@ _METRIC_KINDS: dict[str, tuple[str, str, bool]] = {
     "durable_s": ("time until durable in S3 (from save start)", "s", False),
     "acked_s": ("last part/PUT acknowledged, before the Complete (from save start)", "s", False),
     "completed_s": ("CompleteMultipartUpload returned (from save start)", "s", False),
+    "nodecpu_s": ("CPU of the cache's processes, save + upload", "s", False),
+    "storecpu_s": ("CPU of the S3 server (moto), save + upload", "s", False),
     "read_after_write_s": ("read-after-write load", "s", False),
     "cold_read_s": ("cold-restart load (empty cache)", "s", False),
     "cp_s": ("cp -r of the small files", "s", False),

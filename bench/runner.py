@@ -146,6 +146,8 @@ def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Pa
             run.metrics[f"{kind}_read_after_write_s"] = saved.read_after_write_s
             run.metrics[f"{kind}_acked_s"] = saved.acked_s
             run.metrics[f"{kind}_completed_s"] = saved.completed_s
+            run.metrics[f"{kind}_nodecpu_s"] = saved.node_cpu_s
+            run.metrics[f"{kind}_storecpu_s"] = saved.store_cpu_s
             run.requests[kind] = saved.requests
             if saved.note:
                 run.notes.append(f"{kind}: {saved.note}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.s3env import S3Env
+from bench.s3env import S3Env, tree_cpu_seconds
 from bench.targets import Mounted
 from tests.support.faultproxy import LogEntry
 
@@ -69,6 +69,11 @@ class SaveResult:
     CompleteMultipartUpload returned: everything but the Complete (and what follows it)."""
     completed_s: float | None = None
     """Until the last CompleteMultipartUpload returned (None: no multipart upload)."""
+    node_cpu_s: float | None = None
+    """CPU seconds of the target's process tree from the go until S3 was quiet again (None:
+    no process of its own, e.g. boto3 uploads from the harness)."""
+    store_cpu_s: float | None = None
+    """CPU seconds of the moto server over the same span."""
 
 
 def upload_timeline(log: list[LogEntry], since: float) -> tuple[float | None, float | None]:
@@ -147,6 +152,9 @@ def checkpoint_saves(env: S3Env, mounted: Mounted, kinds: list[str], size: int, 
                 raise RuntimeError(f"unexpected event {ready}")
             env.wait_quiet(settle=settle)
             env.proxy.reset()
+            node = mounted.proc.pid if mounted.proc is not None else None
+            cpu_before = (tree_cpu_seconds(node) if node is not None else 0.0,
+                          tree_cpu_seconds(env.moto_pid))
             proc.stdin.write("go\n")
             proc.stdin.flush()
             saved = next(events)
@@ -172,11 +180,13 @@ def checkpoint_saves(env: S3Env, mounted: Mounted, kinds: list[str], size: int, 
             # is logged a little after its object shows in the (direct) listing.
             requests = env.wait_quiet(settle=settle)
             acked_s, completed_s = upload_timeline(env.proxy.log(), since)
+            node_cpu = tree_cpu_seconds(node) - cpu_before[0] if node is not None else None
+            store_cpu = tree_cpu_seconds(env.moto_pid) - cpu_before[1]
             results[kind] = SaveResult(
                 stall_s=float(saved["stall_s"]), read_after_write_s=float(loaded["read_s"]),
                 durable_s=durable_s, files=dict(saved["files"]),
-                requests=requests, note=note, acked_s=acked_s,
-                completed_s=completed_s)
+                requests=requests, note=note, acked_s=acked_s, completed_s=completed_s,
+                node_cpu_s=node_cpu, store_cpu_s=store_cpu)
         proc.stdin.close()
         proc.wait(timeout=durable_timeout)
     except (StopIteration, RuntimeError, subprocess.TimeoutExpired) as exc:
