@@ -72,6 +72,8 @@ class BenchConfig:
     error_rate: float = 0.0
     upload_delay: float = 1.0
     """Cistern's --upload-delay (seconds a closed file waits before upload)."""
+    cistern_config: str | None = None
+    """A YAML node config file for the Cistern targets (``cistern-node run --config``)."""
     quiet_settle: float = 1.5
     """Seconds without S3 requests that count as quiet (between and after saves)."""
     durable_timeout: float = 600.0
@@ -180,7 +182,7 @@ def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Pa
 
 def run_bench(cfg: BenchConfig) -> BenchRun:
     result = BenchRun(config=cfg)
-    targets = build_targets(cfg.targets, cfg.frontends, cfg.upload_delay)
+    targets = build_targets(cfg.targets, cfg.frontends, cfg.upload_delay, cfg.cistern_config)
     available: list[Target] = []
     for target in targets:
         reason = target.unavailable_reason()

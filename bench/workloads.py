@@ -181,7 +181,8 @@ def checkpoint_saves(env: S3Env, mounted: Mounted, kinds: list[str], size: int, 
             requests = env.wait_quiet(settle=settle)
             acked_s, completed_s = upload_timeline(env.proxy.log(), since)
             node_cpu = tree_cpu_seconds(node) - cpu_before[0] if node is not None else None
-            store_cpu = tree_cpu_seconds(env.moto_pid) - cpu_before[1]
+            store_cpu = (tree_cpu_seconds(env.moto_pid) - cpu_before[1]
+                         if mounted.target.kind != "local" else None)
             results[kind] = SaveResult(
                 stall_s=float(saved["stall_s"]), read_after_write_s=float(loaded["read_s"]),
                 durable_s=durable_s, files=dict(saved["files"]),
