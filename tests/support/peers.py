@@ -15,7 +15,31 @@ from typing import Any
 from .node import NodeProcess
 from .s3server import free_port
 
-__all__ = ["Cluster"]
+__all__ = ["TOKEN", "Cluster", "HeldFiles"]
+
+TOKEN = b"0123456789abcdef-test-token"
+"""The shared token of in-process peer servers."""
+
+
+class HeldFiles:
+    """A peer server's handler holding ``files`` (key -> bytes), for in-process servers."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.announced: list[dict[str, Any]] = []
+
+    def read_local(self, key: str, offset: int, length: int) -> bytes | None:
+        data = self.files.get(key)
+        return None if data is None else data[offset:offset + length]
+
+    def on_announce(self, origin: str, header: dict[str, Any]) -> None:
+        self.announced.append(header)
+
+    def on_rename(self, origin: str, old: str, new: str) -> None:
+        pass
+
+    def on_drop(self, origin: str, key: str, upto: int | None) -> None:
+        pass
 
 
 class Cluster:

@@ -36,30 +36,10 @@ from cistern.cachenode.peers.rdma_wire import (
 )
 from cistern.cachenode.peers.regions import RegionReads, RegionTable, TcpEngine
 from cistern.cachenode.peers.server import PeerServer
+from support.peers import TOKEN, HeldFiles
 
-TOKEN = b"0123456789abcdef-test-token"
 GID = "fe80:0000:0000:0000:0202:c9ff:fe00:0001"
 QP = {"qpn": 0x1A2B, "psn": 0xABCDE, "lid": 7, "gid": GID, "mtu": 4096}
-
-
-class Files:
-    """The holder's files (what read_local serves)."""
-
-    def __init__(self, files: dict[str, bytes]) -> None:
-        self.files = files
-
-    def read_local(self, key: str, offset: int, length: int) -> bytes | None:
-        data = self.files.get(key)
-        return None if data is None else data[offset:offset + length]
-
-    def on_announce(self, origin: str, header: dict[str, Any]) -> None:
-        pass
-
-    def on_rename(self, origin: str, old: str, new: str) -> None:
-        pass
-
-    def on_drop(self, origin: str, key: str, upto: int | None) -> None:
-        pass
 
 
 class CorruptingEngine(TcpEngine):
@@ -77,7 +57,7 @@ BIG = os.urandom(MAX_REGION + 3 * 2**20 + 17)  # two regions, the first read in 
 def _server(tmp_path: Path, engine: TcpEngine) -> PeerServer:
     table = RegionTable({"tcp": engine})
     srv = PeerServer("127.0.0.1", 0, "holder", TOKEN, CopyStore(tmp_path / "copies"),
-                     Files({"ckpt/shard": BIG, "small": b"hello regions"}), table)
+                     HeldFiles({"ckpt/shard": BIG, "small": b"hello regions"}), table)
     srv.start()
     return srv
 
@@ -257,7 +237,7 @@ def test_a_truncated_exchange_frame_costs_the_holder_nothing(server: PeerServer)
 def test_the_holder_bounds_the_bytes_it_keeps_registered(tmp_path: Path) -> None:
     engine = TcpEngine()
     srv = PeerServer("127.0.0.1", 0, "holder", TOKEN, CopyStore(tmp_path / "copies"),
-                     Files({"f": b"x" * 100}), RegionTable({"tcp": engine}, max_bytes=150))
+                     HeldFiles({"f": b"x" * 100}), RegionTable({"tcp": engine}, max_bytes=150))
     srv.start()
     conn = Connection(_member(srv), "reader", TOKEN, time.monotonic() + 5)
     try:
