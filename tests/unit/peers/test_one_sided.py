@@ -14,7 +14,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -268,27 +268,27 @@ def _entry(key: str, size: int) -> IndexEntry:
                       holders=())
 
 
+def _fetched(path: Path, fetch: Callable[[int], object]) -> bytes:
+    """What ``fetch`` wrote into a new file at ``path`` (it must say it read: truthy)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        assert fetch(fd) is not False
+    finally:
+        os.close(fd)
+    return path.read_bytes()
+
+
 def test_a_file_is_read_through_regions_and_checked(tmp_path: Path,
                                                     server: PeerServer) -> None:
     reads = RegionReads(TcpEngine(), PeerPool("reader", TOKEN, suspect_for=5), timeout=10.0)
     reader = _reader(tmp_path, server, reads)
-    out = tmp_path / "out"
-    fd = os.open(out, os.O_RDWR | os.O_CREAT)
-    try:
-        assert reader.fetch(_entry("ckpt/shard", len(BIG)), fd)
-        assert reader.fetch(_entry("small", 13), fd)  # the same connection, exchanged once
-    finally:
-        os.close(fd)
-    assert out.read_bytes() == b"hello regions"
+    assert _fetched(tmp_path / "a", lambda fd: reader.fetch(_entry("ckpt/shard", len(BIG)),
+                                                            fd)) == BIG
+    # the same connection, exchanged once
+    assert _fetched(tmp_path / "b", lambda fd: reader.fetch(_entry("small", 13), fd)) \
+        == b"hello regions"
     assert reads.bytes_read_total == len(BIG) + 13 and reads.fallbacks_total == 0
     assert server.regions.granted_total == 3 and server.regions.registered_bytes() == 0
-    out2 = tmp_path / "out2"
-    fd = os.open(out2, os.O_RDWR | os.O_CREAT)
-    try:
-        reads.fetch(_member(server), "ckpt/shard", len(BIG), fd)
-    finally:
-        os.close(fd)
-    assert out2.read_bytes() == BIG
 
 
 def test_a_bad_one_sided_read_falls_back_to_tcp_and_says_why(tmp_path: Path) -> None:
@@ -296,13 +296,9 @@ def test_a_bad_one_sided_read_falls_back_to_tcp_and_says_why(tmp_path: Path) -> 
     try:
         reads = RegionReads(TcpEngine(), PeerPool("reader", TOKEN, suspect_for=5), timeout=10.0)
         reader = _reader(tmp_path, server, reads)
-        out = tmp_path / "out"
-        fd = os.open(out, os.O_RDWR | os.O_CREAT)
-        try:
-            assert reader.fetch(_entry("ckpt/shard", len(BIG)), fd)
-        finally:
-            os.close(fd)
-        assert out.read_bytes() == BIG  # from the TCP READs after the CRC-32 mismatch
+        # from the TCP READs after the CRC-32 mismatch
+        assert _fetched(tmp_path / "out", lambda fd: reader.fetch(
+            _entry("ckpt/shard", len(BIG)), fd)) == BIG
         assert reads.fallbacks_total == 1
         assert "reads from holder fell back to TCP" in reads.last_fallback
         assert "CRC-32" in reads.last_fallback
