@@ -64,15 +64,20 @@ class _QueuePair:
 
     def __init__(self, engine: VerbsEngine) -> None:
         from pyverbs.cq import CQ
-        from pyverbs.libibverbs_enums import ibv_qp_type
+        from pyverbs.libibverbs_enums import ibv_access_flags, ibv_qp_type
         from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
 
         self.engine = engine
         with _verbs_errors("queue pair"):
             self.cq = CQ(engine.ctx, QUEUE_DEPTH, None, None, 0)
             cap = QPCap(max_send_wr=QUEUE_DEPTH, max_recv_wr=1, max_send_sge=1, max_recv_sge=1)
+            # Given a QPAttr, pyverbs moves an RC QP to INIT with it: the access flags (remote
+            # reads of this side's regions) are set in that transition, not in RTR or RTS.
+            init = QPAttr(port_num=PORT)
+            init.qp_access_flags = (ibv_access_flags.IBV_ACCESS_LOCAL_WRITE
+                                    | ibv_access_flags.IBV_ACCESS_REMOTE_READ)
             self.qp = QP(engine.pd, QPInitAttr(qp_type=ibv_qp_type.IBV_QPT_RC, scq=self.cq,
-                                               rcq=self.cq, cap=cap), QPAttr(port_num=PORT))
+                                               rcq=self.cq, cap=cap), init)
         self.psn = secrets.randbits(24)
 
     def local_info(self) -> QueuePairInfo | None:
@@ -82,17 +87,15 @@ class _QueuePair:
 
     def connect(self, remote: QueuePairInfo | None) -> None:
         from pyverbs.addr import GID, AHAttr, GlobalRoute
-        from pyverbs.libibverbs_enums import ibv_access_flags, ibv_mtu
+        from pyverbs.libibverbs_enums import ibv_mtu
         from pyverbs.qp import QPAttr
 
         if remote is None:
             raise PeerError("RDMA connect: the peer sent no queue pair", "rdma")
         e = self.engine
         with _verbs_errors("connect"):
-            attr = QPAttr(port_num=PORT)
-            attr.qp_access_flags = (ibv_access_flags.IBV_ACCESS_LOCAL_WRITE
-                                    | ibv_access_flags.IBV_ACCESS_REMOTE_READ)
-            attr.path_mtu = ibv_mtu(MTUS.index(min(e.mtu, remote.mtu)) + 1)
+            attr = QPAttr(port_num=PORT)  # INIT -> RTR -> RTS (the QP is in INIT already)
+            attr.path_mtu = getattr(ibv_mtu, f"IBV_MTU_{min(e.mtu, remote.mtu)}")
             attr.dest_qp_num = remote.qpn
             attr.rq_psn = remote.psn
             attr.sq_psn = self.psn
