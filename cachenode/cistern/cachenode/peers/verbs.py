@@ -29,7 +29,7 @@ from typing import Any
 from cistern.cachenode.peers.protocol import PeerError
 from cistern.cachenode.peers.rdma_wire import MAX_REGION, MTUS, QueuePairInfo
 
-__all__ = ["VerbsEngine"]
+__all__ = ["VerbsEngine", "init_attributes", "read_request", "rts_attributes"]
 
 PORT = 1
 QUEUE_DEPTH = 4
@@ -48,6 +48,55 @@ def _verbs_errors(what: str) -> Iterator[None]:
         raise PeerError(f"RDMA {what}: {exc}", "rdma") from exc
 
 
+def init_attributes() -> Any:
+    """RESET -> INIT of an RC queue pair. Given a QPAttr at creation, pyverbs makes this
+    transition with it: the access flags (remote reads of this side's regions) are set here,
+    not in RTR or RTS."""
+    from pyverbs.libibverbs_enums import ibv_access_flags
+    from pyverbs.qp import QPAttr
+
+    attr = QPAttr(port_num=PORT)
+    attr.qp_access_flags = (ibv_access_flags.IBV_ACCESS_LOCAL_WRITE
+                            | ibv_access_flags.IBV_ACCESS_REMOTE_READ)
+    return attr
+
+
+def rts_attributes(local: QueuePairInfo, remote: QueuePairInfo, gid_index: int) -> Any:
+    """INIT -> RTR -> RTS towards ``remote``: its QPN, its first PSN as the receive PSN, ours
+    as the send PSN, the smaller MTU, one outstanding READ each way, a global route to its GID
+    (RoCE needs it; InfiniBand takes it too) and its LID."""
+    from pyverbs.addr import GID, AHAttr, GlobalRoute
+    from pyverbs.libibverbs_enums import ibv_mtu
+    from pyverbs.qp import QPAttr
+
+    attr = QPAttr(port_num=PORT)
+    attr.path_mtu = getattr(ibv_mtu, f"IBV_MTU_{min(local.mtu, remote.mtu)}")
+    attr.dest_qp_num = remote.qpn
+    attr.rq_psn = remote.psn
+    attr.sq_psn = local.psn
+    attr.max_dest_rd_atomic = 1
+    attr.max_rd_atomic = 1
+    attr.min_rnr_timer = 12
+    attr.timeout = ACK_TIMEOUT
+    attr.retry_cnt = RETRY_COUNT
+    attr.rnr_retry = RETRY_COUNT
+    route = GlobalRoute(dgid=GID(remote.gid), sgid_index=gid_index)
+    attr.ah_attr = AHAttr(port_num=PORT, is_global=1, gr=route, dlid=remote.lid)
+    return attr
+
+
+def read_request(wr_id: int, local_addr: int, lkey: int, remote_addr: int, rkey: int,
+                 length: int) -> Any:
+    """One signalled RDMA READ of [remote_addr, +length) with ``rkey`` into the local buffer."""
+    from pyverbs.libibverbs_enums import ibv_wr_opcode
+    from pyverbs.wr import SGE, SendWR
+
+    wr = SendWR(wr_id=wr_id, opcode=ibv_wr_opcode.IBV_WR_RDMA_READ, num_sge=1,
+                sg=[SGE(local_addr, length, lkey)])
+    wr.set_wr_rdma(rkey, remote_addr)
+    return wr
+
+
 class _Region:
     def __init__(self, mr: Any) -> None:
         self._mr = mr
@@ -64,20 +113,15 @@ class _QueuePair:
 
     def __init__(self, engine: VerbsEngine) -> None:
         from pyverbs.cq import CQ
-        from pyverbs.libibverbs_enums import ibv_access_flags, ibv_qp_type
-        from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
+        from pyverbs.libibverbs_enums import ibv_qp_type
+        from pyverbs.qp import QP, QPCap, QPInitAttr
 
         self.engine = engine
         with _verbs_errors("queue pair"):
             self.cq = CQ(engine.ctx, QUEUE_DEPTH, None, None, 0)
             cap = QPCap(max_send_wr=QUEUE_DEPTH, max_recv_wr=1, max_send_sge=1, max_recv_sge=1)
-            # Given a QPAttr, pyverbs moves an RC QP to INIT with it: the access flags (remote
-            # reads of this side's regions) are set in that transition, not in RTR or RTS.
-            init = QPAttr(port_num=PORT)
-            init.qp_access_flags = (ibv_access_flags.IBV_ACCESS_LOCAL_WRITE
-                                    | ibv_access_flags.IBV_ACCESS_REMOTE_READ)
             self.qp = QP(engine.pd, QPInitAttr(qp_type=ibv_qp_type.IBV_QPT_RC, scq=self.cq,
-                                               rcq=self.cq, cap=cap), init)
+                                               rcq=self.cq, cap=cap), init_attributes())
         self.psn = secrets.randbits(24)
 
     def local_info(self) -> QueuePairInfo | None:
@@ -86,28 +130,12 @@ class _QueuePair:
                              mtu=e.mtu)
 
     def connect(self, remote: QueuePairInfo | None) -> None:
-        from pyverbs.addr import GID, AHAttr, GlobalRoute
-        from pyverbs.libibverbs_enums import ibv_mtu
-        from pyverbs.qp import QPAttr
-
         if remote is None:
             raise PeerError("RDMA connect: the peer sent no queue pair", "rdma")
-        e = self.engine
+        local = self.local_info()
+        assert local is not None
         with _verbs_errors("connect"):
-            attr = QPAttr(port_num=PORT)  # INIT -> RTR -> RTS (the QP is in INIT already)
-            attr.path_mtu = getattr(ibv_mtu, f"IBV_MTU_{min(e.mtu, remote.mtu)}")
-            attr.dest_qp_num = remote.qpn
-            attr.rq_psn = remote.psn
-            attr.sq_psn = self.psn
-            attr.max_dest_rd_atomic = 1
-            attr.max_rd_atomic = 1
-            attr.min_rnr_timer = 12
-            attr.timeout = ACK_TIMEOUT
-            attr.retry_cnt = RETRY_COUNT
-            attr.rnr_retry = RETRY_COUNT
-            route = GlobalRoute(dgid=GID(remote.gid), sgid_index=e.gid_index)
-            attr.ah_attr = AHAttr(port_num=PORT, is_global=1, gr=route, dlid=remote.lid)
-            self.qp.to_rts(attr)
+            self.qp.to_rts(rts_attributes(local, remote, self.engine.gid_index))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -128,15 +156,12 @@ class _Reader(_QueuePair):
         self._wr_ids = 0
 
     def read(self, addr: int, rkey: int, length: int, timeout: float) -> bytes:
-        from pyverbs.libibverbs_enums import ibv_wc_status, ibv_wr_opcode
-        from pyverbs.wr import SGE, SendWR
+        from pyverbs.libibverbs_enums import ibv_wc_status
 
         self._wr_ids += 1
         with _verbs_errors("read"):
-            wr = SendWR(wr_id=self._wr_ids, opcode=ibv_wr_opcode.IBV_WR_RDMA_READ, num_sge=1,
-                        sg=[SGE(self.mr.buf, length, self.mr.lkey)])
-            wr.set_wr_rdma(rkey, addr)
-            self.qp.post_send(wr)
+            self.qp.post_send(read_request(self._wr_ids, self.mr.buf, self.mr.lkey, addr, rkey,
+                                           length))
             deadline = time.monotonic() + timeout
             while True:
                 polled, completions = self.cq.poll(1)
