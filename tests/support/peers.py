@@ -48,7 +48,8 @@ class HeldFiles:
 
 class Cluster:
     def __init__(self, workdir: Path, bucket: str, endpoint: str, *, peer_timeout: float = 1.0,
-                 dead_after: float = 2.0) -> None:
+                 dead_after: float = 2.0, transport: str = "auto") -> None:
+        self.transport = transport
         self.workdir = workdir
         self.bucket = bucket
         self.endpoint = endpoint
@@ -77,6 +78,7 @@ class Cluster:
                                          "membersFile": str(self.members),
                                          "tokenFile": str(self.token),
                                          "deadAfter": f"{self.dead_after}s",
+                                         "transport": self.transport,
                                          "suspectFor": "30s"}})
         self.nodes[name] = node
         return node

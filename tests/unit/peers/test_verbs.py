@@ -36,9 +36,13 @@ DEVICES, NO_DEVICE = detect_rdma()
 
 
 def test_the_verbs_module_imports_without_pyverbs() -> None:
-    """Nodes without rdma-core import the peer package: pyverbs is loaded only to open a
-    device."""
+    """Nodes without rdma-core import the peer package, and detection finds out there is no
+    device before it imports pyverbs: pyverbs is loaded only when there is a device."""
+    if not NO_DEVICE:
+        pytest.skip(f"this machine has a usable RDMA device ({', '.join(DEVICES)})")
     code = ("import sys, cistern.cachenode.peers.node, cistern.cachenode.peers.verbs; "
+            "from cistern.cachenode.peers.transport import choose_transport; "
+            "choose_transport('auto'); "
             "print(sorted(m for m in sys.modules if m.startswith('pyverbs')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
@@ -54,6 +58,34 @@ def test_a_device_that_cannot_be_opened_falls_back_to_tcp_with_the_reason() -> N
     assert len(choice.reason) > len("fallback to TCP: ")
     assert open_engine(TransportChoice("tcp", "configured")) == (None, TransportChoice(
         "tcp", "configured"))
+
+
+def test_the_verbs_objects_are_what_an_rc_read_needs() -> None:
+    """The QP attributes and the READ work request, built with the installed pyverbs (they
+    need no device): catches a pyverbs API the engine does not match before a node does."""
+    pytest.importorskip("pyverbs.qp", reason="pyverbs is not installed (the 'rdma' extra, or "
+                        "the distribution's python3-pyverbs)")
+    from cistern.cachenode.peers.verbs import (
+        _enums,
+        init_attributes,
+        read_request,
+        rts_attributes,
+    )
+
+    e = _enums()
+    assert init_attributes().qp_access_flags & e.ibv_access_flags.IBV_ACCESS_REMOTE_READ
+    local = QueuePairInfo(qpn=100, psn=5, lid=0, gid="fe80:0000:0000:0000:0202:c9ff:fe00:0001",
+                          mtu=4096)
+    remote = QueuePairInfo(qpn=200, psn=7, lid=3, mtu=1024,
+                           gid="fe80:0000:0000:0000:0202:c9ff:fe00:0002")
+    attr = rts_attributes(local, remote, gid_index=1)
+    assert (attr.dest_qp_num, attr.rq_psn, attr.sq_psn) == (200, 7, 5)
+    assert attr.path_mtu == e.ibv_mtu.IBV_MTU_1024  # the smaller of both sides
+    assert (attr.max_rd_atomic, attr.max_dest_rd_atomic) == (1, 1)
+    assert (attr.ah_attr.dlid, attr.ah_attr.is_global, attr.ah_attr.sgid_index) == (3, 1, 1)
+    assert str(attr.ah_attr.dgid) == remote.gid
+    wr = read_request(9, 4096, 11, 0x7F00_0000_0000, 0xDEAD, 2**20)
+    assert (wr.wr_id, wr.opcode, wr.num_sge) == (9, e.ibv_wr_opcode.IBV_WR_RDMA_READ, 1)
 
 
 @pytest.fixture

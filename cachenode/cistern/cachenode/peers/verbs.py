@@ -21,6 +21,7 @@ support): docs/dev/peers.md has the runbook for an RDMA pair.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import secrets
 import time
 from collections.abc import Iterator
@@ -38,6 +39,15 @@ ACK_TIMEOUT = 14  # 4.096 µs · 2^14 ≈ 67 ms per transport retry
 ZERO_GID = "0000:0000:0000:0000:0000:0000:0000:0000"
 
 
+def _enums() -> Any:
+    """libibverbs' enums: ``pyverbs.libibverbs_enums`` since rdma-core 50, ``pyverbs.enums``
+    before (Debian 12 ships 44, Ubuntu 22.04 39)."""
+    try:
+        return importlib.import_module("pyverbs.libibverbs_enums")
+    except ImportError:
+        return importlib.import_module("pyverbs.enums")
+
+
 @contextlib.contextmanager
 def _verbs_errors(what: str) -> Iterator[None]:
     from pyverbs.pyverbs_error import PyverbsError
@@ -52,7 +62,7 @@ def init_attributes() -> Any:
     """RESET -> INIT of an RC queue pair. Given a QPAttr at creation, pyverbs makes this
     transition with it: the access flags (remote reads of this side's regions) are set here,
     not in RTR or RTS."""
-    from pyverbs.libibverbs_enums import ibv_access_flags
+    ibv_access_flags = _enums().ibv_access_flags
     from pyverbs.qp import QPAttr
 
     attr = QPAttr(port_num=PORT)
@@ -66,7 +76,7 @@ def rts_attributes(local: QueuePairInfo, remote: QueuePairInfo, gid_index: int) 
     as the send PSN, the smaller MTU, one outstanding READ each way, a global route to its GID
     (RoCE needs it; InfiniBand takes it too) and its LID."""
     from pyverbs.addr import GID, AHAttr, GlobalRoute
-    from pyverbs.libibverbs_enums import ibv_mtu
+    ibv_mtu = _enums().ibv_mtu
     from pyverbs.qp import QPAttr
 
     attr = QPAttr(port_num=PORT)
@@ -88,7 +98,7 @@ def rts_attributes(local: QueuePairInfo, remote: QueuePairInfo, gid_index: int) 
 def read_request(wr_id: int, local_addr: int, lkey: int, remote_addr: int, rkey: int,
                  length: int) -> Any:
     """One signalled RDMA READ of [remote_addr, +length) with ``rkey`` into the local buffer."""
-    from pyverbs.libibverbs_enums import ibv_wr_opcode
+    ibv_wr_opcode = _enums().ibv_wr_opcode
     from pyverbs.wr import SGE, SendWR
 
     wr = SendWR(wr_id=wr_id, opcode=ibv_wr_opcode.IBV_WR_RDMA_READ, num_sge=1,
@@ -113,7 +123,7 @@ class _QueuePair:
 
     def __init__(self, engine: VerbsEngine) -> None:
         from pyverbs.cq import CQ
-        from pyverbs.libibverbs_enums import ibv_qp_type
+        ibv_qp_type = _enums().ibv_qp_type
         from pyverbs.qp import QP, QPCap, QPInitAttr
 
         self.engine = engine
@@ -147,7 +157,7 @@ class _Reader(_QueuePair):
     max_read = MAX_REGION
 
     def __init__(self, engine: VerbsEngine) -> None:
-        from pyverbs.libibverbs_enums import ibv_access_flags
+        ibv_access_flags = _enums().ibv_access_flags
         from pyverbs.mr import MR
 
         super().__init__(engine)
@@ -156,7 +166,7 @@ class _Reader(_QueuePair):
         self._wr_ids = 0
 
     def read(self, addr: int, rkey: int, length: int, timeout: float) -> bytes:
-        from pyverbs.libibverbs_enums import ibv_wc_status
+        ibv_wc_status = _enums().ibv_wc_status
 
         self._wr_ids += 1
         with _verbs_errors("read"):
@@ -191,7 +201,7 @@ class VerbsEngine:
 
     def __init__(self, device: str) -> None:
         from pyverbs.device import Context
-        from pyverbs.libibverbs_enums import ibv_port_state
+        ibv_port_state = _enums().ibv_port_state
         from pyverbs.pd import PD
 
         with _verbs_errors(f"device {device}"):
@@ -207,7 +217,7 @@ class VerbsEngine:
 
     def _pick_gid(self, entries: int) -> tuple[int, str]:
         """The first RoCE v2 GID of the port, else its first non-zero GID (InfiniBand)."""
-        from pyverbs.libibverbs_enums import ibv_gid_type_sysfs
+        ibv_gid_type_sysfs = _enums().ibv_gid_type_sysfs
 
         found: list[tuple[int, str]] = []
         for index in range(entries):
@@ -229,7 +239,7 @@ class VerbsEngine:
         return found[0]
 
     def register(self, data: bytes) -> _Region:
-        from pyverbs.libibverbs_enums import ibv_access_flags
+        ibv_access_flags = _enums().ibv_access_flags
         from pyverbs.mr import MR
 
         with _verbs_errors("register"):
