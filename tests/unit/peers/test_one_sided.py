@@ -34,7 +34,12 @@ from cistern.cachenode.peers.rdma_wire import (
     connect_request,
     parse_connect_request,
 )
-from cistern.cachenode.peers.regions import RegionReads, RegionTable, TcpEngine
+from cistern.cachenode.peers.regions import (
+    RegionReads,
+    RegionTable,
+    RemoteAccessError,
+    TcpEngine,
+)
 from cistern.cachenode.peers.server import PeerServer
 from support.peers import TOKEN, HeldFiles
 
@@ -49,6 +54,14 @@ class CorruptingEngine(TcpEngine):
         data = bytearray(super().serve_read(addr, rkey, length))
         data[0] ^= 0xFF
         return bytes(data)
+
+
+class RevokingEngine(TcpEngine):
+    """A holder that refuses every one-sided read (its regions went away: the remote access
+    error an HCA reports, which ends the connection)."""
+
+    def serve_read(self, addr: int, rkey: int, length: int) -> bytes:
+        raise RemoteAccessError(f"remote access error: region at {addr:#x} revoked")
 
 
 BIG = os.urandom(MAX_REGION + 3 * 2**20 + 17)  # two regions, the first read in two pieces
@@ -291,17 +304,21 @@ def test_a_file_is_read_through_regions_and_checked(tmp_path: Path,
     assert server.regions.granted_total == 3 and server.regions.registered_bytes() == 0
 
 
-def test_a_bad_one_sided_read_falls_back_to_tcp_and_says_why(tmp_path: Path) -> None:
-    server = _server(tmp_path, CorruptingEngine())
+@pytest.mark.parametrize("engine, why", [(CorruptingEngine, "CRC-32"),
+                                          (RevokingEngine, "revoked")])
+def test_a_bad_one_sided_read_falls_back_to_tcp_and_says_why(tmp_path: Path,
+                                                             engine: type[TcpEngine],
+                                                             why: str) -> None:
+    server = _server(tmp_path, engine())
     try:
         reads = RegionReads(TcpEngine(), PeerPool("reader", TOKEN, suspect_for=5), timeout=10.0)
         reader = _reader(tmp_path, server, reads)
-        # from the TCP READs after the CRC-32 mismatch
+        # from the TCP READs after the failed one-sided read
         assert _fetched(tmp_path / "out", lambda fd: reader.fetch(
             _entry("ckpt/shard", len(BIG)), fd)) == BIG
         assert reads.fallbacks_total == 1
         assert "reads from holder fell back to TCP" in reads.last_fallback
-        assert "CRC-32" in reads.last_fallback
+        assert why in reads.last_fallback
         assert not reads.usable(_member(server))  # TCP for a while, not one failure per read
         assert reads.pool.usable(_member(server))  # the member itself is fine
         assert server.regions.registered_bytes() == 0
