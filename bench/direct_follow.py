@@ -13,6 +13,7 @@ the journal for data and names: the daemon journals only what it uploaded, after
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 FICLONE = 0x40049409
 MASK = FAN_CLOSE_WRITE | FAN_CREATE | FAN_DELETE | FAN_RENAME | FAN_ONDIR
+#: Before 5.17 (no FAN_RENAME) a rename is a MOVED_FROM and a MOVED_TO event.
+LEGACY_MASK = MASK & ~FAN_RENAME | FAN_MOVED_FROM | FAN_MOVED_TO
 _SCHEMA = """CREATE TABLE IF NOT EXISTS uploaded (
     path TEXT PRIMARY KEY, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
     etag TEXT)"""
@@ -76,7 +79,8 @@ class Follower:
     """Follows ``root`` with fanotify and uploads closed files to ``bucket/prefix``."""
 
     def __init__(self, root: str, state_dir: str, client: Any, bucket: str, prefix: str = "",
-                 *, uploaders: int = 2, transfer: Any = None) -> None:
+                 *, uploaders: int = 2, transfer: Any = None,
+                 legacy_renames: bool = False) -> None:
         self.root = os.path.realpath(root)
         self.snapdir = os.path.join(state_dir, "snapshots")
         os.makedirs(self.snapdir, exist_ok=True)
@@ -93,7 +97,14 @@ class Follower:
         #: The event reader failed: nothing closed from then on is seen (until a restart scans).
         self.failed = False
         self.state = _State()
-        self._fan = Fanotify(self.root, MASK)
+        #: ``legacy_renames`` forces the pre-5.17 events (tests); older kernels refuse
+        #: FAN_RENAME with EINVAL and get them anyway.
+        try:
+            self._fan = Fanotify(self.root, LEGACY_MASK if legacy_renames else MASK)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._fan = Fanotify(self.root, LEGACY_MASK)
         self._threads = [threading.Thread(target=self._follow, name="follow", daemon=True)]
         self._threads += [threading.Thread(target=self._upload_loop, name=f"upload-{i}",
                                            daemon=True) for i in range(uploaders)]
@@ -193,6 +204,8 @@ class Follower:
             self._enqueue(path)
         elif event.mask & (FAN_MOVED_TO | FAN_CREATE) and event.mask & FAN_ONDIR:
             self._enqueue_tree(path)
+        elif event.mask & FAN_MOVED_TO:
+            self._enqueue(path)
         elif event.mask & FAN_MOVED_FROM:
             self._forget(path, is_dir=bool(event.mask & FAN_ONDIR))
 

@@ -20,14 +20,20 @@ from tests.support.wait import wait_until
 
 
 def _objects(s3: Any, bucket: str) -> dict[str, bytes]:
-    listing = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
-    return {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-            for o in listing}
+    """Key -> content; a key deleted between the listing and its GET is left out."""
+    found = {}
+    for listed in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+        try:
+            found[listed["Key"]] = s3.get_object(Bucket=bucket, Key=listed["Key"])["Body"].read()
+        except s3.exceptions.NoSuchKey:
+            continue
+    return found
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("legacy_renames", [False, True], ids=["fan_rename", "moved_from_to"])
 def test_follower_uploads_closed_files_follows_names_and_rescans_after_restart(
-        tmp_path: Path, s3: Any, bucket: str) -> None:
+        tmp_path: Path, s3: Any, bucket: str, legacy_renames: bool) -> None:
     reason = missing_capability()
     if reason:
         pytest.skip(reason)
@@ -35,7 +41,8 @@ def test_follower_uploads_closed_files_follows_names_and_rescans_after_restart(
         state, root = xfs.path / "state", xfs.path / "cache"
         state.mkdir()
         (root / "d").mkdir(parents=True)
-        follower = Follower(str(root), str(state), s3, bucket, "p/").start()
+        follower = Follower(str(root), str(state), s3, bucket, "p/",
+                            legacy_renames=legacy_renames).start()
         try:
             (root / "d" / "a").write_bytes(b"first")
             wait_until(lambda: _objects(s3, bucket) == {"p/d/a": b"first"}, 30,
@@ -43,6 +50,12 @@ def test_follower_uploads_closed_files_follows_names_and_rescans_after_restart(
             (root / "d" / "a").rename(root / "d" / "b")
             wait_until(lambda: _objects(s3, bucket) == {"p/d/b": b"first"}, 30,
                        "the rename followed")
+            (root / "d").rename(root / "e")  # a directory: its files move with it
+            wait_until(lambda: _objects(s3, bucket) == {"p/e/b": b"first"}, 30,
+                       "the directory rename followed")
+            (root / "e").rename(root / "d")
+            wait_until(lambda: _objects(s3, bucket) == {"p/d/b": b"first"}, 30,
+                       "the directory renamed back")
             (root / "gone").write_bytes(b"x")
             (root / "stale").write_bytes(b"s")
             wait_until(lambda: {"p/gone", "p/stale"} <= set(_objects(s3, bucket)), 30,
