@@ -1,4 +1,5 @@
-"""The direct-path study's follower (bench/direct_follow.py) on real fanotify, XFS and moto.
+"""The direct-path study (bench/direct_follow.py, bench/direct_study.py) on real fanotify, XFS
+and moto.
 
 What the study's figures rest on: a file closed after writing is uploaded from a reflink
 snapshot, a rename moves the object, a delete removes it, and a follower started on the same
@@ -8,6 +9,9 @@ meanwhile and deletes what disappeared.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,8 @@ from bench.direct_follow import Follower
 from bench.direct_study import LoopXfs
 from tests.support.powercut.blockdev import missing_capability
 from tests.support.wait import wait_until
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def _objects(s3: Any, bucket: str) -> dict[str, bytes]:
@@ -79,3 +85,24 @@ def test_follower_uploads_closed_files_follows_names_and_rescans_after_restart(
             assert list(state.joinpath("snapshots").iterdir()) == []
         finally:
             restarted.stop()
+
+
+@pytest.mark.timeout(180)
+def test_the_study_runs_end_to_end_and_reports_every_target(tmp_path: Path) -> None:
+    """``make bench-direct`` in miniature (no Cistern mounts): the command the integrator
+    re-runs keeps working, and the followed directory's file reaches the store."""
+    reason = missing_capability()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.direct_study", "--reps", "1", "--fio-size",
+         str(16 << 20), "--frontends", "", "--out", str(out), "--workdir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["results"]) == {"raw-ext4", "raw-xfs", "direct-xfs"}
+    assert all(rows[0]["bw_mib_s"] > 0 for rows in data["results"].values())
+    assert data["results"]["direct-xfs"][0]["durable_after_close_s"] >= 0
+    assert data["follower"]["overflows"] == 0 and data["follower"]["uploads"] >= 2
+    assert "direct-xfs" in (out / "results.md").read_text()
