@@ -3,8 +3,9 @@ and moto.
 
 What the study's figures rest on: a file closed after writing is uploaded from a reflink
 snapshot, a rename moves the object, a delete removes it, and a follower started on the same
-journal after a stop (a restart; a power cut looks the same to it) uploads what changed
-meanwhile and deletes what disappeared.
+journal after a stop (a restart; the prototype treats a power cut the same way, and
+docs/dev/direct.md says what a product must add) uploads what changed meanwhile and deletes
+what disappeared.
 """
 
 from __future__ import annotations
