@@ -230,8 +230,8 @@ class Follower:
                 del self.state.queue[queued]
         with self._db_lock:
             rows = [r[0] for r in self._db.execute(
-                "SELECT path FROM uploaded WHERE path = ? OR (? AND path LIKE ? || '/%')",
-                (rel, is_dir, rel))]
+                "SELECT path FROM uploaded WHERE path = ? OR (? AND substr(path, 1, ?) = ?)",
+                (rel, is_dir, len(rel) + 1, rel + "/"))]
         for row in rows:
             self._delete(row)
 
@@ -260,8 +260,8 @@ class Follower:
         rel = os.path.relpath(path, self.root)
         try:
             src = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except (FileNotFoundError, OSError):
-            return  # gone or not a file: its delete/rename event says what to do
+        except OSError:
+            return  # gone, or a symlink: its delete/rename event says what to do
         try:
             # The version is taken BEFORE the clone: a write in between makes the journal
             # older than the object (a needless re-upload), never newer (a lost update).
