@@ -99,6 +99,8 @@ def checkpoint_saves(env: S3Env, mounted: Mounted, kinds: list[str], size: int, 
     counted from the go until the proxy is quiet again after durability."""
     child = EventChild(_checkpoint_cmd("save", mounted, kinds, size, tensors) + ["--wait"],
                        "checkpoint save")
+    proc = child.proc
+    assert proc.stdin is not None
     results: dict[str, SaveResult] = {}
     with child:
         events = child.events()
@@ -108,7 +110,8 @@ def checkpoint_saves(env: S3Env, mounted: Mounted, kinds: list[str], size: int, 
                 raise RuntimeError(f"unexpected event {ready}")
             env.wait_quiet(settle=settle)
             env.proxy.reset()
-            child.send("go")
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
             saved = next(events)
             since = saved["wall_end"] - saved["stall_s"]
             files = {f"ckpt-{kind}/{rel}": n for rel, n in saved["files"].items()}
@@ -132,7 +135,8 @@ def checkpoint_saves(env: S3Env, mounted: Mounted, kinds: list[str], size: int, 
                 stall_s=float(saved["stall_s"]), read_after_write_s=float(loaded["read_s"]),
                 durable_s=durable_s, files=dict(saved["files"]),
                 requests=env.wait_quiet(settle=settle), note=note)
-        child.finish(durable_timeout)
+        proc.stdin.close()
+        proc.wait(timeout=durable_timeout)
     return results
 
 
