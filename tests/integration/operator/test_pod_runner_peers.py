@@ -29,8 +29,9 @@ from support.kubelet import ApiClient, Node, helm_template
 from support.node import unmount
 from support.s3server import MotoServer
 
-from .test_pod_runner_e2e import (
+from .pod_runner_harness import (
     BUCKET,
+    E2E_MARKS,
     MANAGED,
     NAMESPACE,
     RESOURCES,
@@ -40,10 +41,9 @@ from .test_pod_runner_e2e import (
     until,
     write_synced,
 )
-from .test_pod_runner_e2e import pytestmark as e2e_marks
 
 # The journey's marks: e2e_local, a time limit, root and /dev/fuse, the entry points.
-pytestmark = e2e_marks
+pytestmark = E2E_MARKS
 
 NODES = ("node-1", "node-2")
 
