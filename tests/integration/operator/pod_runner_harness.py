@@ -117,13 +117,26 @@ def apply_chart(api: ApiClient, docs: list[dict[str, Any]]) -> None:
             api.create(RUNS[doc["kind"]], doc, doc["metadata"].get("namespace"))
 
 
+def serve_resources(kmock: Any) -> None:
+    """Make KMock serve every kind the chart, the operator and the runner's doubles use."""
+    for key, info in RESOURCES.items():
+        kmock.resources[key] = kmock_lib.ResourceInfo(verbs=VERBS, **info)
+
+
+def unmount_below(*roots: Path) -> None:
+    """Detach what the runner left mounted under ``roots`` (caches, published volumes)."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        mountpoint = line.split()[1]
+        if any(mountpoint.startswith(str(root)) for root in roots):
+            unmount(mountpoint)
+
+
 @pytest_asyncio.fixture()
 async def harness(kmock: Any, tmp_path: Path, request: pytest.FixtureRequest
                   ) -> AsyncIterator[Harness]:
     """KMock, the chart rendered (with ``request.param``'s extra values) and one node whose
     kubelet directory is the chart's ``kubeletDir``."""
-    for key, info in RESOURCES.items():
-        kmock.resources[key] = kmock_lib.ResourceInfo(verbs=VERBS, **info)
+    serve_resources(kmock)
     values: dict[str, Any] = {"operator": {"statusInterval": 1, "logFormat": "plain"},
                               **getattr(request, "param", {})}
     chart = await asyncio.to_thread(helm_template, values, tmp_path)
@@ -139,10 +152,7 @@ async def harness(kmock: Any, tmp_path: Path, request: pytest.FixtureRequest
             yield Harness(api, node, chart, s3, root)
         finally:
             await asyncio.to_thread(node.stop)
-            for line in Path("/proc/self/mounts").read_text().splitlines():
-                mountpoint = line.split()[1]
-                if mountpoint.startswith(str(root)):
-                    unmount(mountpoint)
+            unmount_below(root)
             shutil.rmtree(root, ignore_errors=True)
 
 
