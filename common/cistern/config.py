@@ -193,7 +193,8 @@ class FlushPolicy(Section):
     upload_delay: float = setting(
         "uploadDelay", 1.0, duration(),
         "a closed file rests this long before upload, so temp files renamed or deleted in the "
-        "meantime cost no S3 request (`0`: at once)", shown="`1s`")
+        "meantime cost no S3 request (`0`: at once; commit markers never rest: they wait for "
+        "their shards instead)", shown="`1s`")
     max_concurrent_uploads: int = setting(
         "maxConcurrentUploads", 4, positive_int,
         "files uploaded at once (and files streamed at once)", shown="`4`")
@@ -232,7 +233,7 @@ class FlushPolicy(Section):
         "write-back mode: a file written at a final name that reaches `multipartThreshold` "
         "while open starts its multipart upload and full parts leave as they fill; the upload "
         "completes right after close (no `uploadDelay`). Parts sent early are checked against "
-        "the final content (CRC32) and re-sent if rewritten; a file truncated below the parts "
+        "the final content (XXH3) and re-sent if rewritten; a file truncated below the parts "
         "sent, renamed or unlinked is uploaded again from the start (the multipart upload is "
         "aborted). See docs/dev/cachenode.md", shown="`true`")
     stream_exclude: tuple[str, ...] = setting(
