@@ -14,8 +14,9 @@ so writes run at local disk speed. This module keeps the backing ids:
 * a new file's backing id is registered ahead of need: the core's spares thread makes empty
   data files for creates (``CacheCore.on_new_spare``) and this front end registers each one
   there (``_prepare_spare``), so CREATE costs no ``FUSE_DEV_IOC_BACKING_OPEN``. Ids of spares
-  something else took (a MKNOD, the S3 endpoint) are closed by a sweep; correctness never
-  depends on a prepared id (without one CREATE registers the file itself).
+  something else took (a MKNOD, the S3 endpoint) are closed by a sweep (beyond 96 prepared
+  ids, and after a second without requests); correctness never depends on a prepared id
+  (without one CREATE registers the file itself).
 
 See docs/dev/passthrough.md for the protocol facts and invariants.
 """
@@ -110,6 +111,16 @@ class PassthroughFrontend(KernelFrontend):
         for old in stale:
             with contextlib.suppress(OSError):
                 kf.backing_close(self._devfd, old)
+
+    def _idle(self) -> None:
+        # Bounds how long a spare taken elsewhere keeps its prepared id (which pins that
+        # file's data on the cache disk should it be deleted) when no new spare is made.
+        if self._prepared and self._preparing:
+            with self._backing_lock:
+                stale = self._stale_prepared()
+            for old in stale:
+                with contextlib.suppress(OSError):
+                    kf.backing_close(self._devfd, old)
 
     def _stale_prepared(self) -> list[int]:
         """Under ``_backing_lock``: forget prepared ids of spares taken by anything but a

@@ -115,8 +115,15 @@ def test_prepared_backing_files_of_spares_taken_elsewhere_are_closed(mounted: Mo
     # as the S3 endpoint does; or a MKNOD) leave their prepared id unused: a sweep closes it.
     core, frontend = mounted.core, mounted.frontend
     core.make_spares()
-    for i in range(64):
-        handle, _ = core.create(1, f"direct-{i}", 0o644, os.O_WRONLY, 0, 0)
+    taken = []
+    for i in range(5):  # a few: closed once the reading thread has been idle for a second
+        handle, attr = core.create(1, f"direct-{i}", 0o644, os.O_WRONLY, 0, 0)
+        core.release(handle)
+        taken.append(attr.ino)
+    assert set(taken) <= set(frontend._prepared)
+    wait_until(lambda: not set(taken) & set(frontend._prepared), what="the idle sweep")
+    for i in range(64):  # many: closed when more than 96 are prepared
+        handle, _ = core.create(1, f"more-{i}", 0o644, os.O_WRONLY, 0, 0)
         core.release(handle)
     core.make_spares()
     assert set(frontend._prepared) <= core.spare_inos()
