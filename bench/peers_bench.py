@@ -71,7 +71,7 @@ def _median_p90(values: list[float]) -> tuple[float, float]:
 
 
 def run(out: Path, reps: int, fsyncs: int, shards: int, shard_mib: int,
-        read_mib: int) -> dict[str, Any]:
+        read_mib: int, transport: str = "auto") -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="cistern-peers-bench-"))
     results: dict[str, Any] = {"load_before": os.getloadavg(), "reps": reps,
@@ -88,7 +88,8 @@ def run(out: Path, reps: int, fsyncs: int, shards: int, shard_mib: int,
         local = NodeProcess(work / "local", f"s3://{bucket_local}", endpoint_url=moto.endpoint,
                             frontend="pyfuse3", upload_delay=HELD_BACK).start()
         nodes.append(local)
-        cluster = Cluster(work, bucket_peers, moto.endpoint, peer_timeout=2.0, dead_after=60.0)
+        cluster = Cluster(work, bucket_peers, moto.endpoint, peer_timeout=2.0, dead_after=60.0,
+                          transport=transport)
         for name in ("writer", "peer", "reader"):
             cluster.add(name, upload_delay=HELD_BACK)
         cluster.start()
@@ -115,8 +116,11 @@ def run(out: Path, reps: int, fsyncs: int, shards: int, shard_mib: int,
         got = (cluster.nodes["reader"].mount / "peer-read.bin").read_bytes()
         elapsed = time.perf_counter() - started
         assert got == data, "peer read returned different bytes"
+        peers = cluster.nodes["reader"].status().peers
         results["peer_read"] = {"bytes": len(data), "seconds": elapsed,
-                                "mib_per_s": len(data) / MiB / elapsed}
+                                "mib_per_s": len(data) / MiB / elapsed,
+                                "transport": peers.transport if peers else "?",
+                                "transport_reason": peers.transport_reason if peers else ""}
         results["load_after"] = os.getloadavg()
     finally:
         for item in nodes:
@@ -148,9 +152,10 @@ def report(results: dict[str, Any]) -> str:
             f" | {ratio(t['fsync_median_s'], raw['fsync_median_s'])} | "
             f"{t['stall_median_s']:.3f} s | {ratio(t['stall_median_s'], raw['stall_median_s'])} |")
     read = results["peer_read"]
-    lines += ["", f"Peer read over TCP loopback (cold, another node, file only on the writer): "
-              f"{read['bytes'] // MiB} MiB in {read['seconds']:.2f} s = "
-              f"{read['mib_per_s']:.0f} MiB/s", ""]
+    lines += ["", f"Peer read over {read.get('transport', 'tcp')} on loopback (cold, another "
+              f"node, file only on the writer): {read['bytes'] // MiB} MiB in "
+              f"{read['seconds']:.2f} s = {read['mib_per_s']:.0f} MiB/s "
+              f"({read.get('transport_reason', '')})", ""]
     return "\n".join(lines)
 
 
@@ -162,8 +167,12 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--shard-mib", type=int, default=16)
     parser.add_argument("--read-mib", type=int, default=128)
+    parser.add_argument("--transport", choices=("auto", "tcp", "rdma"), default="auto",
+                        help="peers.transport of the nodes (rdma: one-sided peer reads where "
+                        "a device exists; the report names what was used and why)")
     args = parser.parse_args()
-    results = run(args.out, args.reps, args.fsyncs, args.shards, args.shard_mib, args.read_mib)
+    results = run(args.out, args.reps, args.fsyncs, args.shards, args.shard_mib, args.read_mib,
+                  args.transport)
     print(report(results))
 
 

@@ -140,5 +140,6 @@ class PeersConfig(Section):
         shown="`30s`")
     transport: Transport = setting(
         "transport", "auto", choice(Transport),
-        "`tcp`, `rdma` (pyverbs; falls back to TCP with the reason in the status) or `auto`",
+        "`tcp`, `rdma` (peer reads by one-sided RDMA READs through pyverbs, the `rdma` "
+        "extra; falls back to TCP with the reason in the status) or `auto`",
         shown="`auto`")

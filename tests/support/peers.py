@@ -7,20 +7,49 @@ tests/integration/peers and bench/peers_bench.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from .node import NodeProcess
 from .s3server import free_port
 
-__all__ = ["Cluster"]
+__all__ = ["TOKEN", "Cluster", "HeldFiles", "SlowRelay"]
+
+TOKEN = b"0123456789abcdef-test-token"
+"""The shared token of in-process peer servers."""
+
+
+class HeldFiles:
+    """A peer server's handler holding ``files`` (key -> bytes), for in-process servers."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.announced: list[dict[str, Any]] = []
+
+    def read_local(self, key: str, offset: int, length: int) -> bytes | None:
+        data = self.files.get(key)
+        return None if data is None else data[offset:offset + length]
+
+    def on_announce(self, origin: str, header: dict[str, Any]) -> None:
+        self.announced.append(header)
+
+    def on_rename(self, origin: str, old: str, new: str) -> None:
+        pass
+
+    def on_drop(self, origin: str, key: str, upto: int | None) -> None:
+        pass
 
 
 class Cluster:
     def __init__(self, workdir: Path, bucket: str, endpoint: str, *, peer_timeout: float = 1.0,
-                 dead_after: float = 2.0) -> None:
+                 dead_after: float = 2.0, transport: str = "auto") -> None:
+        self.transport = transport
         self.workdir = workdir
         self.bucket = bucket
         self.endpoint = endpoint
@@ -49,6 +78,7 @@ class Cluster:
                                          "membersFile": str(self.members),
                                          "tokenFile": str(self.token),
                                          "deadAfter": f"{self.dead_after}s",
+                                         "transport": self.transport,
                                          "suspectFor": "30s"}})
         self.nodes[name] = node
         return node
@@ -68,3 +98,46 @@ class Cluster:
     def stop(self) -> None:
         for node in self.nodes.values():
             node.stop()
+
+
+class SlowRelay:
+    """A TCP relay to a peer server whose answers can be held back ``delay`` seconds each:
+    a peer that is slow (a busy disk, a congested link), not dead."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.delay = 0.0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True, name="slow-relay").start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self._socks += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True),
+                             daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if answers and self.delay:
+                    time.sleep(self.delay)  # the fault injected, not a synchronisation
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._server.close()
+        for sock in self._socks:
+            sock.close()

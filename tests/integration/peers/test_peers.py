@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from cistern.cachenode.peers.transport import choose_transport
 from support.s3server import list_keys, read_object
 from support.wait import wait_until
 
@@ -125,6 +126,11 @@ def test_a_node_joins_without_a_restart_and_status_says_why_tcp(cluster: Any) ->
     late.start()
     wait_until(lambda: writer.status().peers.members == ("b", "late"), timeout=30,
                what="the writer to see the new member")
+    # This machine's own detection (no RDMA device here: TCP, and the missing piece as the
+    # reason) in /status and /metrics; the operator copies it into the WriteCache status
+    # (tests/integration/operator/test_operator_peers.py).
+    expected = choose_transport("auto")
     peers = writer.status().peers
-    assert peers.transport == "tcp" and peers.transport_reason
-    assert writer.metric("cistern_peer_transport_info", 'transport="tcp"') == 1.0
+    assert (peers.transport, peers.transport_reason) == (expected.name, expected.reason)
+    for label in (f'transport="{expected.name}"', f'reason="{expected.reason}"'):
+        assert writer.metric("cistern_peer_transport_info", label) == 1.0, label

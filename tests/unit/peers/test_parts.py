@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -84,7 +83,7 @@ def test_the_real_machine_reports_a_reason() -> None:
     if devices and not reason:
         pytest.skip("this machine has a usable RDMA device")
     assert reason and choose_transport("rdma").name == "tcp"
-    assert "pyverbs" not in sys.modules or devices
+    # (that detection without a device loads no pyverbs: test_verbs.py, in a fresh process)
 
 
 def test_durability_per_path_and_its_requirements() -> None:

@@ -29,32 +29,13 @@ from cistern.cachenode.peers.protocol import (
     write_frame,
 )
 from cistern.cachenode.peers.server import PeerServer
-
-TOKEN = b"0123456789abcdef-test-token"
-
-
-class Handler:
-    def __init__(self) -> None:
-        self.announced: list[dict[str, Any]] = []
-        self.files: dict[str, bytes] = {"a/b": b"hello peer"}
-
-    def read_local(self, key: str, offset: int, length: int) -> bytes | None:
-        data = self.files.get(key)
-        return None if data is None else data[offset:offset + length]
-
-    def on_announce(self, origin: str, header: dict[str, Any]) -> None:
-        self.announced.append(header)
-
-    def on_rename(self, origin: str, old: str, new: str) -> None:
-        pass
-
-    def on_drop(self, origin: str, key: str, upto: int | None) -> None:
-        pass
+from support.peers import TOKEN, HeldFiles
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Any:
-    srv = PeerServer("127.0.0.1", 0, "holder", TOKEN, CopyStore(tmp_path / "copies"), Handler())
+    srv = PeerServer("127.0.0.1", 0, "holder", TOKEN, CopyStore(tmp_path / "copies"),
+                     HeldFiles({"a/b": b"hello peer"}))
     srv.start()
     yield srv
     srv.stop()

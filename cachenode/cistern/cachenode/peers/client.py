@@ -49,6 +49,8 @@ class Connection:
     def __init__(self, member: Member, self_node: str, token: bytes, deadline: float) -> None:
         self.member = member
         self._ids = itertools.count(1)
+        self.one_sided: Any = None
+        """The reader's one-sided endpoint on this connection (regions.RegionReads)."""
         self.sock = socket.create_connection((member.host, member.port),
                                              timeout=_left(deadline, member))
         try:
@@ -95,6 +97,9 @@ class Connection:
         return self.receive(self.send(op, header, payload), expect)
 
     def close(self) -> None:
+        if self.one_sided is not None:
+            self.one_sided.close()
+            self.one_sided = None
         self.sock.close()
 
 

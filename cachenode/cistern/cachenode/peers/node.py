@@ -23,10 +23,11 @@ from cistern.cachenode.peers.index import IndexEntry, PeerIndex
 from cistern.cachenode.peers.membership import Membership
 from cistern.cachenode.peers.overlay import PeerOverlayStore, PeerReader
 from cistern.cachenode.peers.protocol import ProtocolError, field_of
+from cistern.cachenode.peers.regions import Engine, RegionReads, RegionTable, TcpEngine
 from cistern.cachenode.peers.replicator import PeerReplication
 from cistern.cachenode.peers.rescue import Rescuer, RescueStore
 from cistern.cachenode.peers.server import PeerServer
-from cistern.cachenode.peers.transport import choose_transport
+from cistern.cachenode.peers.transport import choose_transport, open_engine
 from cistern.cachenode.store import ObjectStore
 from cistern.config import NodeConfig, parse_hostport
 from cistern.nodestatus import PeersStatus
@@ -58,21 +59,28 @@ class PeerNode:
             host, port = parse_hostport(pc.listen, "peers.listen")
         except (OSError, ValueError) as exc:
             raise PeerSetupError(f"peers: {getattr(exc, 'strerror', None) or exc}") from exc
-        self.transport = choose_transport(pc.transport)
+        engine, self.transport = open_engine(choose_transport(pc.transport))
         log.info("peer transport: %s (%s)", self.transport.name, self.transport.reason)
         self.membership = Membership(Path(pc.members_file), self.node)
         self.pool = PeerPool(self.node, token, pc.suspect_for)
         self.copies = CopyStore(cache_dir / "peers" / "copies")
         self.index = PeerIndex()
         self.replication = PeerReplication(config.durability, self.pool, self.membership)
+        engines: dict[str, Engine] = {"tcp": TcpEngine()}
+        self.one_sided: RegionReads | None = None
+        if engine is not None:
+            engines[engine.name] = engine
+            self.one_sided = RegionReads(engine, self.pool, config.durability.peer_timeout)
+        self.regions = RegionTable(engines)
         self.reader = PeerReader(self.pool, self.membership, config.durability.peer_timeout,
-                                 local=self.read_local)
+                                 local=self.read_local, one_sided=self.one_sided)
         self.dead_after = pc.dead_after
         self._files: LocalFiles | None = None
         self.rescuer: Rescuer | None = None
         self._stopping = threading.Event()
         try:
-            self.server = PeerServer(host, port, self.node, token, self.copies, self)
+            self.server = PeerServer(host, port, self.node, token, self.copies, self,
+                                     self.regions)
         except OSError as exc:
             raise PeerSetupError(f"peers.listen {pc.listen}: {exc.strerror}") from exc
 
@@ -148,6 +156,10 @@ class PeerNode:
 
     # ------------------------------------------------------------------ status
 
+    def _transport_reason(self) -> str:
+        fallback = self.one_sided.last_fallback if self.one_sided else ""
+        return f"{self.transport.reason}; {fallback}" if fallback else self.transport.reason
+
     def status(self) -> PeersStatus:
         stats = self.replication.stats
         rescuer = self.rescuer
@@ -155,7 +167,7 @@ class PeerNode:
             node=self.node,
             port=self.server.port,
             transport=self.transport.name,
-            transport_reason=self.transport.reason,
+            transport_reason=self._transport_reason(),
             members=tuple(m.node for m in self.membership.others()),
             suspects=tuple(self.pool.suspects()),
             bytes_held_for_peers=self.copies.bytes_held(),

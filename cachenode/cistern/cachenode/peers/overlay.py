@@ -19,6 +19,7 @@ from cistern.cachenode.peers.client import PeerPool
 from cistern.cachenode.peers.index import IndexEntry, PeerIndex
 from cistern.cachenode.peers.membership import Member, Membership
 from cistern.cachenode.peers.protocol import Op, PeerError
+from cistern.cachenode.peers.regions import RegionReads
 from cistern.cachenode.store import ObjectInfo, ObjectStore
 
 __all__ = ["PeerOverlayStore", "PeerReader"]
@@ -33,8 +34,11 @@ class PeerReader:
     """Reads a peer-held file into a local descriptor, origin first, then the holders."""
 
     def __init__(self, pool: PeerPool, membership: Membership, timeout: float,
-                 local: Callable[[str, int, int], bytes | None]) -> None:
+                 local: Callable[[str, int, int], bytes | None],
+                 one_sided: RegionReads | None = None) -> None:
         self.pool = pool
+        self.one_sided = one_sided
+        """One-sided reads (RDMA) tried first when the node has them, TCP READs after."""
         self.local = local
         self.membership = membership
         self.timeout = timeout
@@ -50,12 +54,37 @@ class PeerReader:
             member = self.membership.get(node)
             if member is None or not self.pool.usable(member):
                 continue
+            done = self._fetch_one_sided(member, entry, fd)
+            if done is not None:
+                if done:
+                    return True
+                continue
             try:
                 self._fetch_from(member, entry, fd)
                 return True
             except PeerError as exc:
                 log.info("%s: peer read from %s failed: %s", entry.key, node, exc)
         return False
+
+    def _fetch_one_sided(self, member: Member, entry: IndexEntry, fd: int) -> bool | None:
+        """True: read; False: this member cannot serve it at all; None: read it over TCP."""
+        reads = self.one_sided
+        if reads is None or not reads.usable(member):
+            return None
+        try:
+            reads.fetch(member, entry.key, entry.size, fd)
+        except PeerError as exc:
+            if exc.code in ("missing", "timeout", "unreachable"):
+                log.info("%s: one-sided read from %s: %s", entry.key, member.node, exc)
+                return False
+            if exc.code != "busy":
+                reads.fell_back(member, exc)
+            return None
+        except Exception as exc:  # an engine failure is a reason to use TCP, never a crash
+            reads.fell_back(member, exc)
+            return None
+        self.bytes_read_total += entry.size
+        return True
 
     def _fetch_local(self, entry: IndexEntry, fd: int) -> bool:
         """From a copy this node holds itself."""

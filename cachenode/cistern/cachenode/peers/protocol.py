@@ -56,6 +56,10 @@ class Op(IntEnum):
     ANNOUNCE = 16    # {origin, key, size, mtime_ns, gen, holders} or {origin, key, gone}
     READ = 17        # {key, offset, length} -> DATA
     DATA = 18        # payload
+    RDMA_CONNECT = 19  # {rdma_version, engine, qp} -> OK {qp}: rdma_wire.py
+    REGION_OPEN = 20   # {key, offset, length} -> OK {region}: regions.py
+    REGION_CLOSE = 21  # {region}
+    REGION_READ = 22   # {addr, rkey, length} -> DATA: the TCP engine's one-sided read
 
 
 class ProtocolError(Exception):

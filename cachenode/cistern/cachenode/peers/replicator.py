@@ -109,11 +109,19 @@ class PeerReplication:
 
         def launch(member: Member) -> None:
             progress[member.node] = time.monotonic()
+            # Its own descriptor: a hedged straggler may still read after this fsync returned
+            # and closed version.fd (whose number may then name another file).
+            fd = os.dup(version.fd)
 
             def moved() -> None:
                 progress[member.node] = time.monotonic()
-            sending[self._executor.submit(self.pool.send_copy, member, header, version.fd,
-                                          version.size, bound, moved)] = member
+
+            def send() -> str:
+                try:
+                    return self.pool.send_copy(member, header, fd, version.size, bound, moved)
+                finally:
+                    os.close(fd)
+            sending[self._executor.submit(send)] = member
 
         while len(holders) < wanted and (candidates or sending):
             while candidates and len(sending) + len(holders) < wanted + len(hedged):

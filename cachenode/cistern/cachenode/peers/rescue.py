@@ -14,12 +14,19 @@ with shards missing). Settling a copy:
 3. A 412 with a *different* object at the key (another writer) keeps the copy and counts it as
    a conflict (``copies_conflicting``); it is not uploaded over the other version.
 
+A copy above ``single_put_limit`` (S3's 5 GiB cap on one PUT) goes up as a multipart upload
+(parts of ``part_size``, at most 10,000) completed with the same condition; as the flusher
+does, an overwrite HEADs the key just before Complete (``check_etag``: a store may ignore
+``If-Match`` on Complete, moto does), and a failed upload is aborted. A multipart object has no
+``cistern-md5``: step 1 matches it by size and ``mtime-ns``.
+
 Copies of live origins are checked the same way (step 1 only) once they are older than
 ``deadAfter``: the writer's DROP after its upload can be lost with a connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -39,6 +46,10 @@ __all__ = ["Rescuer"]
 log = logging.getLogger(__name__)
 
 CHECK_EVERY = 1.0
+SINGLE_PUT_LIMIT = 5 * 2**30
+"""S3 refuses a single PUT above 5 GiB."""
+PART_SIZE = 256 * 2**20
+MAX_PARTS = 10_000
 
 
 class RescueStore(Protocol):
@@ -46,6 +57,18 @@ class RescueStore(Protocol):
 
     def put_file(self, key: str, fd: int, size: int, metadata: dict[str, str],
                  if_match: str | None = None, if_none_match: bool = False) -> str: ...
+
+    def create_multipart(self, key: str, metadata: dict[str, str]) -> str: ...
+
+    def upload_part(self, key: str, upload_id: str, number: int, fd: int, offset: int,
+                    length: int) -> str: ...
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]],
+                           if_match: str | None = None, if_none_match: bool = False) -> str: ...
+
+    def abort_multipart(self, key: str, upload_id: str) -> None: ...
+
+    def check_etag(self, key: str, etag: str) -> None: ...
 
 
 def same_version(info: ObjectInfo, row: CopyRow) -> bool:
@@ -58,7 +81,10 @@ def same_version(info: ObjectInfo, row: CopyRow) -> bool:
 class Rescuer:
     def __init__(self, copies: CopyStore, pool: PeerPool, membership: Membership,
                  store: RescueStore, dead_after: float,
-                 is_marker: Callable[[str], bool], index: PeerIndex) -> None:
+                 is_marker: Callable[[str], bool], index: PeerIndex,
+                 single_put_limit: int = SINGLE_PUT_LIMIT, part_size: int = PART_SIZE) -> None:
+        self.single_put_limit = single_put_limit
+        self.part_size = part_size
         self.copies = copies
         self.index = index
         self.pool = pool
@@ -144,9 +170,7 @@ class Rescuer:
                 return
             fd = os.open(self.copies.data_path(row), os.O_RDONLY)
             try:
-                self.store.put_file(row.key, fd, row.size, {
-                    "mode": oct(row.mode & 0o7777), "mtime-ns": str(row.mtime_ns)},
-                    if_match=row.etag, if_none_match=row.etag is None)
+                self._upload(row, fd)
             finally:
                 os.close(fd)
         except PreconditionFailed:
@@ -164,6 +188,27 @@ class Rescuer:
         self.uploaded_total += 1
         log.info("%s: uploaded the copy held for %s", row.key, row.origin)
         self._drop(row, "uploaded")
+
+    def _upload(self, row: CopyRow, fd: int) -> None:
+        metadata = {"mode": oct(row.mode & 0o7777), "mtime-ns": str(row.mtime_ns)}
+        if row.size <= self.single_put_limit:
+            self.store.put_file(row.key, fd, row.size, metadata, if_match=row.etag,
+                                if_none_match=row.etag is None)
+            return
+        part = max(self.part_size, -(-row.size // MAX_PARTS))
+        upload_id = self.store.create_multipart(row.key, metadata)
+        try:
+            receipts = [(number, self.store.upload_part(row.key, upload_id, number, fd, offset,
+                                                        min(part, row.size - offset)))
+                        for number, offset in enumerate(range(0, row.size, part), 1)]
+            if row.etag is not None:
+                self.store.check_etag(row.key, row.etag)
+            self.store.complete_multipart(row.key, upload_id, receipts, if_match=row.etag,
+                                          if_none_match=row.etag is None)
+        except BaseException:
+            with contextlib.suppress(StoreError, OSError):
+                self.store.abort_multipart(row.key, upload_id)
+            raise
 
     def _in_store(self, row: CopyRow) -> bool:
         try:

@@ -21,10 +21,20 @@ from cistern.cachenode.peers.protocol import (
     MAX_PAYLOAD,
     Frame,
     Op,
+    PeerError,
     ProtocolError,
     field_of,
     read_frame,
     write_frame,
+)
+from cistern.cachenode.peers.rdma_wire import MAX_REGION, parse_connect_request
+from cistern.cachenode.peers.regions import (
+    Engine,
+    HolderEndpoint,
+    RegionTable,
+    Registered,
+    RemoteAccessError,
+    TcpEngine,
 )
 
 __all__ = ["PeerHandler", "PeerServer"]
@@ -57,11 +67,13 @@ class PeerHandler(Protocol):
 
 class PeerServer:
     def __init__(self, host: str, port: int, self_node: str, token: bytes, copies: CopyStore,
-                 handler: PeerHandler) -> None:
+                 handler: PeerHandler, regions: RegionTable | None = None) -> None:
         self.self_node = self_node
         self._token = token
         self.copies = copies
         self.handler = handler
+        self.regions = regions or RegionTable({"tcp": TcpEngine()})
+        """Buffers registered for one-sided reads, by engine (regions.py)."""
         self._sock = socket.create_server((host, port), reuse_port=False, backlog=64)
         self.port = self._sock.getsockname()[1]
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
@@ -106,6 +118,7 @@ class PeerServer:
             log.info("peer connection from %s: %s", addr[0], exc)
         finally:
             session.abort_open_copies()
+            session.release_regions()
             conn.close()
             self._slots.release()
 
@@ -124,6 +137,9 @@ class _Session:
         self.conn = conn
         self.open_copies: dict[int, tuple[Path, int, dict[str, Any]]] = {}
         self._next_copy = 1
+        self.engine: Engine | None = None
+        self.endpoint: HolderEndpoint | None = None
+        self.regions: dict[int, Registered] = {}
 
     def handshake(self) -> str:
         hello = read_frame(self.conn)
@@ -200,6 +216,8 @@ class _Session:
             _key(h, "key")
             handler.on_announce(origin, h)
             return Frame(Op.OK, 0)
+        if op in (Op.RDMA_CONNECT, Op.REGION_OPEN, Op.REGION_CLOSE, Op.REGION_READ):
+            return self.answer_region(op, h)
         if op == Op.READ:
             key = _key(h, "key")
             data = handler.read_local(key, field_of(h, "offset", int, limit=MAX_FILE),
@@ -208,6 +226,58 @@ class _Session:
                 return Frame(Op.ERROR, 0, {"code": "missing", "message": f"{key}: not here"})
             return Frame(Op.DATA, 0, {}, data)
         raise ProtocolError(f"op {op.name} is not a request")
+
+    def answer_region(self, op: Op, h: dict[str, Any]) -> Frame:
+        """The holder's side of one-sided reads (regions.py has the sequence)."""
+        table = self.server.regions
+        if op == Op.RDMA_CONNECT:
+            if self.engine is not None:
+                raise ProtocolError("RDMA_CONNECT twice on one connection")
+            name, remote = parse_connect_request(h)
+            engine = table.engines.get(name)
+            if engine is None:
+                return _error("rdma-unsupported", f"{self.server.self_node} has no {name} "
+                              f"engine (it has: {', '.join(sorted(table.engines))})")
+            try:
+                self.endpoint = engine.accept(remote)
+            except PeerError as exc:
+                return _error(exc.code, str(exc))
+            self.engine = engine
+            info = self.endpoint.local_info()
+            return Frame(Op.OK, 0, {"qp": info.to_header()} if info else {})
+        if self.engine is None:
+            raise ProtocolError(f"{op.name} before RDMA_CONNECT")
+        if op == Op.REGION_OPEN:
+            key = _key(h, "key")
+            length = field_of(h, "length", int, limit=MAX_REGION)
+            data = self.server.handler.read_local(key, field_of(h, "offset", int, limit=MAX_FILE),
+                                                  length)
+            if not data:
+                return _error("missing", f"{key}: not here")
+            try:
+                grant = table.open(self.engine, self.regions, data)
+            except PeerError as exc:
+                return _error(exc.code, str(exc))
+            return Frame(Op.OK, 0, grant.to_header())
+        if op == Op.REGION_CLOSE:
+            table.close(self.regions, field_of(h, "region", int, limit=2**31))
+            return Frame(Op.OK, 0)
+        if not isinstance(self.engine, TcpEngine):
+            raise ProtocolError(f"REGION_READ on a {self.engine.name} connection")
+        try:
+            data = self.engine.serve_read(field_of(h, "addr", int, limit=2**64 - 1),
+                                          field_of(h, "rkey", int, limit=2**32 - 1),
+                                          field_of(h, "length", int, limit=MAX_PAYLOAD))
+        except RemoteAccessError as exc:
+            # An HCA moves the queue pair to the error state: the connection ends here too.
+            raise ProtocolError(str(exc)) from None
+        return Frame(Op.DATA, 0, {}, data)
+
+    def release_regions(self) -> None:
+        self.server.regions.close_all(self.regions)
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
 
     def _copy(self, h: dict[str, Any]) -> tuple[Path, int, dict[str, Any]]:
         copy_id = field_of(h, "copy", int, limit=2**31)
@@ -220,6 +290,10 @@ class _Session:
         for part, fd, _ in self.open_copies.values():
             self.server.copies.abort(part, fd)
         self.open_copies.clear()
+
+
+def _error(code: str, message: str) -> Frame:
+    return Frame(Op.ERROR, 0, {"code": code, "message": message})
 
 
 def _key(h: dict[str, Any], name: str) -> str:

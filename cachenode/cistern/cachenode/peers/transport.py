@@ -2,10 +2,11 @@
 
 RDMA needs three things: the kernel's RDMA subsystem with a device (``/sys/class/infiniband``
 lists one per RDMA-capable port, InfiniBand or RoCE), the ``pyverbs`` bindings (rdma-core), and
-a device pyverbs can open. Each missing piece is the reason reported in ``/status``,
-``/metrics`` and the WriteCache status. The RDMA data path itself (RC queue pairs, registered
-buffers, one-sided reads) is not implemented: with a usable device the node still uses TCP
-and says so (docs/dev/peers.md: what needs an RDMA node).
+a device pyverbs can open with an active port. Each missing piece is the reason reported in
+``/status``, ``/metrics`` and the WriteCache status; the node then uses TCP. With all of them,
+peer reads go through one-sided RDMA READs (``verbs.VerbsEngine``, ``regions.RegionReads``)
+and a reader that cannot use RDMA with one member falls back to TCP for it
+(``RegionReads.fell_back``), which the status reason shows too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SYSFS_RDMA", "TransportChoice", "choose_transport", "detect_rdma"]
+from cistern.cachenode.peers.protocol import PeerError
+from cistern.cachenode.peers.regions import Engine
+
+__all__ = ["SYSFS_RDMA", "TransportChoice", "choose_transport", "detect_rdma", "open_engine"]
 
 SYSFS_RDMA = Path("/sys/class/infiniband")
 
@@ -22,7 +26,7 @@ SYSFS_RDMA = Path("/sys/class/infiniband")
 @dataclass(frozen=True)
 class TransportChoice:
     name: str
-    """``tcp`` (the only data path implemented) or ``rdma``."""
+    """``tcp`` or ``rdma`` (peer reads through one-sided RDMA READs)."""
     reason: str
     """Why this transport: shown in /status, /metrics and the WriteCache status."""
     rdma_devices: tuple[str, ...] = ()
@@ -60,5 +64,19 @@ def choose_transport(wanted: str, sysfs: Path = SYSFS_RDMA,
     devices, problem = detect_rdma(sysfs, module)
     if problem:
         return TransportChoice("tcp", f"fallback to TCP: {problem}", devices)
-    return TransportChoice("tcp", f"fallback to TCP: RDMA devices {', '.join(devices)} are "
-                           "usable but the RDMA data path is not implemented yet", devices)
+    return TransportChoice("rdma", f"RDMA devices {', '.join(devices)} usable (pyverbs)",
+                           devices)
+
+
+def open_engine(choice: TransportChoice) -> tuple[Engine | None, TransportChoice]:
+    """The verbs engine on the first device when RDMA was chosen; TCP and why if it cannot
+    be opened (no active port, no GID, no memory for the protection domain...)."""
+    if choice.name != "rdma":
+        return None, choice
+    from cistern.cachenode.peers.verbs import VerbsEngine
+
+    device = choice.rdma_devices[0]
+    try:
+        return VerbsEngine(device), choice
+    except (PeerError, ImportError) as exc:
+        return None, TransportChoice("tcp", f"fallback to TCP: {exc}", choice.rdma_devices)
