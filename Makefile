@@ -3,7 +3,8 @@ PYTHON ?= python3
 BENCH_OUT ?= bench/results
 SMOKE_OUT ?= /tmp/cistern-bench-smoke
 
-.PHONY: bench bench-full bench-smoke bench-smallfiles bench-dlio fuse-floor smoothing
+.PHONY: bench bench-full bench-smoke bench-smallfiles bench-dlio fuse-floor smoothing \
+	bench-direct
 
 # The batch: raw disk, Cistern (pyfuse3 and passthrough front ends), JuiceFS, rclone, s3fs;
 # 3 repetitions; JSON, Markdown and PNG in $(BENCH_OUT). Under 20 minutes on 2 cores.
@@ -33,6 +34,12 @@ bench-dlio:
 # under cp -r of small files through any FUSE file system (see docs/benchmarks.md).
 fuse-floor:
 	$(PYTHON) -m bench.fuse_floor --out $(BENCH_OUT)/fuse-floor.json $(FLOOR_ARGS)
+
+# Issue 20's study: fio on the FUSE front ends vs a directory followed with fanotify
+# (docs/dev/direct.md); root, xfsprogs, a loop device.
+bench-direct:
+	$(PYTHON) -m bench.direct_study --frontends splice,pyfuse3,passthrough \
+		--out $(BENCH_OUT)/direct
 
 # Upload smoothing: a checkpoint burst with and without maxBytesPerSecond, and under 503 SlowDown
 # (see docs/smoothing.md). Writes bench/results/smoothing.json and docs/smoothing.png.

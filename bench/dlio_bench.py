@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench import workloads
+from bench.childproc import EventChild
 from bench.s3env import S3Env
 from bench.targets import Mounted, Target
 
@@ -57,14 +56,10 @@ def _run_once(cfg: BenchConfig, env: S3Env, mounted: Mounted, run: TargetRun) ->
     cmd = [sys.executable, "-m", "bench.dlio_io", "--dir", str(directory),
            "--ranks", str(cfg.dlio_ranks), "--scale", str(cfg.dlio_scale),
            "--writes", str(cfg.dlio_writes), "--reads", str(cfg.dlio_reads)]
-    stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                            text=True, env=workloads._child_env(), cwd=workloads.REPO_ROOT)
-    assert proc.stdin is not None
     written: list[dict[str, Any]] = []
     read: list[dict[str, Any]] = []
-    try:
-        events = workloads._events(proc)
+    with EventChild(cmd, "DLIO-shaped workload") as child:
+        events = child.events()
         if next(events)["event"] != "ready":
             raise RuntimeError("the DLIO-shaped workload did not start")
         env.wait_quiet(settle=cfg.quiet_settle)
@@ -73,22 +68,12 @@ def _run_once(cfg: BenchConfig, env: S3Env, mounted: Mounted, run: TargetRun) ->
                 written.append(event)
             elif event["event"] == "writes_done":
                 _drop_cached(mounted, directory)
-                proc.stdin.write("go\n")
-                proc.stdin.flush()
+                child.send("go")
             elif event["event"] == "read":
                 read.append(event)
-        proc.wait(timeout=cfg.step_timeout)
-    except (StopIteration, RuntimeError, subprocess.TimeoutExpired) as exc:
-        raise RuntimeError(f"DLIO-shaped workload failed ({exc!r}): "
-                           f"{workloads._read_all(stderr)[-800:]}") from None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        message = workloads._read_all(stderr)
-        stderr.close()
-    if proc.returncode != 0 or len(written) != cfg.dlio_writes or len(read) != cfg.dlio_reads:
-        raise RuntimeError(f"DLIO-shaped workload failed ({proc.returncode}): {message[-800:]}")
+        child.finish(cfg.step_timeout)
+    if len(written) != cfg.dlio_writes or len(read) != cfg.dlio_reads:
+        raise child.failure(f"{len(written)} writes, {len(read)} reads")
     run.metrics["dlio_write_gib_s"] = (sum(e["bytes"] for e in written) / GiB
                                        / sum(e["seconds"] for e in written))
     run.metrics["dlio_read_gib_s"] = (sum(e["bytes"] for e in read) / GiB

@@ -8,20 +8,17 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from bench.childproc import EventChild
 from bench.s3env import S3Env
 from bench.targets import Mounted
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 
 
@@ -65,20 +62,6 @@ class SaveResult:
     note: str = ""
 
 
-def _child_env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH", "")
-    return dict(os.environ, PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{path}" if path
-                else str(REPO_ROOT))
-
-
-def _events(proc: subprocess.Popen[str]) -> Iterator[dict[str, Any]]:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.strip()
-        if line.startswith("{"):
-            yield json.loads(line)
-
-
 def _checkpoint_cmd(action: str, mounted: Mounted, kinds: list[str], size: int,
                     tensors: int) -> list[str]:
     cmd = [sys.executable, "-m", "bench.checkpoint_io", action, "--kind", ",".join(kinds),
@@ -114,14 +97,13 @@ def checkpoint_saves(env: S3Env, mounted: Mounted, kinds: list[str], size: int, 
     for durability. One child process does all kinds (torch is imported once); it saves
     only when told to, after S3 has been quiet for ``settle`` seconds. S3 requests are
     counted from the go until the proxy is quiet again after durability."""
-    stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(_checkpoint_cmd("save", mounted, kinds, size, tensors) + ["--wait"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                            text=True, env=_child_env(), cwd=REPO_ROOT)
-    assert proc.stdin is not None and proc.stdout is not None
+    child = EventChild(_checkpoint_cmd("save", mounted, kinds, size, tensors) + ["--wait"],
+                       "checkpoint save")
+    proc = child.proc
+    assert proc.stdin is not None
     results: dict[str, SaveResult] = {}
-    try:
-        events = _events(proc)
+    with child:
+        events = child.events()
         for kind in kinds:
             ready = next(events)
             if ready["event"] != "ready":
@@ -155,26 +137,7 @@ def checkpoint_saves(env: S3Env, mounted: Mounted, kinds: list[str], size: int, 
                 requests=env.wait_quiet(settle=settle), note=note)
         proc.stdin.close()
         proc.wait(timeout=durable_timeout)
-    except (StopIteration, RuntimeError, subprocess.TimeoutExpired) as exc:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        raise RuntimeError(f"checkpoint save failed ({proc.returncode}, {exc!r}): "
-                           f"{_read_all(stderr)[-800:]}") from None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        message = _read_all(stderr)
-        stderr.close()
-    if proc.returncode != 0:
-        raise RuntimeError(f"checkpoint save failed ({proc.returncode}): {message[-800:]}")
     return results
-
-
-def _read_all(handle: Any) -> str:
-    handle.seek(0)
-    return str(handle.read())
 
 
 def drop_page_cache(directory: Path) -> None:
@@ -197,42 +160,29 @@ class ColdLoader:
         self.kinds = kinds
         cmd = [sys.executable, "-m", "bench.checkpoint_io", "load", "--wait",
                "--kind", ",".join(kinds), "--size-bytes", str(size), "--tensors", str(tensors)]
-        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in load
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=self._stderr, text=True, env=_child_env(),
-                                      cwd=REPO_ROOT)
+        self._child = EventChild(cmd, "cold load")
 
     def load(self, mounted: Mounted, timeout: float) -> dict[str, float]:
-        proc = self._proc
-        assert proc.stdin is not None
         dirs = [mounted.path / f"ckpt-{kind}" for kind in self.kinds]
         if mounted.target.kind == "local":
             for directory in dirs:
                 drop_page_cache(directory)
         times: dict[str, float] = {}
-        try:
-            events = _events(proc)
+        with self._child as child:
+            events = child.events()
             if next(events)["event"] != "ready":
                 raise RuntimeError("loader not ready")
-            proc.stdin.write(json.dumps({"dirs": [str(d) for d in dirs]}) + "\n")
-            proc.stdin.flush()
+            child.send(json.dumps({"dirs": [str(d) for d in dirs]}))
             for event in events:
                 if event["event"] == "loaded":
                     times[event["kind"]] = float(event["read_s"])
-            proc.wait(timeout=timeout)
-        except (StopIteration, RuntimeError, subprocess.TimeoutExpired, OSError):
-            pass
-        finally:
-            self.close()
-        if proc.returncode != 0 or set(times) != set(self.kinds):
-            raise RuntimeError(f"cold load failed ({proc.returncode}): "
-                               f"{_read_all(self._stderr)[-800:]}")
+            child.finish(timeout)
+        if set(times) != set(self.kinds):
+            raise self._child.failure(f"loaded {sorted(times)} of {self.kinds}")
         return times
 
     def close(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
+        self._child.stop()
 
 
 def make_small_files(directory: Path, count: int, size: int) -> None:

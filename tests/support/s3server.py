@@ -17,10 +17,11 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+
+from .wait import WaitTimeout, wait_until
 
 __all__ = [
     "ChildServer", "MotoServer", "free_port", "list_keys", "read_object", "s3_client", "stop_child",
@@ -55,15 +56,14 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
-            time.sleep(0.05)
+    """Until something accepts connections on ``host:port``; ``WaitTimeout`` after
+    ``timeout`` seconds."""
+
+    def listening() -> bool:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+
+    wait_until(listening, timeout, f"something listening on {host}:{port}", ignore=(OSError,))
 
 
 def s3_client(endpoint_url: str) -> Any:
@@ -132,7 +132,7 @@ class ChildServer:
         )
         try:
             wait_for_port(self.port)
-        except TimeoutError:
+        except WaitTimeout:
             self.stop()
             raise
         return self

@@ -42,6 +42,8 @@ from cistern.writecache import cache_key
 from support.s3server import free_port
 from support.wait import async_wait_until
 
+from .pod_runner_harness import harness as harness  # the pod-runner tests' fixture
+
 NAMESPACE = "ml"
 #: The operator's own namespace: the privileged daemons and their objects live here.
 WORKLOAD = "cistern-system"

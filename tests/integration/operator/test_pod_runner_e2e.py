@@ -18,185 +18,37 @@ rendered objects, so a change of names, namespaces or mount layout keeps the tes
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import os
-import shutil
-import subprocess
 import tempfile
 import urllib.request
 import warnings
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import kmock as kmock_lib
-import pytest
-import pytest_asyncio
 import yaml
 
 from cistern.operator.manifests import LABEL_ROLE
-from cistern.writecache import cache_key
-from support.kubelet import ApiClient, Node, helm_template, tool
-from support.node import is_mounted, unmount
-from support.s3server import TEST_CREDENTIALS, MotoServer
-from support.wait import WaitTimeout, async_wait_until
+from support.node import is_mounted
 
-pytestmark = [
-    pytest.mark.asyncio,
-    pytest.mark.e2e_local,
-    pytest.mark.timeout(240),
-    pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
-                       reason="the cache daemon needs root and /dev/fuse to mount"),
-    pytest.mark.skipif(shutil.which("cistern-node") is None or shutil.which("cistern-csi")
-                       is None, reason="the cistern entry points are not installed"),
-]
+from .pod_runner_harness import (
+    BUCKET,
+    E2E_MARKS,
+    MANAGED,
+    NAMESPACE,
+    NODE,
+    Harness,
+    apply_chart,
+    bucket_keys,
+    example_writecache,
+    trainer_pod,
+    until,
+    wc_columns,
+    write_synced,
+)
 
-ROOT = Path(__file__).resolve().parents[3]
-NAMESPACE = "ml"
-NODE = "node-1"
-MANAGED = {"app.kubernetes.io/managed-by": "cistern-operator"}
-BUCKET = "e2e-checkpoints"
-RESOURCES: dict[str, dict[str, Any]] = {
-    "cistern.dev/v1alpha1/writecaches": {"kind": "WriteCache", "namespaced": True,
-                                         "subresources": {"status"}, "shortnames": {"wc"}},
-    "v1/nodes": {"kind": "Node", "namespaced": False},
-    "v1/pods": {"kind": "Pod", "namespaced": True, "subresources": {"status"}},
-    "v1/configmaps": {"kind": "ConfigMap", "namespaced": True},
-    "v1/secrets": {"kind": "Secret", "namespaced": True},
-    "v1/events": {"kind": "Event", "namespaced": True},
-    "v1/namespaces": {"kind": "Namespace", "namespaced": False},
-    "v1/persistentvolumeclaims": {"kind": "PersistentVolumeClaim", "namespaced": True,
-                                  "subresources": {"status"}, "shortnames": {"pvc"}},
-    "v1/persistentvolumes": {"kind": "PersistentVolume", "namespaced": False,
-                             "subresources": {"status"}, "shortnames": {"pv"}},
-    "apps/v1/daemonsets": {"kind": "DaemonSet", "namespaced": True, "subresources": {"status"}},
-    "apps/v1/deployments": {"kind": "Deployment", "namespaced": True,
-                            "subresources": {"status"}},
-    "policy/v1/poddisruptionbudgets": {"kind": "PodDisruptionBudget", "namespaced": True},
-    "storage.k8s.io/v1/storageclasses": {"kind": "StorageClass", "namespaced": False},
-    "storage.k8s.io/v1/csidrivers": {"kind": "CSIDriver", "namespaced": False},
-}
-VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
-RUNS = {"Deployment": "deployments", "DaemonSet": "daemonsets", "CSIDriver": "csidrivers"}
-
-TRAINER = """
-import torch, torch.distributed.checkpoint as dcp
-torch.manual_seed(12)
-state = {"model": {"w": torch.randn(256, 256), "b": torch.randn(256)}, "step": torch.tensor(1)}
-dcp.save(state, storage_writer=dcp.FileSystemWriter("/checkpoints/step-1", sync_files=True))
-print("saved", flush=True)
-"""
-
-
-async def until(predicate: Callable[[], Any], timeout: float, what: str,
-                describe: Callable[[], str] | None = None) -> Any:
-    """``async_wait_until`` for a blocking predicate (run in a thread: KMock is served by this
-    loop); a timeout also shows ``describe()`` (the pods, their containers' last lines)."""
-    try:
-        return await async_wait_until(lambda: asyncio.to_thread(predicate), timeout, what)
-    except WaitTimeout as exc:
-        detail = await asyncio.to_thread(describe) if describe else ""
-        raise WaitTimeout(f"{exc}\n{detail}") from None
-
-
-@dataclass
-class Harness:
-    api: ApiClient
-    node: Node
-    chart: list[dict[str, Any]]
-    s3: MotoServer
-    root: Path
-
-    def describe(self) -> str:
-        wcs = self.api.list("writecaches")
-        return (self.node.describe() + "\nwritecaches: "
-                + yaml.safe_dump([w.get("status") for w in wcs])[:3000])
-
-    def cache_daemon(self) -> Any:
-        pods = self.node.pods_with({**MANAGED, LABEL_ROLE: "cache-node"})
-        return pods[0] if len(pods) == 1 else None
-
-    def kubectl(self, *args: str) -> str:
-        result = subprocess.run([str(tool("kubectl")), *args], capture_output=True, text=True,
-                                timeout=30, env={**os.environ,
-                                                 "KUBECONFIG": str(self.node.kubeconfig)})
-        assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
-        return result.stdout
-
-
-def apply_chart(api: ApiClient, docs: list[dict[str, Any]]) -> None:
-    for doc in docs:
-        if doc["kind"] in RUNS:
-            api.create(RUNS[doc["kind"]], doc, doc["metadata"].get("namespace"))
-
-
-@pytest_asyncio.fixture()
-async def harness(kmock: Any, tmp_path: Path, request: pytest.FixtureRequest
-                  ) -> AsyncIterator[Harness]:
-    """KMock, the chart rendered (with ``request.param``'s extra values) and one node whose
-    kubelet directory is the chart's ``kubeletDir``."""
-    for key, info in RESOURCES.items():
-        kmock.resources[key] = kmock_lib.ResourceInfo(verbs=VERBS, **info)
-    values: dict[str, Any] = {"operator": {"statusInterval": 1, "logFormat": "plain"},
-                              **getattr(request, "param", {})}
-    chart = await asyncio.to_thread(helm_template, values, tmp_path)
-    api = ApiClient(str(kmock.url))
-    # Short: unix socket paths under it must stay within 107 characters.
-    root = Path(tempfile.mkdtemp(prefix="pod-runner-", dir="/tmp"))
-    node = Node(api, NODE, root, time_scale=0.1,
-                kubelet_dir=values.get("kubeletDir", "/var/lib/kubelet"))
-    with MotoServer() as s3:
-        await asyncio.to_thread(s3.client().create_bucket, Bucket=BUCKET)
-        await asyncio.to_thread(node.start)
-        try:
-            yield Harness(api, node, chart, s3, root)
-        finally:
-            await asyncio.to_thread(node.stop)
-            for line in Path("/proc/self/mounts").read_text().splitlines():
-                mountpoint = line.split()[1]
-                if mountpoint.startswith(str(root)):
-                    unmount(mountpoint)
-            shutil.rmtree(root, ignore_errors=True)
-
-
-def example_writecache(endpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """crds/examples/writecache-minimal.yaml pointed at moto, and the Secret it names."""
-    wc = yaml.safe_load((ROOT / "crds" / "examples" / "writecache-minimal.yaml").read_text())
-    wc["metadata"]["namespace"] = NAMESPACE
-    store = wc["spec"]["objectStore"]
-    store.update({"bucket": BUCKET, "endpoint": endpoint, "pathStyle": True})
-    # Dirty data stays on the node until the drain, so kill -9 and the drain guard have
-    # something to keep.
-    # The drain is rate-limited so the operator sees it under way (the guard still held).
-    wc["spec"]["flush"] = {"uploadDelay": "1h", "evacuationBytesPerSecond": "1Mi"}
-    secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-              "metadata": {"name": store["credentialsSecretRef"]["name"],
-                           "namespace": NAMESPACE},
-              "data": {k: base64.b64encode(TEST_CREDENTIALS[k].encode()).decode()
-                       for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}}
-    return wc, secret
-
-
-def trainer_pod(claim: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """crds/examples/pvc-and-pod.yaml with a torch.distributed.checkpoint save."""
-    pvc, pod = yaml.safe_load_all((ROOT / "crds" / "examples" / "pvc-and-pod.yaml").read_text())
-    for obj in (pvc, pod):
-        obj["metadata"]["namespace"] = NAMESPACE
-    pvc["metadata"]["name"] = claim
-    pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = claim
-    pod["spec"]["containers"][0]["command"] = ["python3", "-c"]
-    pod["spec"]["containers"][0]["args"] = [TRAINER]
-    return pvc, pod
-
-
-def printer_columns() -> str:
-    crd = yaml.safe_load((ROOT / "crds" / "writecaches.cistern.dev.yaml").read_text())
-    columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
-    return "NAME:.metadata.name," + ",".join(
-        f"{c['name'].upper()}:{c['jsonPath']}" for c in columns if not c.get("priority"))
+pytestmark = E2E_MARKS
 
 
 async def test_chart_operator_daemon_csi_and_a_checkpoint(harness: Harness) -> None:
@@ -316,30 +168,6 @@ async def test_chart_operator_daemon_csi_and_a_checkpoint(harness: Harness) -> N
     assert await asyncio.to_thread(api.get, "storageclasses", storage_class) is None
 
 
-def bucket_keys(h: Harness, part: str) -> dict[str, int]:
-    listing = h.s3.client().list_objects_v2(Bucket=BUCKET)
-    return {o["Key"]: o["Size"] for o in listing.get("Contents", []) if part in o["Key"]}
-
-
-def wc_columns(h: Harness, name: str, expected: tuple[str, str, str]
-               ) -> dict[str, str] | None:
-    """``kubectl get wc`` with the CRD's printer columns; the row when it shows ``expected``
-    as READY, NODES, DIRTY."""
-    table = h.kubectl("get", "wc", name, "-n", NAMESPACE,
-                      "-o", f"custom-columns={printer_columns()}")
-    header, row = table.splitlines()[:2]
-    columns = dict(zip(header.split(), row.split(), strict=False))
-    return columns if (columns["READY"], columns["NODES"], columns["DIRTY"]) == expected \
-        else None
-
-
-def write_synced(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as file:
-        file.write(data)
-        os.fsync(file.fileno())
-
-
 def verify_checkpoint(h: Harness, keys: list[str]) -> None:
     """The bucket's copy loads with torch.distributed.checkpoint into the trainer's tensors."""
     import torch
@@ -361,113 +189,6 @@ def verify_checkpoint(h: Harness, keys: list[str]) -> None:
     assert torch.equal(loaded["model"]["w"], expected["model"]["w"])
     assert torch.equal(loaded["model"]["b"], expected["model"]["b"])
     assert int(loaded["step"]) == 1
-
-
-# ------------------------------------------------------------------ broken manifests
-
-
-def pod_problem(h: Harness, labels: dict[str, str]) -> str:
-    """What the API shows for a pod that does not run: its reason and message, or the
-    last termination of a crash-looping container."""
-    for pod in h.api.list("pods", labels=labels):
-        status = pod.get("status") or {}
-        if status.get("reason"):
-            return f"{status['reason']}: {status.get('message')}"
-        for container in status.get("containerStatuses") or []:
-            last = (container.get("lastState") or {}).get("terminated")
-            if container.get("restartCount") and last:
-                return f"{container['name']} restarted {container['restartCount']}x, " \
-                       f"exit {last['exitCode']}: {last['message']}"
-    return ""
-
-
-async def test_chart_without_the_mount_root_volume_names_it(harness: Harness) -> None:
-    h = harness
-    csi = next(d for d in h.chart if d["kind"] == "DaemonSet")
-    pod_spec = csi["spec"]["template"]["spec"]
-    mount_root = next(m for c in pod_spec["containers"] for m in c.get("volumeMounts") or []
-                      if m.get("mountPropagation") == "HostToContainer")
-    pod_spec["volumes"] = [v for v in pod_spec["volumes"] if v["name"] != mount_root["name"]]
-    await asyncio.to_thread(apply_chart, h.api, [csi])
-    labels = csi["spec"]["selector"]["matchLabels"]
-    problem = await until(lambda: pod_problem(h, labels), 30, "the pod's problem", h.describe)
-    assert problem.startswith("CreateContainerConfigError"), problem
-    assert f"volumeMount {mount_root['name']!r} names no volume" in problem, problem
-
-
-def _secret_refs(spec: dict[str, Any]) -> set[str]:
-    """Names of the Secrets a pod spec reads (volumes and env)."""
-    names = {v["secret"]["secretName"] for v in spec.get("volumes") or [] if "secret" in v}
-    for container in spec.get("containers") or []:
-        for env in container.get("env") or []:
-            ref = (env.get("valueFrom") or {}).get("secretKeyRef")
-            if ref:
-                names.add(ref["name"])
-    return names
-
-
-# Only the operator runs here (no CSI node plugin, so no FUSE holder: a daemon told to hand
-# its connection to a holder waits for one).
-@pytest.mark.parametrize("harness", [{"holder": {"enabled": False}}], indirect=True)
-async def test_misspelled_config_key_and_missing_secret_are_named(harness: Harness) -> None:
-    h = harness
-    api = h.api
-    await asyncio.to_thread(apply_chart, api, [d for d in h.chart if d["kind"] == "Deployment"])
-    wc, secret = example_writecache(h.s3.endpoint)
-    await asyncio.to_thread(api.create, "secrets", secret, NAMESPACE)
-    await asyncio.to_thread(api.create, "writecaches", wc, NAMESPACE)
-    daemon = await until(h.cache_daemon, 60, "the cache daemon pod", h.describe)
-    await until(lambda: daemon.ready, 60, "the cache daemon ready", h.describe)
-    labels = {**MANAGED, LABEL_ROLE: "cache-node"}
-    (namespace, pod_name) = daemon.key
-
-    # A misspelled key in the node config the daemon reads: a crash loop naming the key.
-    config_volume = next(v for v in daemon.ctx.spec["volumes"] if "configMap" in v)
-    cm_name = config_volume["configMap"]["name"]
-    cm = await asyncio.to_thread(api.get, "configmaps", cm_name, namespace)
-    key, text = next(iter(cm["data"].items()))
-    assert "\nmount: " in "\n" + text
-    broken = ("\n" + text).replace("\nmount: ", "\nmountt: ")[1:]
-    await asyncio.to_thread(api.patch, "configmaps", cm_name, {"data": {key: broken}}, namespace)
-    await asyncio.to_thread(api.delete, "pods", pod_name, namespace)
-    problem = await until(lambda: pod_problem(h, labels), 60, "the crash loop", h.describe)
-    assert "mountt" in problem, problem
-    await asyncio.to_thread(api.patch, "configmaps", cm_name, {"data": {key: text}}, namespace)
-
-    # The credentials Secret gone: the daemon pod cannot be created, and says which Secret.
-    await asyncio.to_thread(api.delete, "secrets", secret["metadata"]["name"], NAMESPACE)
-    copies = {ref for ref in _secret_refs(daemon.ctx.spec) if "credentials" in ref}
-    await until(lambda: all(api.get("secrets", name, namespace) is None for name in copies),
-                150, "the operator removing its copy of the Secret", h.describe)
-    await asyncio.to_thread(api.delete, "pods", pod_name, namespace)
-    problem = await until(lambda: "CreateContainerConfigError" in pod_problem(h, labels)
-                          and pod_problem(h, labels), 60, "the missing Secret", h.describe)
-    # The daemon reads the operator's copy in its own namespace (docs/security.md), which the
-    # operator removes with its source: the pod names the copy it cannot find.
-    assert copies and any(f"secret {name!r} not found" in problem for name in copies), (
-        copies, problem)
-
-
-@pytest.mark.parametrize("harness", [{"kubeletDir": "/var/lib/k0s/kubelet",
-                                      "mountRoot": "/mnt/cistern/mounts"}], indirect=True)
-async def test_chart_kubelet_dir_and_mount_root_reach_every_process(harness: Harness) -> None:
-    """Moved kubelet and mount directories: the plugin registers where that kubelet looks, and
-    finds the cache the operator's daemon mounts (its Probe turns ready)."""
-    h = harness
-    await asyncio.to_thread(apply_chart, h.api, h.chart)
-    registration = await until(lambda: h.node.csi.registered("csi.cistern.dev"), 30,
-                               "the plugin registered with the kubelet", h.describe)
-    assert registration["endpoint"].startswith("/var/lib/k0s/kubelet/plugins/"), registration
-    wc, secret = example_writecache(h.s3.endpoint)
-    await asyncio.to_thread(h.api.create, "secrets", secret, NAMESPACE)
-    await asyncio.to_thread(h.api.create, "writecaches", wc, NAMESPACE)
-    daemon = await until(h.cache_daemon, 60, "the cache daemon pod", h.describe)
-    await until(lambda: daemon.ready, 60, "the cache daemon ready", h.describe)
-    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    key = cache_key(wc["metadata"]["namespace"], wc["metadata"]["name"])
-    assert str(h.root / "host" / "mnt/cistern/mounts" / key) in mounts, key
-    await until(lambda: h.node.csi.probe("csi.cistern.dev"), 30, "the CSI Probe ready",
-                h.describe)
 
 
 # ------------------------------------------------------------------ rolling update (issue 14)

@@ -20,30 +20,28 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import kmock as kmock_lib
 import pytest_asyncio
 import yaml
 
 from cistern.operator.manifests import LABEL_ROLE
 from support.kubelet import ApiClient, Node, helm_template
-from support.node import unmount
 from support.s3server import MotoServer
 
-from .test_pod_runner_e2e import (
+from .pod_runner_harness import (
     BUCKET,
+    E2E_MARKS,
     MANAGED,
     NAMESPACE,
-    RESOURCES,
-    VERBS,
     apply_chart,
     example_writecache,
+    serve_resources,
+    unmount_below,
     until,
     write_synced,
 )
-from .test_pod_runner_e2e import pytestmark as e2e_marks
 
 # The journey's marks: e2e_local, a time limit, root and /dev/fuse, the entry points.
-pytestmark = e2e_marks
+pytestmark = E2E_MARKS
 
 NODES = ("node-1", "node-2")
 
@@ -65,8 +63,7 @@ class TwoNodes:
 
 @pytest_asyncio.fixture()
 async def two_nodes(kmock: Any, tmp_path: Path) -> AsyncIterator[TwoNodes]:
-    for key, info in RESOURCES.items():
-        kmock.resources[key] = kmock_lib.ResourceInfo(verbs=VERBS, **info)
+    serve_resources(kmock)
     values = {"operator": {"statusInterval": 1, "logFormat": "plain"},
               "holder": {"enabled": False}}
     chart = await asyncio.to_thread(helm_template, values, tmp_path)
@@ -82,10 +79,7 @@ async def two_nodes(kmock: Any, tmp_path: Path) -> AsyncIterator[TwoNodes]:
         finally:
             for node in nodes.values():
                 await asyncio.to_thread(node.stop)
-            for line in Path("/proc/self/mounts").read_text().splitlines():
-                mountpoint = line.split()[1]
-                if any(mountpoint.startswith(str(root)) for root in roots.values()):
-                    unmount(mountpoint)
+            unmount_below(*roots.values())
             for root in roots.values():
                 shutil.rmtree(root, ignore_errors=True)
 

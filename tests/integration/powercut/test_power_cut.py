@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from support.powercut.blockdev import CacheDevice, missing_capability
-from support.powercut.cut import Cut, node_on, power_cut
+from support.powercut.cut import Cut, live_node, power_cut
 from support.powercut.verdict import CutFigures, judge_bucket, judge_local
 from support.powercut.workload import Mark, read_ledger
 from support.wait import wait_until
@@ -75,15 +75,13 @@ class _Writer:
 
 
 def test_power_cuts_lose_no_fsynced_file_and_never_regress_an_object(
-        tmp_path: Path, moto: Any, s3: Any, bucket: str) -> None:
+        tmp_path: Path, device: CacheDevice, moto: Any, s3: Any, bucket: str) -> None:
     seed = int(os.environ.get("CISTERN_POWERCUT_SEED", str(random.randrange(1 << 30))))
     print(f"\npower-cut seed: {seed} (CISTERN_POWERCUT_SEED to replay)")
     rng = random.Random(seed)
     figures = CutFigures()
     cuts: list[tuple[Mark, Cut]] = []
-    with CacheDevice(tmp_path / "dev") as device:
-        node = node_on(tmp_path / "live", bucket, moto.endpoint, device.mountpoint / "cache",
-                       tmp_path / "live-mnt", 0.1, {"flush": FLUSH}).start()
+    with live_node(device, tmp_path, bucket, moto.endpoint, 0.1, {"flush": FLUSH}) as node:
         writer = _Writer(node.mount, tmp_path / "ledger.jsonl", seed)
         try:
             for index in range(CUTS):
@@ -98,22 +96,21 @@ def test_power_cuts_lose_no_fsynced_file_and_never_regress_an_object(
                 cuts.append((marks[0], cut))
         finally:
             writer.stop()
-            node.stop()
-        ledger = read_ledger(writer.log, PART)
-        final = ledger.mark()
-        started = time.monotonic()
-        for index, (mark, cut) in enumerate(cuts):
-            label = f"cut {index} (after {mark.ops} ops)"
-            with cut.recovered(tmp_path / f"r{index}", moto.endpoint, {"flush": FLUSH}) as again:
-                judge_local(again.mount, mark, label, figures)
-                status = again.flush()
-                if status.conflicts_total:
-                    figures.conflicts.append(f"{label}: {status.last_conflict}")
-            judge_bucket(s3, cut.bucket, cut.at_cut, mark, final, ledger.etags, label, figures)
-            figures.cuts += 1
-            cut.discard(s3)
-        print(f"power-cut figures ({ledger.ops} workload ops, recovery "
-              f"{time.monotonic() - started:.0f}s): {figures.summary()}")
+    ledger = read_ledger(writer.log, PART)
+    final = ledger.mark()
+    started = time.monotonic()
+    for index, (mark, cut) in enumerate(cuts):
+        label = f"cut {index} (after {mark.ops} ops)"
+        with cut.recovered(tmp_path / f"r{index}", moto.endpoint, {"flush": FLUSH}) as again:
+            judge_local(again.mount, mark, label, figures)
+            status = again.flush()
+            if status.conflicts_total:
+                figures.conflicts.append(f"{label}: {status.last_conflict}")
+        judge_bucket(s3, cut.bucket, cut.at_cut, mark, final, ledger.etags, label, figures)
+        figures.cuts += 1
+        cut.discard(s3)
+    print(f"power-cut figures ({ledger.ops} workload ops, recovery "
+          f"{time.monotonic() - started:.0f}s): {figures.summary()}")
     problems = (figures.lost + figures.wrong_in_store + figures.regressed + figures.torn
                 + figures.open_uploads + figures.conflicts)
     assert figures.checked > figures.cuts, "the cuts checked almost no fsync'd file"

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from support.powercut.blockdev import CacheDevice, missing_capability
-from support.powercut.cut import Cut, node_on, power_cut
+from support.powercut.cut import Cut, live_node, power_cut
 from support.s3server import list_keys, read_object
 from support.wait import wait_until
 
@@ -63,39 +63,34 @@ def _data_file(cache_dir: Path, path: Path) -> Path:
 
 
 def test_o_trunc_rewrite_without_fsync_never_replaces_the_object(
-        tmp_path: Path, moto: Any, s3: Any, bucket: str) -> None:
+        tmp_path: Path, device: CacheDevice, moto: Any, s3: Any, bucket: str) -> None:
     v1, v2 = os.urandom(1 << 20), os.urandom(1 << 20)
-    with CacheDevice(tmp_path / "dev") as device:
-        node = node_on(tmp_path / "live", bucket, moto.endpoint, device.mountpoint / "cache",
-                       tmp_path / "live-mnt", 3600.0, CONFIG).start()
+    with live_node(device, tmp_path, bucket, moto.endpoint, 3600.0, CONFIG) as node:
+        _write(node.mount / "x", v1, sync=True)
+        node.flush()
+        assert read_object(s3, bucket, "x") == v1
+        # x is being rewritten (O_TRUNC, half written, still open: ext4 only pushes the
+        # data of a truncated-and-rewritten file at close) when another rank's fsync
+        # commits the journals, the truncation with them. The rewriter is a process of
+        # its own: a FUSE file open in this one would be flushed by the fork of the
+        # snapshot's ``cp`` while the node is frozen.
+        rewriter = subprocess.Popen(
+            [sys.executable, "-c", _REWRITER, str(node.mount / "x"), str(len(v2) // 2)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert rewriter.stdin is not None and rewriter.stdout is not None
         try:
-            _write(node.mount / "x", v1, sync=True)
-            node.flush()
-            assert read_object(s3, bucket, "x") == v1
-            # x is being rewritten (O_TRUNC, half written, still open: ext4 only pushes the
-            # data of a truncated-and-rewritten file at close) when another rank's fsync
-            # commits the journals, the truncation with them. The rewriter is a process of
-            # its own: a FUSE file open in this one would be flushed by the fork of the
-            # snapshot's ``cp`` while the node is frozen.
-            rewriter = subprocess.Popen(
-                [sys.executable, "-c", _REWRITER, str(node.mount / "x"), str(len(v2) // 2)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            assert rewriter.stdin is not None and rewriter.stdout is not None
-            try:
-                rewriter.stdin.write(v2)
-                rewriter.stdin.flush()
-                assert rewriter.stdout.readline() == b"half\n"
-                _write(node.mount / "y", b"another rank's shard", sync=True)
-                cut = power_cut(node, device, s3, bucket, "a")
-            finally:
-                rewriter.stdin.close()
-                rewriter.wait(60)
+            rewriter.stdin.write(v2)
+            rewriter.stdin.flush()
+            assert rewriter.stdout.readline() == b"half\n"
+            _write(node.mount / "y", b"another rank's shard", sync=True)
+            cut = power_cut(node, device, s3, bucket, "a")
         finally:
-            node.stop()
-        with cut.recovered(tmp_path / "r", moto.endpoint, CONFIG) as again:
-            local = (again.mount / "x").read_bytes()
-            again.flush()
-            log = again.log()
+            rewriter.stdin.close()
+            rewriter.wait(60)
+    with cut.recovered(tmp_path / "r", moto.endpoint, CONFIG) as again:
+        local = (again.mount / "x").read_bytes()
+        again.flush()
+        log = again.log()
     stored = read_object(s3, cut.bucket, "x")
     assert stored in (v1, v2), (f"the store's x went from the good version to "
                                 f"{len(stored)} bytes of something else\n{log}")
@@ -105,38 +100,32 @@ def test_o_trunc_rewrite_without_fsync_never_replaces_the_object(
 
 
 def test_in_place_change_without_fsync_is_never_silently_dropped(
-        tmp_path: Path, moto: Any, s3: Any, bucket: str) -> None:
+        tmp_path: Path, device: CacheDevice, moto: Any, s3: Any, bucket: str) -> None:
     v1 = os.urandom(1 << 20)
     patch = os.urandom(4096)
     v2 = patch + v1[len(patch):]
-    with CacheDevice(tmp_path / "dev") as device:
-        cache_dir = device.mountpoint / "cache"
-        node = node_on(tmp_path / "live", bucket, moto.endpoint, cache_dir,
-                       tmp_path / "live-mnt", 3600.0, CONFIG).start()
+    with live_node(device, tmp_path, bucket, moto.endpoint, 3600.0, CONFIG) as node:
+        _write(node.mount / "x", v1, sync=True)
+        node.flush()
+        _write(node.mount / "z", b"sync the journal after x became clean", sync=True)
+        with open(node.mount / "x", "r+b") as f:  # in place, no fsync
+            f.write(patch)
+        # The kernel may write a file's pages back at any moment; here it did so for x
+        # before the power went (and before anything synced the cache's journal).
+        fd = os.open(_data_file(device.mountpoint / "cache", node.mount / "x"), os.O_RDONLY)
         try:
-            _write(node.mount / "x", v1, sync=True)
-            node.flush()
-            _write(node.mount / "z", b"sync the journal after x became clean", sync=True)
-            with open(node.mount / "x", "r+b") as f:  # in place, no fsync
-                f.write(patch)
-            # The kernel may write a file's pages back at any moment; here it did so for x
-            # before the power went (and before anything synced the cache's journal).
-            fd = os.open(_data_file(cache_dir, node.mount / "x"), os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            cut = power_cut(node, device, s3, bucket, "b")
+            os.fdatasync(fd)
         finally:
-            node.stop()
-        with cut.recovered(tmp_path / "r", moto.endpoint, CONFIG) as again:
-            local = (again.mount / "x").read_bytes()
-            again.flush()
-            kept = again.metric("cistern_durability_events_total", 'kind="unsynced_kept"')
-            log = again.log()
-            lost_found = again.cache_dir / "lost+found"
-            aside = [p.read_bytes() for p in lost_found.iterdir()] if lost_found.is_dir() \
-                else []
+            os.close(fd)
+        cut = power_cut(node, device, s3, bucket, "b")
+    with cut.recovered(tmp_path / "r", moto.endpoint, CONFIG) as again:
+        local = (again.mount / "x").read_bytes()
+        again.flush()
+        kept = again.metric("cistern_durability_events_total", 'kind="unsynced_kept"')
+        log = again.log()
+        lost_found = again.cache_dir / "lost+found"
+        aside = [p.read_bytes() for p in lost_found.iterdir()] if lost_found.is_dir() \
+            else []
     stored = read_object(s3, cut.bucket, "x")
     assert stored in (v1, v2), log
     assert local == stored, "the recovered x silently differs from the store's"
@@ -170,51 +159,43 @@ def _recovers_without_conflict(tmp_path: Path, moto: Any, s3: Any, cut: Cut, key
 
 
 def test_own_upload_that_landed_before_the_cut_is_not_a_conflict(
-        tmp_path: Path, moto: Any, s3: Any, bucket: str, proxy: Any) -> None:
+        tmp_path: Path, device: CacheDevice, moto: Any, s3: Any, bucket: str, proxy: Any
+) -> None:
     v1, v2, v3 = (os.urandom(300_000) for _ in range(3))
-    with CacheDevice(tmp_path / "dev") as device:
-        node = node_on(tmp_path / "live", bucket, proxy.endpoint, device.mountpoint / "cache",
-                       tmp_path / "live-mnt", 0.2, CONFIG).start()
-        try:
-            _write(node.mount / "x", v1, sync=True)
-            node.flush()
-            _sync_dir(node.mount)  # x's CLEAN row and its ETag are durable
-            # The PUT of v2 (If-Match: v1's ETag) lands, its answer is held on the way back...
-            proxy.set(response_delay=15.0)
-            _write(node.mount / "x", v2, sync=False)
-            wait_until(lambda: read_object(s3, bucket, "x") == v2, timeout=30,
-                       what="v2 in the store")
-            # ... while v3 is written and fsync'd; the power goes before the node hears.
-            _write(node.mount / "x", v3, sync=True)
-            cut = power_cut(node, device, s3, bucket, "c")
-            proxy.set(response_delay=0.0)
-        finally:
-            node.stop()
-        assert read_object(s3, cut.bucket, "x") == v2
-        _recovers_without_conflict(tmp_path, moto, s3, cut, "x", v3)
+    with live_node(device, tmp_path, bucket, proxy.endpoint, 0.2, CONFIG) as node:
+        _write(node.mount / "x", v1, sync=True)
+        node.flush()
+        _sync_dir(node.mount)  # x's CLEAN row and its ETag are durable
+        # The PUT of v2 (If-Match: v1's ETag) lands, its answer is held on the way back...
+        proxy.set(response_delay=15.0)
+        _write(node.mount / "x", v2, sync=False)
+        wait_until(lambda: read_object(s3, bucket, "x") == v2, timeout=30,
+                   what="v2 in the store")
+        # ... while v3 is written and fsync'd; the power goes before the node hears.
+        _write(node.mount / "x", v3, sync=True)
+        cut = power_cut(node, device, s3, bucket, "c")
+        proxy.set(response_delay=0.0)
+    assert read_object(s3, cut.bucket, "x") == v2
+    _recovers_without_conflict(tmp_path, moto, s3, cut, "x", v3)
 
 
 def test_own_copy_that_landed_before_the_cut_is_not_a_conflict(
-        tmp_path: Path, moto: Any, s3: Any, bucket: str, proxy: Any) -> None:
+        tmp_path: Path, device: CacheDevice, moto: Any, s3: Any, bucket: str, proxy: Any
+) -> None:
     v1, v2 = os.urandom(200_000), os.urandom(300_000)
-    with CacheDevice(tmp_path / "dev") as device:
-        node = node_on(tmp_path / "live", bucket, proxy.endpoint, device.mountpoint / "cache",
-                       tmp_path / "live-mnt", 2.0, CONFIG).start()
-        try:
-            _write(node.mount / "a", v1, sync=True)
-            node.flush()
-            _sync_dir(node.mount)
-            # The copy a -> b (the rename's move) lands, its answer is held...
-            proxy.set(response_delay=10.0)
-            os.rename(node.mount / "a", node.mount / "b")
-            wait_until(lambda: "b" in list_keys(s3, bucket), timeout=60, what="the copy to b")
-            # ... while another file replaces b, fsync'd, the rename made durable.
-            _write(node.mount / "tmp", v2, sync=True)
-            os.rename(node.mount / "tmp", node.mount / "b")
-            _sync_dir(node.mount)
-            cut = power_cut(node, device, s3, bucket, "d")
-            proxy.set(response_delay=0.0)
-        finally:
-            node.stop()
-        assert read_object(s3, cut.bucket, "b") == v1
-        _recovers_without_conflict(tmp_path, moto, s3, cut, "b", v2)
+    with live_node(device, tmp_path, bucket, proxy.endpoint, 2.0, CONFIG) as node:
+        _write(node.mount / "a", v1, sync=True)
+        node.flush()
+        _sync_dir(node.mount)
+        # The copy a -> b (the rename's move) lands, its answer is held...
+        proxy.set(response_delay=10.0)
+        os.rename(node.mount / "a", node.mount / "b")
+        wait_until(lambda: "b" in list_keys(s3, bucket), timeout=60, what="the copy to b")
+        # ... while another file replaces b, fsync'd, the rename made durable.
+        _write(node.mount / "tmp", v2, sync=True)
+        os.rename(node.mount / "tmp", node.mount / "b")
+        _sync_dir(node.mount)
+        cut = power_cut(node, device, s3, bucket, "d")
+        proxy.set(response_delay=0.0)
+    assert read_object(s3, cut.bucket, "b") == v1
+    _recovers_without_conflict(tmp_path, moto, s3, cut, "b", v2)

@@ -15,7 +15,7 @@ from support.node import NodeProcess
 from support.powercut.blockdev import CacheDevice, Snapshot
 from support.powercut.verdict import copy_bucket, empty_bucket
 
-__all__ = ["Cut", "node_on", "power_cut"]
+__all__ = ["Cut", "live_node", "node_on", "power_cut"]
 
 
 @dataclass
@@ -47,6 +47,20 @@ def node_on(workdir: Path, bucket: str, endpoint: str, cache_dir: Path, mount: P
     return NodeProcess(workdir, f"s3://{bucket}", endpoint_url=endpoint, frontend="pyfuse3",
                        upload_delay=upload_delay, config=config, cache_dir=cache_dir,
                        mount=mount)
+
+
+@contextmanager
+def live_node(device: CacheDevice, tmp_path: Path, bucket: str, endpoint: str,
+              upload_delay: float, config: dict[str, Any]) -> Iterator[NodeProcess]:
+    """A started node caching on ``device`` (work dir ``tmp_path/live``, mounted at
+    ``tmp_path/live-mnt``), stopped on the way out. Cuts taken meanwhile stay recoverable
+    for as long as ``device`` is held (their clones live on it)."""
+    node = node_on(tmp_path / "live", bucket, endpoint, device.mountpoint / "cache",
+                   tmp_path / "live-mnt", upload_delay, config).start()
+    try:
+        yield node
+    finally:
+        node.stop()
 
 
 def power_cut(node: NodeProcess, device: CacheDevice, s3: Any, bucket: str, name: str,

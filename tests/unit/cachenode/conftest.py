@@ -1,4 +1,5 @@
-"""A local-directory store that fails on request, for the flusher and store-client tests.
+"""A local-directory store that fails on request, for the flusher and store-client tests, and
+the wired node of the flusher and streamer tests on it (``node``).
 
 It is a real ``ObjectStore`` (the local-directory one) with a queue of errors per operation:
 the next call of that operation raises the queued error instead of running. No client is
@@ -8,12 +9,14 @@ patched; the code under test sees exactly what a flaky store would give it.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cistern.cachenode.store import LocalDirStore, ObjectInfo
+from support.flushnode import Node
 
 
 class FaultyStore(LocalDirStore):
@@ -80,3 +83,12 @@ class FaultyStore(LocalDirStore):
 @pytest.fixture
 def faulty_store(tmp_path: Path) -> Any:
     return FaultyStore(tmp_path / "objects")
+
+
+@pytest.fixture
+def node(tmp_path: Path, faulty_store: Any) -> Iterator[Node]:
+    """A wired core, store client and flusher (started) on ``faulty_store``."""
+    n = Node(tmp_path / "cache", faulty_store)
+    n.flusher.start()
+    yield n
+    n.close()

@@ -3,57 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from cistern.cachenode.core import ROOT_INO, CacheCore
-from cistern.cachenode.flusher import Flusher
 from cistern.cachenode.retry import RetryPolicy
 from cistern.cachenode.store import PermanentStoreError, TemporaryStoreError
-from cistern.cachenode.storeclient import StoreClient
-from cistern.config import FlushPolicy
-
-FAST = RetryPolicy(base_delay=0.001, max_delay=0.005, deadline=5.0)
-POLICY = FlushPolicy(upload_delay=0.0, multipart_threshold=64 * 1024, part_size=16 * 1024,
-                     max_concurrent_uploads=2)
-
-
-class Node:
-    """A core, a store client and a flusher as the daemon wires them."""
-
-    def __init__(self, cache_dir: Path, store: Any, retry: RetryPolicy = FAST) -> None:
-        self.store = store
-        self.client = StoreClient(store, POLICY, retry=retry)
-        self.core = CacheCore(cache_dir, self.client, flush=POLICY)
-        self.flusher = Flusher(self.core, self.client, POLICY)
-
-    def write(self, name: str, data: bytes, parent: int = ROOT_INO) -> int:
-        handle, attr = self.core.create(parent, name, 0o644, os.O_WRONLY, 0, 0)
-        self.core.write(handle, 0, data)
-        self.core.release(handle)
-        return attr.ino
-
-    def flushed(self, timeout: float = 30.0) -> bool:
-        return self.flusher.wait_idle(timeout, upto_seq=self.core.request_flush())
-
-    def stored(self, key: str) -> bytes | None:
-        path = Path(self.store.root) / key
-        return path.read_bytes() if path.is_file() else None
-
-    def close(self) -> None:
-        self.flusher.stop()
-        self.core.close()
-
-
-@pytest.fixture
-def node(tmp_path: Path, faulty_store: Any) -> Iterator[Node]:
-    n = Node(tmp_path / "cache", faulty_store)
-    n.flusher.start()
-    yield n
-    n.close()
+from support.flushnode import POLICY, Node
 
 
 def test_uploads_dirty_files_and_marks_them_clean(node: Node) -> None:

@@ -4,28 +4,11 @@ parts leave while the file is open, and the object is always the final content."
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
-
-import pytest
 
 from cistern.cachenode.core import ROOT_INO, Handle
 from cistern.cachenode.store import PermanentStoreError
+from support.flushnode import PART, Node
 from support.wait import wait_until
-
-from .test_flusher import Node
-
-KiB = 1024
-PART = 16 * KiB  # POLICY in test_flusher: 16 KiB parts, 64 KiB multipart threshold
-
-
-@pytest.fixture
-def node(tmp_path: Path, faulty_store: Any) -> Iterator[Node]:
-    n = Node(tmp_path / "cache", faulty_store)
-    n.flusher.start()
-    yield n
-    n.close()
 
 
 def _open(node: Node, name: str) -> Handle:
