@@ -213,6 +213,25 @@ def test_creates_take_spare_data_files_whose_inodes_nobody_else_gets(tmp_path: P
         again.close()
 
 
+def test_a_front_end_sees_each_spare_before_a_create_can_take_it(tmp_path: Path) -> None:
+    core = CacheCore(tmp_path / "cache", LocalDirStore(tmp_path / "objects"))
+    seen: dict[int, int] = {}
+    try:
+        core.on_new_spare(lambda ino, fd: seen.setdefault(ino, os.fstat(fd).st_ino))
+        core.make_spares(4)
+        assert set(seen) == core.spare_inos() and len(seen) == 4
+        handle, attr = core.create(ROOT_INO, "new", 0o644, os.O_WRONLY, 0, 0)
+        # The create took one of them, with the very data file the hook was shown.
+        assert attr.ino in seen and attr.ino not in core.spare_inos()
+        assert os.fstat(handle.fd).st_ino == seen[attr.ino]
+        core.release(handle)
+        core.on_new_spare(None)
+        core.make_spares(4)
+        assert len(seen) == 4  # unhooked
+    finally:
+        core.close()
+
+
 def test_spares_left_by_a_crash_are_removed_and_their_inodes_stay_reserved(
         tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
