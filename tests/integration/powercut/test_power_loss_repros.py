@@ -13,7 +13,13 @@
 (d) The same with a rename: the copy of a renamed file lands at its new key, a file renamed
     over it is fsync'd (and the rename made durable) before the node hears of the copy; the
     recovered upload of that file meets this cache's own copy.
+(e) A file with no object yet is rewritten (O_TRUNC, not fsync'd) while its first upload is
+    on the wire; the PUT lands, the power goes before its answer is journaled. The journal
+    holds the upload's intent row but no object for the file: recovery must count that
+    upload as an object that may exist (the power-cut harness's "content the workload never
+    wrote"), not upload the truncated local file over it.
 """
+
 
 from __future__ import annotations
 
@@ -199,3 +205,41 @@ def test_own_copy_that_landed_before_the_cut_is_not_a_conflict(
         proxy.set(response_delay=0.0)
     assert read_object(s3, cut.bucket, "b") == v1
     _recovers_without_conflict(tmp_path, moto, s3, cut, "b", v2)
+
+
+def test_rewrite_during_first_upload_never_replaces_the_landed_object(
+        tmp_path: Path, device: CacheDevice, moto: Any, s3: Any, bucket: str, proxy: Any
+) -> None:
+    v1, v2 = os.urandom(1 << 20), os.urandom(1 << 20)
+    with live_node(device, tmp_path, bucket, proxy.endpoint, 0.2, CONFIG) as node:
+        # x has no object; its first PUT lands and the answer is held on the way back.
+        proxy.set(response_delay=15.0)
+        _write(node.mount / "x", v1, sync=True)
+        wait_until(lambda: "x" in list_keys(s3, bucket), timeout=30, what="v1 in the store")
+        # x is rewritten (O_TRUNC, half written, still open) while the upload is in flight:
+        # the open made "DIRTY, not synced" durable, and another rank's fsync commits ext4's
+        # journal, the truncation with it (as in (a)).
+        rewriter = subprocess.Popen(
+            [sys.executable, "-c", _REWRITER, str(node.mount / "x"), str(len(v2) // 2)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert rewriter.stdin is not None and rewriter.stdout is not None
+        try:
+            rewriter.stdin.write(v2)
+            rewriter.stdin.flush()
+            assert rewriter.stdout.readline() == b"half\n"
+            _write(node.mount / "y", b"another rank's shard", sync=True)
+            cut = power_cut(node, device, s3, bucket, "e")
+        finally:
+            rewriter.stdin.close()
+            rewriter.wait(60)
+        proxy.set(response_delay=0.0)
+    assert read_object(s3, cut.bucket, "x") == v1
+    with cut.recovered(tmp_path / "r", moto.endpoint, CONFIG) as again:
+        local = (again.mount / "x").read_bytes()
+        again.flush()
+        log = again.log()
+    stored = read_object(s3, cut.bucket, "x")
+    assert stored in (v1, v2), (f"the store's x went from the landed version to "
+                                f"{len(stored)} bytes of something else\n{log}")
+    assert local == stored, "the recovered x differs from the store's"
+    cut.discard(s3)
