@@ -227,6 +227,8 @@ def test_rewrite_during_first_upload_never_replaces_the_landed_object(
             rewriter.stdin.write(v2)
             rewriter.stdin.flush()
             assert rewriter.stdout.readline() == b"half\n"
+            # (Else the node knew of its object at the open: not this case.)
+            assert node.status().uploading_files == 1, "x's PUT is no longer in flight"
             _write(node.mount / "y", b"another rank's shard", sync=True)
             cut = power_cut(node, device, s3, bucket, "e")
         finally:
