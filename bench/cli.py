@@ -52,6 +52,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         "latency_ms": args.latency_ms,
         "error_rate": args.error_rate,
         "upload_delay": args.upload_delay,
+        "cistern_config": args.cistern_config,
         "workdir": args.workdir,
     }
     known = {f.name for f in fields(BenchConfig)}
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, help="S3 latency per request (default 35)")
     parser.add_argument("--error-rate", type=float, help="S3 503 SlowDown rate (default 0)")
     parser.add_argument("--upload-delay", type=float, help="Cistern --upload-delay (default 1)")
+    parser.add_argument("--cistern-config", help="YAML node config for the Cistern targets "
+                        "(cistern-node --config), e.g. for an A/B of one setting")
     parser.add_argument("--workdir", help="directory for mounts and caches (default /tmp)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)

@@ -72,6 +72,8 @@ class BenchConfig:
     error_rate: float = 0.0
     upload_delay: float = 1.0
     """Cistern's --upload-delay (seconds a closed file waits before upload)."""
+    cistern_config: str | None = None
+    """A YAML node config file for the Cistern targets (``cistern-node run --config``)."""
     quiet_settle: float = 1.5
     """Seconds without S3 requests that count as quiet (between and after saves)."""
     durable_timeout: float = 600.0
@@ -144,6 +146,10 @@ def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Pa
             run.metrics[f"{kind}_stall_s"] = saved.stall_s
             run.metrics[f"{kind}_durable_s"] = saved.durable_s
             run.metrics[f"{kind}_read_after_write_s"] = saved.read_after_write_s
+            run.metrics[f"{kind}_acked_s"] = saved.acked_s
+            run.metrics[f"{kind}_completed_s"] = saved.completed_s
+            run.metrics[f"{kind}_nodecpu_s"] = saved.node_cpu_s
+            run.metrics[f"{kind}_storecpu_s"] = saved.store_cpu_s
             run.requests[kind] = saved.requests
             if saved.note:
                 run.notes.append(f"{kind}: {saved.note}")
@@ -176,7 +182,7 @@ def _run_target(cfg: BenchConfig, env: S3Env, target: Target, rep: int, root: Pa
 
 def run_bench(cfg: BenchConfig) -> BenchRun:
     result = BenchRun(config=cfg)
-    targets = build_targets(cfg.targets, cfg.frontends, cfg.upload_delay)
+    targets = build_targets(cfg.targets, cfg.frontends, cfg.upload_delay, cfg.cistern_config)
     available: list[Target] = []
     for target in targets:
         reason = target.unavailable_reason()

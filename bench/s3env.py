@@ -8,6 +8,7 @@ its polling never shows in the request counts.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from types import TracebackType
@@ -18,7 +19,33 @@ from tests.support.s3server import TEST_CREDENTIALS, MotoServer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["S3Env", "TEST_CREDENTIALS"]
+__all__ = ["S3Env", "TEST_CREDENTIALS", "tree_cpu_seconds"]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its living descendants, from ``/proc``
+    (a mount command may be a wrapper around the process doing the work)."""
+    stats: dict[int, tuple[int, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        stats[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, total, grew = {pid}, 0.0, True
+    while grew:
+        grew = False
+        for child, (parent, _) in stats.items():
+            if parent in tree and child not in tree:
+                tree.add(child)
+                grew = True
+    for member in tree:
+        total += stats.get(member, (0, 0.0))[1]
+    return total
 
 
 @dataclass

@@ -230,9 +230,10 @@ class Boto3UploadTarget(Target):
 class CisternTarget(Target):
     name = "cistern"
 
-    def __init__(self, frontend: str, upload_delay: float) -> None:
+    def __init__(self, frontend: str, upload_delay: float, config: str | None = None) -> None:
         self.frontend = frontend
         self.upload_delay = upload_delay
+        self.config = config
         self.name = f"cistern-{frontend}"
 
     def unavailable_reason(self) -> str | None:
@@ -254,7 +255,9 @@ class CisternTarget(Target):
             return "cistern"
 
     def describe(self) -> str:
-        return f"Cistern, --fuse-frontend {self.frontend}, upload delay {self.upload_delay:g}s"
+        config = f", --config {self.config}" if self.config else ""
+        return (f"Cistern, --fuse-frontend {self.frontend}, upload delay "
+                f"{self.upload_delay:g}s{config}")
 
     def mount(self, env: S3Env, bucket: str, workdir: Path, cold: bool = False) -> Mounted:
         tag = "cold" if cold else "warm"
@@ -271,6 +274,8 @@ class CisternTarget(Target):
                "--region", TEST_CREDENTIALS["AWS_DEFAULT_REGION"], "--path-style",
                "--upload-delay", str(self.upload_delay), "--control", f"127.0.0.1:{port}",
                "--fuse-frontend", self.frontend, "--log-level", "warning"]
+        if self.config:
+            cmd += ["--config", str(Path(self.config).resolve())]
         return _start(mounted, cmd, _credentials_env())
 
     def unmount(self, mounted: Mounted) -> None:
@@ -412,13 +417,14 @@ class S3fsTarget(Target):
 PEERS = ("juicefs", "rclone", "s3fs")
 
 
-def build_targets(names: list[str], frontends: list[str], upload_delay: float) -> list[Target]:
+def build_targets(names: list[str], frontends: list[str], upload_delay: float,
+                  cistern_config: str | None = None) -> list[Target]:
     targets: list[Target] = []
     for name in names:
         if name == "raw":
             targets.append(RawTarget())
         elif name == "cistern":
-            targets.extend(CisternTarget(f, upload_delay) for f in frontends)
+            targets.extend(CisternTarget(f, upload_delay, cistern_config) for f in frontends)
         elif name == "juicefs":
             targets.append(JuiceFSTarget())
         elif name == "boto3":

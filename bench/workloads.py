@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.childproc import EventChild
-from bench.s3env import S3Env
+from bench.s3env import S3Env, tree_cpu_seconds
 from bench.targets import Mounted
+from tests.support.faultproxy import LogEntry
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,29 @@ class SaveResult:
     files: dict[str, int]
     requests: dict[str, int]
     note: str = ""
+    acked_s: float | None = None
+    """Until the store acknowledged the last data request (PART or PUT) before the last
+    CompleteMultipartUpload returned: everything but the Complete (and what follows it)."""
+    completed_s: float | None = None
+    """Until the last CompleteMultipartUpload returned (None: no multipart upload)."""
+    node_cpu_s: float | None = None
+    """CPU seconds of the target's process tree from the go until S3 was quiet again (None:
+    no process of its own, e.g. boto3 uploads from the harness)."""
+    store_cpu_s: float | None = None
+    """CPU seconds of the moto server over the same span."""
+
+
+def upload_timeline(log: list[LogEntry], since: float) -> tuple[float | None, float | None]:
+    """(last data request acknowledged before the last Complete, last Complete returned),
+    seconds from ``since``, from the proxy's log (completion times, wall clock). The gap
+    between them is the Complete: our wait before sending it, 35 ms of latency, and the
+    server's work (moto concatenates the parts: ``python -m bench.upload_path``)."""
+    completes = [e.time for e in log if e.kind == "COMPLETE_MPU" and e.status == 200]
+    end = max(completes) if completes else None
+    data = [e.time for e in log if e.kind in ("PART", "PUT") and e.status == 200
+            and (end is None or e.time <= end)]
+    acked = max(data) - since if data else None
+    return acked, (end - since if end is not None else None)
 
 
 def _checkpoint_cmd(action: str, mounted: Mounted, kinds: list[str], size: int,
@@ -110,6 +134,9 @@ def checkpoint_saves(env: S3Env, mounted: Mounted, kinds: list[str], size: int, 
                 raise RuntimeError(f"unexpected event {ready}")
             env.wait_quiet(settle=settle)
             env.proxy.reset()
+            node = mounted.proc.pid if mounted.proc is not None else None
+            cpu_before = (tree_cpu_seconds(node) if node is not None else 0.0,
+                          tree_cpu_seconds(env.moto_pid))
             proc.stdin.write("go\n")
             proc.stdin.flush()
             saved = next(events)
@@ -131,10 +158,18 @@ def checkpoint_saves(env: S3Env, mounted: Mounted, kinds: list[str], size: int, 
             uploader.join()
             poller.join()
             durable_s, note = durable.get("r", (None, "no durability result"))
+            # Once quiet: the proxy logs a request after relaying its answer, so a Complete
+            # is logged a little after its object shows in the (direct) listing.
+            requests = env.wait_quiet(settle=settle)
+            acked_s, completed_s = upload_timeline(env.proxy.log(), since)
+            node_cpu = tree_cpu_seconds(node) - cpu_before[0] if node is not None else None
+            store_cpu = (tree_cpu_seconds(env.moto_pid) - cpu_before[1]
+                         if mounted.target.kind != "local" else None)
             results[kind] = SaveResult(
                 stall_s=float(saved["stall_s"]), read_after_write_s=float(loaded["read_s"]),
                 durable_s=durable_s, files=dict(saved["files"]),
-                requests=env.wait_quiet(settle=settle), note=note)
+                requests=requests, note=note, acked_s=acked_s, completed_s=completed_s,
+                node_cpu_s=node_cpu, store_cpu_s=store_cpu)
         proc.stdin.close()
         proc.wait(timeout=durable_timeout)
     return results

@@ -10,7 +10,13 @@ so writes run at local disk speed. This module keeps the backing ids:
 * files the core cannot serve from a local data file yet (``Handle.fd is None``) are opened
   with ``FOPEN_DIRECT_IO`` and served through ``CacheCore.read``/``write``; direct-I/O files
   do not put the inode in the kernel's cached-I/O mode, so they can coexist with passthrough
-  opens of the same inode.
+  opens of the same inode;
+* a new file's backing id is registered ahead of need: the core's spares thread makes empty
+  data files for creates (``CacheCore.on_new_spare``) and this front end registers each one
+  there (``_prepare_spare``), so CREATE costs no ``FUSE_DEV_IOC_BACKING_OPEN``. Ids of spares
+  something else took (a MKNOD, the S3 endpoint) are closed by a sweep (beyond 96 prepared
+  ids, and after a second without requests); correctness never depends on a prepared id
+  (without one CREATE registers the file itself).
 
 See docs/dev/passthrough.md for the protocol facts and invariants.
 """
@@ -34,6 +40,11 @@ from cistern.cachenode.kernel_frontend import KernelFrontend
 __all__ = ["PassthroughFrontend", "PassthroughUnavailable", "probe_passthrough"]
 
 log = logging.getLogger(__name__)
+
+
+#: Prepared backing ids beyond which those of spares taken elsewhere are swept (the core's
+#: pool holds at most 64 spares, ``core.datafiles.SPARE_FILES``).
+_PREPARED_MAX = 96
 
 
 class PassthroughUnavailable(OSError):
@@ -66,12 +77,58 @@ class PassthroughFrontend(KernelFrontend):
         self._backing_lock = threading.Lock()
         self._passthrough_fhs: set[int] = set()  # handles holding a reference on a backing
         self.passthrough_opens = 0
+        #: Backing ids registered for spare data files: ino -> (backing id, the data file's
+        #: inode number on the cache disk, which identifies the file the id serves).
+        self._prepared: dict[int, tuple[int, int]] = {}
+        self._preparing = False
+        self.prepared_creates = 0
 
     def _bind(self, core: Any, mountpoint: str) -> None:
         if not kf.has_cap_sys_admin():
             raise PassthroughUnavailable(
                 errno.EPERM, "FUSE passthrough needs CAP_SYS_ADMIN to register backing files")
         super()._bind(core, mountpoint)
+        if hasattr(core, "on_new_spare"):
+            self._preparing = True
+            core.on_new_spare(self._prepare_spare)
+
+    def _prepare_spare(self, ino: int, fd: int) -> None:
+        """Register the backing file of a spare data file (on the core's spares thread)."""
+        if not self._preparing or self._devfd < 0:
+            return
+        try:
+            data_ino = os.fstat(fd).st_ino
+            backing_id = kf.backing_open(self._devfd, fd)
+        except OSError as exc:  # CREATE registers it then, and says so if that fails too
+            log.debug("preparing the backing file of spare %d failed: %s", ino, exc)
+            return
+        with self._backing_lock:
+            if self._preparing:
+                self._prepared[ino] = (backing_id, data_ino)
+                stale = self._stale_prepared() if len(self._prepared) > _PREPARED_MAX else []
+            else:
+                stale = [backing_id]
+        for old in stale:
+            with contextlib.suppress(OSError):
+                kf.backing_close(self._devfd, old)
+
+    def _idle(self) -> None:
+        # Bounds how long a spare taken elsewhere keeps its prepared id (which pins that
+        # file's data on the cache disk should it be deleted) when no new spare is made.
+        if self._prepared and self._preparing:
+            with self._backing_lock:
+                stale = self._stale_prepared()
+            for old in stale:
+                with contextlib.suppress(OSError):
+                    kf.backing_close(self._devfd, old)
+
+    def _stale_prepared(self) -> list[int]:
+        """Under ``_backing_lock``: forget prepared ids of spares taken by anything but a
+        CREATE of this front end; returns them for closing. One a CREATE is about to use
+        may be taken too: it then registers the file itself."""
+        spares = self._core.spare_inos()
+        stale = [ino for ino in self._prepared if ino not in spares]
+        return [self._prepared.pop(ino)[0] for ino in stale]
 
     def _negotiate(self) -> kf.InitResult:
         init = kf.negotiate_init(self._devfd, want_passthrough=True)
@@ -96,16 +153,24 @@ class PassthroughFrontend(KernelFrontend):
     def _release_backings(self, *, close: bool) -> None:
         # Handed to the holder (not ``close``): the backing ids serve open files and the next
         # daemon, and the session file records them.
+        # Prepared ids of spares serve no open file: closed in both cases.
         with self._backing_lock:
             backings = list(self._backings.values())
             self._backings.clear()
-        if close:
-            for backing in backings:
+            self._preparing = False
+            prepared = [backing_id for backing_id, _ in self._prepared.values()]
+            self._prepared.clear()
+        if self._core is not None and hasattr(self._core, "on_new_spare"):
+            self._core.on_new_spare(None)
+        closing = prepared + ([b.backing_id for b in backings] if close else [])
+        if self._devfd >= 0:
+            for backing_id in closing:
                 with contextlib.suppress(OSError):
-                    kf.backing_close(self._devfd, backing.backing_id)
+                    kf.backing_close(self._devfd, backing_id)
 
     def _status_extra(self) -> dict[str, Any]:
         return {"passthroughOpens": self.passthrough_opens,
+                "preparedCreates": self.prepared_creates,
                 "openBackingFiles": len(self._backings)}
 
     def _open_reply(self, handle: Any) -> tuple[int, int]:
@@ -116,6 +181,18 @@ class PassthroughFrontend(KernelFrontend):
         ino = handle.ino
         with self._backing_lock:
             backing = self._backings.get(ino)
+            prepared = self._prepared.pop(ino, None) if self._prepared else None
+            if prepared is not None:
+                # A CREATE that took this spare: the handle's fd is the spare's own. Anything
+                # else (the spare went elsewhere, its data file was replaced since) fails the
+                # identity check and the id is dropped, never used for another file.
+                if backing is None and os.fstat(handle.fd).st_ino == prepared[1]:
+                    backing = _Backing(prepared[0], handle.fd)
+                    self._backings[ino] = backing
+                    self.prepared_creates += 1
+                else:
+                    with contextlib.suppress(OSError):
+                        kf.backing_close(self._devfd, prepared[0])
             if backing is None:
                 try:
                     backing_id = kf.backing_open(self._devfd, handle.fd)

@@ -177,6 +177,9 @@ class KernelFrontend(MetadataHandlers, TakeoverHandling):
     def _release_backings(self, *, close: bool) -> None:
         """The connection ends (``close``) or is handed to the holder: drop per-inode state."""
 
+    def _idle(self) -> None:
+        """The reading thread waited a second without a request: housekeeping goes here."""
+
     def _status_extra(self) -> dict[str, Any]:
         return {}
 
@@ -304,7 +307,8 @@ class KernelFrontend(MetadataHandlers, TakeoverHandling):
                     # cp -r sends four per file): poll for ``spin`` seconds before sleeping,
                     # since waking a sleeping thread costs more than the request itself.
                     if clock() - last > spin_ns:
-                        poller.poll(1000)
+                        if not poller.poll(1000):
+                            self._idle()  # a second without requests
                         last = clock()
                     continue
                 except InterruptedError:

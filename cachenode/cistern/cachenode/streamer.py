@@ -253,9 +253,15 @@ class Streamer:
         try:
             if work.if_match is not None:
                 self.client.check_etag(work.key, work.if_match)
-            return self.client.complete_multipart(work.key, upload_id, sorted(etags.items()),
-                                                  if_match=work.if_match,
-                                                  if_none_match=work.if_none_match)
+            sending = time.monotonic()
+            etag = self.client.complete_multipart(work.key, upload_id, sorted(etags.items()),
+                                                if_match=work.if_match,
+                                                if_none_match=work.if_none_match)
+            # The split the bench reports (acked / completed): the Complete's round trip is
+            # the store's (moto concatenates the parts: ~2.7 ms per MiB, bench.upload_path).
+            log.debug("%s: Complete sent %.3fs after close, returned after %.3fs", work.path,
+                      sending - started, time.monotonic() - sending)
+            return etag
         except PreconditionFailed as exc:
             raise StreamAbandoned(f"{exc}; uploaded again, conditionally") from exc
 

@@ -63,6 +63,10 @@ def test_bench_smoke_writes_well_formed_results(tmp_path: Path) -> None:
         # a DCP save writes several shards and the .metadata commit marker as objects
         assert data["requests"][name]["dcp"]["PUT"] + \
             data["requests"][name]["dcp"]["COMPLETE_MPU"] >= 2
+        # issue 16's split of time to durable (from the proxy's log) and the CPU columns
+        assert summary["dcp_acked_s"]["median"] > 0, name
+        assert summary["dcp_nodecpu_s"]["median"] > 0, name
+        assert summary["dcp_storecpu_s"]["median"] > 0, name
 
     table = (out / "results.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| metric |"))

@@ -117,6 +117,31 @@ def test_commit_marker_waits_for_shards(core: CacheCore) -> None:
     assert order == ["step-1/__1_0.distcp", "step-1/.metadata"]
 
 
+def test_commit_marker_is_due_once_its_shards_are_uploaded(tmp_path: Path) -> None:
+    """``uploadDelay`` holds ordinary files, not a commit marker: once the files written
+    before it are in the store, it goes at once (issue 16: a second sooner per DCP save)."""
+    c = CacheCore(tmp_path / "cache", LocalDirStore(tmp_path / "objects"),
+                  flush=FlushPolicy(upload_delay=600.0))
+    try:
+        step = c.mkdir(ROOT_INO, "step-1", 0o755, 0, 0).ino
+        _write(c, step, "__0_0.distcp", b"shard0")
+        _write(c, step, ".metadata", b"meta")
+        assert c.collect_work(10) == []  # the shard rests; the marker waits for it
+        shards = c.collect_work(10, force=True)  # the shard leaves (streamed, flushed)
+        assert [w.key for w in shards if isinstance(w, UploadWork)] == ["step-1/__0_0.distcp"]
+        for item in shards:
+            assert isinstance(item, UploadWork)
+            c.finish_upload(item, c.store.put_file(item.key, item.fd, item.size, {}), None)
+            os.close(item.fd)
+        marker = c.collect_work(10)  # not forced: due without waiting 600 s
+        assert [w.key for w in marker if isinstance(w, UploadWork)] == ["step-1/.metadata"]
+        for item in marker:
+            assert isinstance(item, UploadWork)
+            os.close(item.fd)
+    finally:
+        c.close()
+
+
 def test_journal_survives_restart(tmp_path: Path) -> None:
     store = LocalDirStore(tmp_path / "objects")
     first = CacheCore(tmp_path / "cache", store, flush=FlushPolicy(upload_delay=0.0))
@@ -186,6 +211,25 @@ def test_creates_take_spare_data_files_whose_inodes_nobody_else_gets(tmp_path: P
         again.release(handle)
     finally:
         again.close()
+
+
+def test_a_front_end_sees_each_spare_before_a_create_can_take_it(tmp_path: Path) -> None:
+    core = CacheCore(tmp_path / "cache", LocalDirStore(tmp_path / "objects"))
+    seen: dict[int, int] = {}
+    try:
+        core.on_new_spare(lambda ino, fd: seen.setdefault(ino, os.fstat(fd).st_ino))
+        core.make_spares(4)
+        assert set(seen) == core.spare_inos() and len(seen) == 4
+        handle, attr = core.create(ROOT_INO, "new", 0o644, os.O_WRONLY, 0, 0)
+        # The create took one of them, with the very data file the hook was shown.
+        assert attr.ino in seen and attr.ino not in core.spare_inos()
+        assert os.fstat(handle.fd).st_ino == seen[attr.ino]
+        core.release(handle)
+        core.on_new_spare(None)
+        core.make_spares(4)
+        assert len(seen) == 4  # unhooked
+    finally:
+        core.close()
 
 
 def test_spares_left_by_a_crash_are_removed_and_their_inodes_stay_reserved(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 import pytest
 import yaml
 
@@ -36,6 +38,17 @@ def test_defaults_and_round_trip() -> None:
     assert config.flush.is_commit_marker(".metadata")
     assert not config.flush.is_commit_marker("model.distcp")
     assert NodeConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("globs", [(), (".metadata",), ("*.metadata", "[ab]?x", "x*y"),
+                                   ("[!a]*",), ("*",)])
+def test_commit_markers_match_as_fnmatch_does(globs: tuple[str, ...]) -> None:
+    # is_commit_marker compiles the globs into one pattern; it must agree with fnmatchcase.
+    policy = NodeConfig.from_dict({"store": {"url": "s3://bucket"},
+                                   "flush": {"commitMarkers": list(globs)}}).flush
+    for name in ("a.metadata", ".metadata", "bzx", "cx", "xqy", "x\ny", "foo", "A.METADATA"):
+        expected = any(fnmatch.fnmatchcase(name, glob) for glob in globs)
+        assert policy.is_commit_marker(name) == expected, (name, globs)
 
 
 @pytest.mark.parametrize(("data", "message"), [

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cistern.cachenode.core.tree import Tree
@@ -41,6 +41,10 @@ class DataFiles:
         self._closed = False
         self.spares_wanted = threading.Event()
         """Set when the pool of spare data files runs low (see ``make_spares``)."""
+        self.on_spare: Callable[[int, int], None] | None = None
+        """Called with (ino, fd) of each new spare, on the spares thread before any create
+        can take it: a front end prepares what it needs per file there (fuse_passthrough
+        registers the backing file), off the create's path. Must not raise."""
 
     def path(self, ino: int) -> Path:
         return self.data_dir / f"{ino % 256:02x}" / str(ino)
@@ -95,6 +99,8 @@ class DataFiles:
                     ino = next(self._spare_inos)
             path = self.create_path(ino)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            if self.on_spare is not None:
+                self.on_spare(ino, fd)
             with lock:
                 if self._closed:
                     os.close(fd)
@@ -106,12 +112,15 @@ class DataFiles:
     def take_spare(self) -> tuple[int, int] | None:
         """A ready (ino, fd) for a new file, or None (the caller creates one inline)."""
         spares = self._spares
-        if len(spares) <= SPARE_FILES // 2:
-            self.spares_wanted.set()
+        if len(spares) <= SPARE_FILES // 2 and not self.spares_wanted.is_set():
+            self.spares_wanted.set()  # set() takes a lock and notifies: only when needed
         return spares.pop() if spares else None
 
     def put_back(self, spare: tuple[int, int]) -> None:
         self._spares.append(spare)
+
+    def spare_inos(self) -> set[int]:
+        return {ino for ino, _ in self._spares}
 
     def spare_count(self) -> int:
         return len(self._spares)

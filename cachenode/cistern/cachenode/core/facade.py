@@ -269,6 +269,16 @@ class CacheCore:
         """Create empty data files ahead of need (called from the daemon's thread)."""
         return self._data.make_spares(target)
 
+    def on_new_spare(self, hook: Callable[[int, int], None] | None) -> None:
+        """Call ``hook(ino, fd)`` for each spare data file made from now on, on the spares
+        thread, before a create can take it (``DataFiles.on_spare``)."""
+        self._data.on_spare = hook
+
+    def spare_inos(self) -> set[int]:
+        """The inode numbers of the spare data files not taken yet."""
+        with self._tree.lock:
+            return self._data.spare_inos()
+
     def apply_journal_intents(self) -> int:
         """Move new files' rows from the journal's intent log into SQLite, in one commit
         (called from the daemon's background thread; never takes the core lock)."""

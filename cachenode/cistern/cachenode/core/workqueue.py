@@ -73,8 +73,14 @@ class WorkQueue:
 
     def schedule(self, entry: Entry, delay: float | None = None, bump: bool = True) -> None:
         if self.needs_work(entry):
-            entry.due = time.monotonic() + (self._policy.upload_delay
-                                            if delay is None else delay)
+            if delay is None:
+                # A commit marker is due at once (dur, issue 16): ``uploadDelay`` spares
+                # temporary files a request, and a marker is the last file of a finished
+                # checkpoint. It still waits for the files written before it
+                # (``_marker_blocked``), so it only stops adding a second to every save.
+                delay = 0.0 if self._policy.is_commit_marker(entry.name) \
+                    else self._policy.upload_delay
+            entry.due = time.monotonic() + delay
             if bump:
                 entry.seq = self.next_seq()
             self.add_pending(entry)
