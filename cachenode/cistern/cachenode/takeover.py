@@ -114,7 +114,9 @@ class TakeoverHandling:
                 self._ghosts.add(slot.fh)
                 continue
             self._handles[slot.fh] = handle
-            self._unanswered[slot.unique] = slot.fh
+            # A slot recorded for a request that was itself resent carries FUSE_UNIQUE_RESEND;
+            # ``_on_resent`` looks the unique up without it.
+            self._unanswered[slot.unique & ~kf.FUSE_UNIQUE_RESEND] = slot.fh
             self._restore_slot(slot, handle)
 
     def handoff_fds(self) -> tuple[int, int]:

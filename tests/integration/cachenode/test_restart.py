@@ -292,7 +292,8 @@ def _writer(directory: Path, lister: Path, stop: threading.Event, ops: list[Any]
 
 @ALSO_SPLICE
 def test_writer_through_a_bind_mount_sees_no_error_across_20_kill_9(
-        held_node: Any, bucket: str, s3: Any, tmp_path: Path) -> None:
+        held_node: Any, holder_process: HolderProcess, bucket: str, s3: Any,
+        tmp_path: Path) -> None:
     node = held_node(bucket, upload_delay=0.2)
     volume = node.mount / "volumes" / "pvc-1"
     volume.mkdir(parents=True)
@@ -326,6 +327,11 @@ def test_writer_through_a_bind_mount_sees_no_error_across_20_kill_9(
                    "the writer to finish a file")
     finally:
         stop.set()
+        if node.proc is None or node.proc.poll() is not None:
+            # A daemon that failed to start (its error is in the exception above) leaves the
+            # held mount without one: the writer, and umount's statfs, would wait for it until
+            # the test timed out and hid that error. Ending the connection wakes them.
+            holder_process.stop()
         writer.join(60)
         subprocess.run(["umount", str(target)], check=False)
     assert not writer.is_alive()

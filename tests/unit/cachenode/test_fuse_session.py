@@ -93,3 +93,38 @@ def test_holder_refuses_a_hold_without_files(holder: str) -> None:
     with pytest.raises(HolderError, match="needs the /dev/fuse and session files"):
         client._call({"op": "hold", "mount": "/m"})
     client.close()
+
+
+def test_a_resent_create_recorded_by_a_daemon_that_died_twice_is_dropped(tmp_path: Path) -> None:
+    """Daemon B answers a CREATE the kernel resent (``unique`` has FUSE_UNIQUE_RESEND) and
+    dies between recording its handle and the reply: the kernel resends it once more, and
+    daemon C must drop the handle it rebuilt from that slot, or the file keeps a writer the
+    kernel never heard of and is never uploaded."""
+    from cistern.cachenode.core import ROOT_INO, CacheCore
+    from cistern.cachenode.fuse_splice import SpliceFrontend
+    from cistern.cachenode.store import LocalDirStore
+    from cistern.config import FlushPolicy
+
+    core = CacheCore(tmp_path / "cache", LocalDirStore(tmp_path / "objects"),
+                     flush=FlushPolicy(upload_delay=0.0))
+    try:
+        handle, attr = core.create(ROOT_INO, "ckpt.pt", 0o644, os.O_WRONLY, 0, 0)
+        core.write(handle, 0, b"x" * 100)
+        core.release(handle)  # the application closed it long ago
+        old = SessionFile.create(INIT)
+        resent = 1234 | kf.FUSE_UNIQUE_RESEND
+        old.confirm(old.reserve(attr.ino, os.O_WRONLY, 0, False), unique=resent)
+        session = SessionFile.attach(os.dup(old.fd))
+        old.close()  # daemon B's copy
+
+        new = SpliceFrontend()
+        new._bind(core, str(tmp_path / "mnt"))
+        new._session = session
+        new._restore_handles(session)
+        assert core.collect_work(10, force=True) == []  # a writer: not uploaded yet
+        new._on_resent(kf.CREATE, resent)  # the kernel never got that handle
+        assert session.in_use() == 0
+        assert [work.ino for work in core.collect_work(10, force=True)] == [attr.ino]
+        session.close()
+    finally:
+        core.close()
