@@ -13,6 +13,11 @@
 (d) The same with a rename: the copy of a renamed file lands at its new key, a file renamed
     over it is fsync'd (and the rename made durable) before the node hears of the copy; the
     recovered upload of that file meets this cache's own copy.
+(e) A file with no object yet is rewritten (O_TRUNC, not fsync'd) while its first upload is
+    on the wire; the PUT lands, the power goes before its answer is journaled. The journal
+    holds the upload's intent row but no object for the file: recovery must count that
+    upload as an object that may exist (the power-cut harness's "content the workload never
+    wrote"), not upload the truncated local file over it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +63,25 @@ def _write(path: Path, data: bytes, *, sync: bool) -> None:
             os.fsync(f.fileno())
 
 
+@contextmanager
+def _half_rewritten(path: Path, data: bytes) -> Iterator[None]:
+    """``path`` opened with O_TRUNC, half of ``data`` written, still open (ext4 only pushes
+    the data of a truncated-and-rewritten file at close) for the body; the rest is written
+    and the file closed after. The rewriter is a process of its own: a FUSE file open in
+    this one would be flushed by the fork of the snapshot's ``cp`` while the node is frozen."""
+    rewriter = subprocess.Popen([sys.executable, "-c", _REWRITER, str(path), str(len(data) // 2)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert rewriter.stdin is not None and rewriter.stdout is not None
+    try:
+        rewriter.stdin.write(data)
+        rewriter.stdin.flush()
+        assert rewriter.stdout.readline() == b"half\n"
+        yield
+    finally:
+        rewriter.stdin.close()
+        rewriter.wait(60)
+
+
 def _data_file(cache_dir: Path, path: Path) -> Path:
     """The cache's data file behind ``path`` (named by inode number, see docs/dev)."""
     ino = os.stat(path).st_ino
@@ -69,34 +95,28 @@ def test_o_trunc_rewrite_without_fsync_never_replaces_the_object(
         _write(node.mount / "x", v1, sync=True)
         node.flush()
         assert read_object(s3, bucket, "x") == v1
-        # x is being rewritten (O_TRUNC, half written, still open: ext4 only pushes the
-        # data of a truncated-and-rewritten file at close) when another rank's fsync
-        # commits the journals, the truncation with them. The rewriter is a process of
-        # its own: a FUSE file open in this one would be flushed by the fork of the
-        # snapshot's ``cp`` while the node is frozen.
-        rewriter = subprocess.Popen(
-            [sys.executable, "-c", _REWRITER, str(node.mount / "x"), str(len(v2) // 2)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert rewriter.stdin is not None and rewriter.stdout is not None
-        try:
-            rewriter.stdin.write(v2)
-            rewriter.stdin.flush()
-            assert rewriter.stdout.readline() == b"half\n"
+        # x is being rewritten when another rank's fsync commits the journals, the
+        # truncation with them.
+        with _half_rewritten(node.mount / "x", v2):
             _write(node.mount / "y", b"another rank's shard", sync=True)
             cut = power_cut(node, device, s3, bucket, "a")
-        finally:
-            rewriter.stdin.close()
-            rewriter.wait(60)
+    _recovers_a_written_version(tmp_path, moto, s3, cut, v1, v2)
+    assert read_object(s3, cut.bucket, "y") == b"another rank's shard"
+    cut.discard(s3)
+
+
+def _recovers_a_written_version(tmp_path: Path, moto: Any, s3: Any, cut: Cut, *versions: bytes
+                                ) -> None:
+    """The crash state recovered and flushed: x is one of ``versions`` in the store and
+    reads back as the store's."""
     with cut.recovered(tmp_path / "r", moto.endpoint, CONFIG) as again:
         local = (again.mount / "x").read_bytes()
         again.flush()
         log = again.log()
     stored = read_object(s3, cut.bucket, "x")
-    assert stored in (v1, v2), (f"the store's x went from the good version to "
+    assert stored in versions, (f"the store's x went from a written version to "
                                 f"{len(stored)} bytes of something else\n{log}")
     assert local == stored, "the recovered x differs from the store's"
-    assert read_object(s3, cut.bucket, "y") == b"another rank's shard"
-    cut.discard(s3)
 
 
 def test_in_place_change_without_fsync_is_never_silently_dropped(
@@ -199,3 +219,26 @@ def test_own_copy_that_landed_before_the_cut_is_not_a_conflict(
         proxy.set(response_delay=0.0)
     assert read_object(s3, cut.bucket, "b") == v1
     _recovers_without_conflict(tmp_path, moto, s3, cut, "b", v2)
+
+
+def test_rewrite_during_first_upload_never_replaces_the_landed_object(
+        tmp_path: Path, device: CacheDevice, moto: Any, s3: Any, bucket: str, proxy: Any
+) -> None:
+    v1, v2 = os.urandom(1 << 20), os.urandom(1 << 20)
+    with live_node(device, tmp_path, bucket, proxy.endpoint, 0.2, CONFIG) as node:
+        # x has no object; its first PUT lands and the answer is held on the way back.
+        proxy.set(response_delay=15.0)
+        _write(node.mount / "x", v1, sync=True)
+        wait_until(lambda: "x" in list_keys(s3, bucket), timeout=30, what="v1 in the store")
+        # x is rewritten (O_TRUNC, half written, still open) while the upload is in flight:
+        # the open made "DIRTY, not synced" durable, and another rank's fsync commits ext4's
+        # journal, the truncation with it (as in (a)).
+        with _half_rewritten(node.mount / "x", v2):
+            # (Else the node knew of its object at the open: not this case.)
+            assert node.status().uploading_files == 1, "x's PUT is no longer in flight"
+            _write(node.mount / "y", b"another rank's shard", sync=True)
+            cut = power_cut(node, device, s3, bucket, "e")
+        proxy.set(response_delay=0.0)
+    assert read_object(s3, cut.bucket, "x") == v1
+    _recovers_a_written_version(tmp_path, moto, s3, cut, v1, v2)
+    cut.discard(s3)

@@ -58,6 +58,10 @@ def recover(tree: Tree, keys: Keys, queue: WorkQueue, datafiles: DataFiles) -> N
     tree.load(entries)
     keys.load(entries, journal.tombstones())
     known_data: set[str] = set()
+    intents = journal.uploads()
+    # Power-loss rule: an upload whose intent row is durable may have created the object
+    # although its result never reached the journal; it counts as an object below.
+    uploading = {intent.ino for intent in intents}
     for entry in entries:
         if entry.is_dir or not entry.local:
             continue
@@ -73,8 +77,10 @@ def recover(tree: Tree, keys: Keys, queue: WorkQueue, datafiles: DataFiles) -> N
                 continue
             whole = entry.synced and (st.st_size, st.st_mtime_ns) == (entry.size,
                                                                        entry.mtime_ns)
-            if not (page_cache_survived or whole) and entry.remote_key is not None:
-                # Crash table: "during writes, before fsync (power loss)", with an object.
+            has_object = entry.remote_key is not None or entry.ino in uploading
+            if not (page_cache_survived or whole) and has_object:
+                # Crash table: "during writes, before fsync (power loss)", with an object
+                # (or an upload that may have made one).
                 keep_unsynced(tree, datafiles, entry, path)
                 continue
             # Crash table: "during writes" / "after fsync": the data file is the truth.
@@ -99,7 +105,7 @@ def recover(tree: Tree, keys: Keys, queue: WorkQueue, datafiles: DataFiles) -> N
         known_data.add(str(path))
     # Crash table: "data files with no entry".
     datafiles.remove_strays(known_data)
-    for intent in journal.uploads():
+    for intent in intents:
         _recover_upload(tree, keys, queue, intent.ino, intent.key, intent.upload_id)
     now = time.monotonic()
     for entry in sorted(entries, key=lambda e: e.ino):
