@@ -22,6 +22,7 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from cistern.cachenode.core.datafiles import DataFiles
 from cistern.cachenode.peers.index import moved_key
 from cistern.cachenode.store import hash_range
 
@@ -178,11 +179,7 @@ class CopyStore:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        DataFiles.sync_dir(path.parent)
 
     def _load(self) -> None:
         for directory in sorted(p for p in self.root.iterdir() if p.is_dir()):
