@@ -88,9 +88,8 @@ class PassthroughFrontend(KernelFrontend):
             raise PassthroughUnavailable(
                 errno.EPERM, "FUSE passthrough needs CAP_SYS_ADMIN to register backing files")
         super()._bind(core, mountpoint)
-        if hasattr(core, "on_new_spare"):
-            self._preparing = True
-            core.on_new_spare(self._prepare_spare)
+        self._preparing = True
+        core.on_new_spare(self._prepare_spare)
 
     def _prepare_spare(self, ino: int, fd: int) -> None:
         """Register the backing file of a spare data file (on the core's spares thread)."""
@@ -160,7 +159,7 @@ class PassthroughFrontend(KernelFrontend):
             self._preparing = False
             prepared = [backing_id for backing_id, _ in self._prepared.values()]
             self._prepared.clear()
-        if self._core is not None and hasattr(self._core, "on_new_spare"):
+        if self._core is not None:
             self._core.on_new_spare(None)
         closing = prepared + ([b.backing_id for b in backings] if close else [])
         if self._devfd >= 0:
