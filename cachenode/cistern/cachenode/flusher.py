@@ -27,6 +27,7 @@ from cistern.cachenode.store import (
     PreconditionFailed,
     StoreError,
     hash_range,
+    part_size_for,
 )
 from cistern.cachenode.storeclient import StoreClient
 from cistern.cachenode.streamer import Streamer
@@ -297,11 +298,8 @@ class Flusher:
         upload_id = client.create_multipart(key, work.metadata)
         if key == work.key:  # (a conflict copy's upload id has no intent row to go in)
             self.core.set_upload_id(work, upload_id)
-        part_size = self.policy.part_size
+        part_size = part_size_for(work.size, self.policy.part_size)
         count = max(1, -(-work.size // part_size))
-        if count > 10000:
-            part_size = -(-work.size // 10000)
-            count = -(-work.size // part_size)
         futures: list[Future[str]] = []
         try:
             for number in range(1, count + 1):

@@ -27,6 +27,9 @@ import xxhash
 
 __all__ = [
     "CHECKSUM_KEY",
+    "MAX_PARTS",
+    "MAX_SINGLE_PUT",
+    "part_size_for",
     "hash_range",
     "ObjectInfo",
     "ObjectStore",
@@ -180,6 +183,17 @@ class PartChecksum:
 
     def fingerprint(self) -> str:
         return self._xxh.hexdigest()
+
+
+MAX_PARTS = 10_000
+"""S3's limit on the parts of one multipart upload."""
+MAX_SINGLE_PUT = 5 * 2**30
+"""S3's limit on one PUT (5 GiB)."""
+
+
+def part_size_for(size: int, preferred: int) -> int:
+    """``preferred``, or the smallest part size that fits ``size`` bytes in ``MAX_PARTS``."""
+    return max(preferred, -(-size // MAX_PARTS))
 
 
 def hash_range(fd: int, offset: int, length: int, *digests: Any) -> int:

@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from cistern.cachenode.core import CacheCore, StreamWork, UploadWork
 from cistern.cachenode.store import (
+    MAX_PARTS,
     PermanentStoreError,
     PreconditionFailed,
     StoreError,
@@ -49,7 +50,6 @@ POLL_SECONDS = 0.02
 """How often a stream looks at its file's size while it is written."""
 PARTS_PER_STREAM = 4
 """Parts of one file in flight at once (the node-wide cap is ``maxConcurrentParts``)."""
-MAX_PARTS = 10000
 
 
 def _as_upload(work: StreamWork, gen: int, size: int) -> UploadWork:

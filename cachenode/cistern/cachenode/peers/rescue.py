@@ -39,17 +39,21 @@ from cistern.cachenode.peers.copies import CopyRow, CopyStore
 from cistern.cachenode.peers.index import PeerIndex
 from cistern.cachenode.peers.membership import Membership
 from cistern.cachenode.peers.protocol import Op, PeerError
-from cistern.cachenode.store import CHECKSUM_KEY, ObjectInfo, PreconditionFailed, StoreError
+from cistern.cachenode.store import (
+    CHECKSUM_KEY,
+    MAX_SINGLE_PUT,
+    ObjectInfo,
+    PreconditionFailed,
+    StoreError,
+    part_size_for,
+)
 
 __all__ = ["Rescuer"]
 
 log = logging.getLogger(__name__)
 
 CHECK_EVERY = 1.0
-SINGLE_PUT_LIMIT = 5 * 2**30
-"""S3 refuses a single PUT above 5 GiB."""
 PART_SIZE = 256 * 2**20
-MAX_PARTS = 10_000
 
 
 class RescueStore(Protocol):
@@ -82,7 +86,7 @@ class Rescuer:
     def __init__(self, copies: CopyStore, pool: PeerPool, membership: Membership,
                  store: RescueStore, dead_after: float,
                  is_marker: Callable[[str], bool], index: PeerIndex,
-                 single_put_limit: int = SINGLE_PUT_LIMIT, part_size: int = PART_SIZE) -> None:
+                 single_put_limit: int = MAX_SINGLE_PUT, part_size: int = PART_SIZE) -> None:
         self.single_put_limit = single_put_limit
         self.part_size = part_size
         self.copies = copies
@@ -195,7 +199,7 @@ class Rescuer:
             self.store.put_file(row.key, fd, row.size, metadata, if_match=row.etag,
                                 if_none_match=row.etag is None)
             return
-        part = max(self.part_size, -(-row.size // MAX_PARTS))
+        part = part_size_for(row.size, self.part_size)
         upload_id = self.store.create_multipart(row.key, metadata)
         try:
             receipts = [(number, self.store.upload_part(row.key, upload_id, number, fd, offset,
